@@ -1,0 +1,1 @@
+"""Processes and the network: the DICOM receiver, the service that runs it, and the admin CLI."""

@@ -1,0 +1,1 @@
+"""Files and the SQLite queue: the only things the node's stages share."""

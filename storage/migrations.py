@@ -1,0 +1,142 @@
+"""A small versioned-migration runner for the node's SQLite database.
+
+Why not Alembic: the node owns one SQLite file, upgrades happen when the
+daemon starts (under the write lock, so a CLI and a daemon starting together
+cannot both migrate), and a migration is a handful of SQL statements. A list
+of numbered steps and a ``schema_version`` table do that with no ``env.py``,
+no ``alembic.ini`` and nothing to get wrong at install time.
+
+Rules for adding a step: append, never edit an applied one; write plain SQL
+(never ``metadata.create_all``, which follows today's models and would break
+the steps after it); keep :mod:`storage.models` in step (a test compares the
+migrated schema with the models).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from storage.timeutil import utcnow
+
+from sqlalchemy import Connection, Engine, text
+
+
+@dataclass(frozen=True)
+class Migration:
+    version: int
+    description: str
+    statements: tuple[str, ...]
+
+
+MIGRATIONS: tuple[Migration, ...] = (
+    Migration(
+        1,
+        "studies, series, instances, study events, receiver heartbeat",
+        (
+            """CREATE TABLE studies (
+                id INTEGER NOT NULL PRIMARY KEY,
+                study_uid VARCHAR(64) NOT NULL UNIQUE,
+                state VARCHAR(16) NOT NULL,
+                modality VARCHAR(64),
+                study_date VARCHAR(8),
+                description VARCHAR(64),
+                series_count INTEGER NOT NULL DEFAULT 0,
+                instance_count INTEGER NOT NULL DEFAULT 0,
+                byte_count INTEGER NOT NULL DEFAULT 0,
+                received_at DATETIME NOT NULL,
+                last_instance_at DATETIME NOT NULL,
+                updated_at DATETIME NOT NULL,
+                lease_owner VARCHAR(64),
+                lease_expires_at DATETIME,
+                processing_attempts INTEGER NOT NULL DEFAULT 0
+            )""",
+            "CREATE INDEX ix_studies_state_updated ON studies (state, updated_at)",
+            "CREATE INDEX ix_studies_updated ON studies (updated_at)",
+            "CREATE INDEX ix_studies_state_last_instance ON studies (state, last_instance_at)",
+            """CREATE TABLE series (
+                id INTEGER NOT NULL PRIMARY KEY,
+                study_id INTEGER NOT NULL REFERENCES studies (id) ON DELETE CASCADE,
+                series_uid VARCHAR(64) NOT NULL,
+                modality VARCHAR(16),
+                series_number INTEGER,
+                description VARCHAR(64),
+                instance_count INTEGER NOT NULL DEFAULT 0,
+                UNIQUE (study_id, series_uid)
+            )""",
+            "CREATE INDEX ix_series_study_id ON series (study_id)",
+            """CREATE TABLE instances (
+                id INTEGER NOT NULL PRIMARY KEY,
+                series_id INTEGER NOT NULL REFERENCES series (id) ON DELETE CASCADE,
+                sop_instance_uid VARCHAR(64) NOT NULL UNIQUE,
+                sop_class_uid VARCHAR(64) NOT NULL,
+                transfer_syntax_uid VARCHAR(64) NOT NULL,
+                path VARCHAR NOT NULL,
+                size INTEGER NOT NULL,
+                received_at DATETIME NOT NULL,
+                calling_ae VARCHAR(16) NOT NULL
+            )""",
+            "CREATE INDEX ix_instances_series_id ON instances (series_id)",
+            """CREATE TABLE study_events (
+                id INTEGER NOT NULL PRIMARY KEY,
+                study_id INTEGER NOT NULL REFERENCES studies (id) ON DELETE CASCADE,
+                at DATETIME NOT NULL,
+                from_state VARCHAR(16),
+                to_state VARCHAR(16) NOT NULL,
+                reason VARCHAR NOT NULL
+            )""",
+            "CREATE INDEX ix_study_events_study_id ON study_events (study_id)",
+            """CREATE TABLE receiver_heartbeat (
+                id INTEGER NOT NULL PRIMARY KEY,
+                pid INTEGER NOT NULL,
+                hostname VARCHAR(255) NOT NULL,
+                ae_title VARCHAR(16) NOT NULL,
+                port INTEGER NOT NULL,
+                started_at DATETIME NOT NULL,
+                heartbeat_at DATETIME NOT NULL,
+                stopped_at DATETIME
+            )""",
+        ),
+    ),
+)
+
+LATEST_VERSION = MIGRATIONS[-1].version
+
+
+class SchemaTooNewError(RuntimeError):
+    """The database was written by a newer node; running an older one would corrupt it."""
+
+
+def current_version(connection: Connection) -> int:
+    """The schema version of the database (0 for an empty file)."""
+    exists = connection.execute(
+        text("SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'schema_version'")
+    ).first()
+    if not exists:
+        return 0
+    return connection.execute(text("SELECT COALESCE(MAX(version), 0) FROM schema_version")).scalar_one()
+
+
+def upgrade(engine: Engine) -> list[Migration]:
+    """Apply the missing migrations in one write transaction; returns what was applied."""
+    with engine.begin() as connection:
+        connection.exec_driver_sql(
+            "CREATE TABLE IF NOT EXISTS schema_version ("
+            "version INTEGER NOT NULL PRIMARY KEY, description VARCHAR NOT NULL, applied_at DATETIME NOT NULL)"
+        )
+        version = current_version(connection)
+        if version > LATEST_VERSION:
+            raise SchemaTooNewError(
+                f"the database is at schema version {version}, this node knows up to {LATEST_VERSION}; "
+                "install the newer node again or restore a backup"
+            )
+        applied = []
+        for migration in MIGRATIONS:
+            if migration.version <= version:
+                continue
+            for statement in migration.statements:
+                connection.exec_driver_sql(statement)
+            connection.execute(
+                text("INSERT INTO schema_version (version, description, applied_at) VALUES (:v, :d, :t)"),
+                {"v": migration.version, "d": migration.description, "t": utcnow()},
+            )
+            applied.append(migration)
+        return applied

@@ -1,0 +1,152 @@
+"""The queue's tables as SQLAlchemy 2 typed models.
+
+Patient-identifying attributes stay in the DICOM files: these tables hold
+UIDs, what the CLI shows (modality, study date, description, counts) and the
+queue's own state. The schema itself is created and upgraded by
+:mod:`storage.migrations`; a test checks that the two agree.
+
+Times are naive UTC ``datetime`` values (SQLite has no time zone type).
+"""
+
+from __future__ import annotations
+
+import enum
+from datetime import datetime
+
+from sqlalchemy import ForeignKey, Index, String, UniqueConstraint
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
+
+
+class StudyState(enum.StrEnum):
+    """Where a study is in its life on the node."""
+
+    RECEIVING = "receiving"
+    """Instances are arriving; the stability clock runs."""
+    QUEUED = "queued"
+    """Complete (no instance for ``stable_seconds``), waiting for a worker."""
+    PROCESSING = "processing"
+    """Held by a worker under a lease."""
+    REPORTED = "reported"
+    """The result exists; its report is waiting to reach every destination."""
+    SENT = "sent"
+    """Every destination has the report."""
+    FAILED = "failed"
+    """Gave up, with the reason in the event history; ``queue retry`` re-queues it."""
+    CANCELLED = "cancelled"
+    """An administrator stopped it; ``queue retry`` re-queues it."""
+
+
+class Base(DeclarativeBase):
+    pass
+
+
+class Study(Base):
+    __tablename__ = "studies"
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    study_uid: Mapped[str] = mapped_column(String(64), unique=True)
+    state: Mapped[str] = mapped_column(String(16))
+    modality: Mapped[str | None] = mapped_column(String(64))
+    """Modalities of the study's series, e.g. ``CT`` or ``CT\\SR``."""
+    study_date: Mapped[str | None] = mapped_column(String(8))
+    description: Mapped[str | None] = mapped_column(String(64))
+    series_count: Mapped[int] = mapped_column(default=0)
+    instance_count: Mapped[int] = mapped_column(default=0)
+    byte_count: Mapped[int] = mapped_column(default=0)
+    received_at: Mapped[datetime]
+    """When the first instance arrived."""
+    last_instance_at: Mapped[datetime]
+    """When the latest instance arrived: the stability clock starts here."""
+    updated_at: Mapped[datetime]
+    """Last change of anything in the row; ``queue ls`` sorts on it."""
+    lease_owner: Mapped[str | None] = mapped_column(String(64))
+    lease_expires_at: Mapped[datetime | None]
+    processing_attempts: Mapped[int] = mapped_column(default=0)
+    """Leases taken since the study was last queued by hand; bounds crash loops."""
+
+    series: Mapped[list[Series]] = relationship(back_populates="study", order_by="Series.id")
+    events: Mapped[list[StudyEvent]] = relationship(back_populates="study", order_by="StudyEvent.id")
+
+    __table_args__ = (
+        Index("ix_studies_state_updated", "state", "updated_at"),
+        Index("ix_studies_updated", "updated_at"),
+        Index("ix_studies_state_last_instance", "state", "last_instance_at"),
+    )
+
+
+class Series(Base):
+    __tablename__ = "series"
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    study_id: Mapped[int] = mapped_column(ForeignKey("studies.id", ondelete="CASCADE"), index=True)
+    series_uid: Mapped[str] = mapped_column(String(64))
+    modality: Mapped[str | None] = mapped_column(String(16))
+    series_number: Mapped[int | None]
+    description: Mapped[str | None] = mapped_column(String(64))
+    instance_count: Mapped[int] = mapped_column(default=0)
+
+    study: Mapped[Study] = relationship(back_populates="series")
+    instances: Mapped[list[Instance]] = relationship(back_populates="series", order_by="Instance.id")
+
+    __table_args__ = (UniqueConstraint("study_id", "series_uid"),)
+
+
+class Instance(Base):
+    __tablename__ = "instances"
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    series_id: Mapped[int] = mapped_column(ForeignKey("series.id", ondelete="CASCADE"), index=True)
+    sop_instance_uid: Mapped[str] = mapped_column(String(64), unique=True)
+    sop_class_uid: Mapped[str] = mapped_column(String(64))
+    transfer_syntax_uid: Mapped[str] = mapped_column(String(64))
+    path: Mapped[str]
+    """Relative to ``data_dir``, so that the data directory can move."""
+    size: Mapped[int]
+    received_at: Mapped[datetime]
+    calling_ae: Mapped[str] = mapped_column(String(16))
+
+    series: Mapped[Series] = relationship(back_populates="instances")
+
+
+class StudyEvent(Base):
+    """One line of a study's history: every state change, with its reason."""
+
+    __tablename__ = "study_events"
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    study_id: Mapped[int] = mapped_column(ForeignKey("studies.id", ondelete="CASCADE"), index=True)
+    at: Mapped[datetime]
+    from_state: Mapped[str | None] = mapped_column(String(16))
+    to_state: Mapped[str] = mapped_column(String(16))
+    reason: Mapped[str]
+
+    study: Mapped[Study] = relationship(back_populates="events")
+
+
+class ReceiverHeartbeat(Base):
+    """The running receiver announces itself here, so ``status`` needs no pid file.
+
+    One row per node (id 1). A row whose process is gone or whose heartbeat is
+    stale means the receiver is down, so a crash leaves nothing to clean up.
+    """
+
+    __tablename__ = "receiver_heartbeat"
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    pid: Mapped[int]
+    hostname: Mapped[str] = mapped_column(String(255))
+    ae_title: Mapped[str] = mapped_column(String(16))
+    port: Mapped[int]
+    started_at: Mapped[datetime]
+    heartbeat_at: Mapped[datetime]
+    stopped_at: Mapped[datetime | None]
+
+
+class SchemaVersion(Base):
+    """Migrations applied to this database (see :mod:`storage.migrations`)."""
+
+    __tablename__ = "schema_version"
+
+    version: Mapped[int] = mapped_column(primary_key=True)
+    description: Mapped[str]
+    applied_at: Mapped[datetime]

@@ -1,0 +1,106 @@
+"""What the admin CLI shows of the queue, as plain data in the JSON shapes scripts rely on.
+
+``queue ls --json``: a list of :func:`study_summary` objects; ``queue show
+--json``: one of them where ``series`` holds the series (the count moves to
+``series_count``), plus ``calling_aets`` and ``events``; ``status --json``:
+``receiver`` and ``counts``. Reads only, through deferred transactions, so
+the CLI never holds up the receiver.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from sqlalchemy import Engine, distinct, func, select
+
+from storage.engine import reader
+from storage.models import Instance, Series, Study, StudyEvent, StudyState
+from storage.queue import UnknownStudyError
+from storage.timeutil import iso, utcnow
+
+
+def study_summary(study: Study) -> dict[str, Any]:
+    return {
+        "study_uid": study.study_uid,
+        "state": study.state,
+        "modality": study.modality,
+        "study_date": study.study_date,
+        "description": study.description,
+        "series": study.series_count,
+        "instances": study.instance_count,
+        "bytes": study.byte_count,
+        "received_at": iso(study.received_at),
+        "last_instance_at": iso(study.last_instance_at),
+        "updated_at": iso(study.updated_at),
+        "lease_owner": study.lease_owner,
+        "lease_expires_at": iso(study.lease_expires_at),
+        "processing_attempts": study.processing_attempts,
+    }
+
+
+class QueueOverview:
+    def __init__(self, engine: Engine) -> None:
+        self._sessions = reader(engine)
+
+    def list_studies(self, state: StudyState | None = None, limit: int = 50) -> list[dict[str, Any]]:
+        """The most recently changed studies first (an index serves the sort and the filter)."""
+        query = select(Study).order_by(Study.updated_at.desc(), Study.id.desc()).limit(limit)
+        if state is not None:
+            query = query.where(Study.state == state)
+        with self._sessions() as session:
+            return [study_summary(study) for study in session.scalars(query)]
+
+    def study_details(self, study_uid: str) -> dict[str, Any]:
+        with self._sessions() as session:
+            study = session.scalar(select(Study).where(Study.study_uid == study_uid))
+            if study is None:
+                raise UnknownStudyError(f"no study {study_uid} on this node; `triagenode queue ls` lists them")
+            details = study_summary(study)
+            calling = dict(
+                session.execute(
+                    select(Instance.series_id, func.group_concat(distinct(Instance.calling_ae)))
+                    .join(Series)
+                    .where(Series.study_id == study.id)
+                    .group_by(Instance.series_id)
+                ).all()
+            )
+            details["series_count"] = details["series"]
+            details["series"] = [
+                {
+                    "series_uid": series.series_uid,
+                    "modality": series.modality,
+                    "series_number": series.series_number,
+                    "description": series.description,
+                    "instances": series.instance_count,
+                    "calling_aets": sorted((calling.get(series.id) or "").split(",")) if calling.get(series.id) else [],
+                }
+                for series in study.series
+            ]
+            details["calling_aets"] = sorted({aet for s in details["series"] for aet in s["calling_aets"]})
+            details["events"] = [
+                {"at": iso(event.at), "from": event.from_state, "to": event.to_state, "reason": event.reason}
+                for event in session.scalars(
+                    select(StudyEvent).where(StudyEvent.study_id == study.id).order_by(StudyEvent.id)
+                )
+            ]
+            return details
+
+    def state_counts(self) -> dict[str, int]:
+        """Studies per state, every state present (0 when none)."""
+        with self._sessions() as session:
+            rows = dict(session.execute(select(Study.state, func.count()).group_by(Study.state)).all())
+        return {state.value: rows.get(state.value, 0) for state in StudyState}
+
+    def oldest_waiting(self) -> dict[str, Any] | None:
+        """The ``queued`` study that has waited longest for a worker, with its wait in seconds."""
+        with self._sessions() as session:
+            study = session.scalar(
+                select(Study).where(Study.state == StudyState.QUEUED).order_by(Study.updated_at).limit(1)
+            )
+            if study is None:
+                return None
+            return {
+                "study_uid": study.study_uid,
+                "queued_at": iso(study.updated_at),
+                "waiting_s": round((utcnow() - study.updated_at).total_seconds(), 1),
+            }

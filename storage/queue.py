@@ -1,0 +1,322 @@
+"""The study queue: the state machine, instance registration and work leases.
+
+Every state change goes through :func:`transition`, which checks that the
+change is allowed and writes the event that ``queue show`` lists, so the
+history and the state can never disagree. Each public method of
+:class:`StudyQueue` is one write transaction (``BEGIN IMMEDIATE``), which is
+what makes a lease exclusive: two workers asking at once are served one after
+the other, and the second sees the study already taken.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from enum import Enum
+
+from sqlalchemy import Engine, select, update
+from sqlalchemy.orm import Session
+
+from storage.engine import writer
+from storage.models import Instance, Series, Study, StudyEvent, StudyState
+from storage.timeutil import utcnow
+
+log = logging.getLogger("triagenode.queue")
+
+S = StudyState
+ALLOWED_TRANSITIONS: dict[StudyState, frozenset[StudyState]] = {
+    S.RECEIVING: frozenset({S.QUEUED, S.CANCELLED}),
+    S.QUEUED: frozenset({S.PROCESSING, S.RECEIVING, S.CANCELLED}),
+    S.PROCESSING: frozenset({S.REPORTED, S.QUEUED, S.FAILED, S.RECEIVING, S.CANCELLED}),
+    S.REPORTED: frozenset({S.SENT, S.FAILED, S.RECEIVING, S.CANCELLED}),
+    S.SENT: frozenset({S.RECEIVING}),
+    S.FAILED: frozenset({S.QUEUED, S.RECEIVING, S.CANCELLED}),
+    S.CANCELLED: frozenset({S.QUEUED}),
+}
+"""Which state may follow which. ``receiving`` after a later state is a re-open by a late instance."""
+
+RETRYABLE = frozenset({S.FAILED, S.CANCELLED})
+CANCELLABLE = frozenset(state for state, targets in ALLOWED_TRANSITIONS.items() if S.CANCELLED in targets)
+
+
+class TransitionError(RuntimeError):
+    """A state change the queue does not allow; the text says why, for the CLI."""
+
+
+class UnknownStudyError(LookupError):
+    """No study with that Study Instance UID on this node."""
+
+
+def transition(session: Session, study: Study, to_state: StudyState, reason: str, now: datetime) -> None:
+    """Change a study's state and write the event, in the caller's transaction."""
+    from_state = StudyState(study.state)
+    if to_state not in ALLOWED_TRANSITIONS[from_state]:
+        raise TransitionError(f"study {study.study_uid} is {from_state}; it cannot become {to_state}")
+    study.state = to_state
+    study.updated_at = now
+    if to_state is not S.PROCESSING:
+        study.lease_owner = None
+        study.lease_expires_at = None
+    session.add(StudyEvent(study=study, at=now, from_state=from_state, to_state=to_state, reason=reason))
+    log.info(
+        "study.state study_uid=%s from=%s to=%s reason=%r", study.study_uid, from_state, to_state, reason
+    )
+
+
+@dataclass(frozen=True)
+class ReceivedInstance:
+    """What the receiver knows of one stored instance; no patient identifiers."""
+
+    study_uid: str
+    series_uid: str
+    sop_instance_uid: str
+    sop_class_uid: str
+    transfer_syntax_uid: str
+    path: str
+    size: int
+    calling_ae: str
+    modality: str | None = None
+    study_date: str | None = None
+    study_description: str | None = None
+    series_number: int | None = None
+    series_description: str | None = None
+
+
+class Registration(Enum):
+    """What :meth:`StudyQueue.record_instance` did with an instance."""
+
+    NEW_STUDY = "new study"
+    ADDED = "added"
+    REOPENED = "re-opened study"
+    DUPLICATE = "duplicate"
+
+
+@dataclass(frozen=True)
+class Claim:
+    """A study taken by a worker under a lease."""
+
+    study_uid: str
+    worker_id: str
+    lease_expires_at: datetime
+    attempt: int
+
+
+class StudyQueue:
+    """The write side of the queue, shared by the receiver, the scheduler, workers and the CLI."""
+
+    def __init__(self, engine: Engine) -> None:
+        self._sessions = writer(engine)
+
+    def stored_path(self, sop_instance_uid: str) -> str | None:
+        """The stored path of an instance already on the node, or None."""
+        with self._sessions() as session:
+            return session.scalar(select(Instance.path).where(Instance.sop_instance_uid == sop_instance_uid))
+
+    def record_instance(self, received: ReceivedInstance, now: datetime | None = None) -> Registration:
+        """Register a stored instance; commits before it returns."""
+        now = now or utcnow()
+        with self._sessions.begin() as session:
+            if session.scalar(select(Instance.id).where(Instance.sop_instance_uid == received.sop_instance_uid)):
+                return Registration.DUPLICATE
+            outcome = Registration.ADDED
+            study = session.scalar(select(Study).where(Study.study_uid == received.study_uid))
+            if study is None:
+                study = Study(
+                    study_uid=received.study_uid,
+                    state=S.RECEIVING,
+                    study_date=received.study_date,
+                    description=received.study_description,
+                    received_at=now,
+                    last_instance_at=now,
+                    updated_at=now,
+                    series_count=0,
+                    instance_count=0,
+                    byte_count=0,
+                    processing_attempts=0,
+                )
+                session.add(study)
+                session.add(
+                    StudyEvent(
+                        study=study,
+                        at=now,
+                        from_state=None,
+                        to_state=S.RECEIVING,
+                        reason=f"first instance received from {received.calling_ae}",
+                    )
+                )
+                log.info("study.state study_uid=%s from=- to=receiving", study.study_uid)
+                outcome = Registration.NEW_STUDY
+            elif study.state not in (S.RECEIVING, S.CANCELLED):
+                transition(
+                    session,
+                    study,
+                    S.RECEIVING,
+                    f"new instance from {received.calling_ae} after the study was {study.state}; re-opened",
+                    now,
+                )
+                outcome = Registration.REOPENED
+            series = session.scalar(
+                select(Series).where(Series.study_id == study.id, Series.series_uid == received.series_uid)
+            ) if study.id is not None else None
+            if series is None:
+                series = Series(
+                    study=study,
+                    series_uid=received.series_uid,
+                    modality=received.modality,
+                    series_number=received.series_number,
+                    description=received.series_description,
+                    instance_count=0,
+                )
+                session.add(series)
+                study.series_count += 1
+                study.modality = _merge_modality(study.modality, received.modality)
+            session.add(
+                Instance(
+                    series=series,
+                    sop_instance_uid=received.sop_instance_uid,
+                    sop_class_uid=received.sop_class_uid,
+                    transfer_syntax_uid=received.transfer_syntax_uid,
+                    path=received.path,
+                    size=received.size,
+                    received_at=now,
+                    calling_ae=received.calling_ae,
+                )
+            )
+            series.instance_count += 1
+            study.instance_count += 1
+            study.byte_count += received.size
+            study.last_instance_at = now
+            study.updated_at = now
+        return outcome
+
+    def complete_stable_studies(self, stable_seconds: float, now: datetime | None = None) -> list[str]:
+        """Queue every ``receiving`` study with no instance for ``stable_seconds``."""
+        now = now or utcnow()
+        cutoff = now - timedelta(seconds=stable_seconds)
+        with self._sessions.begin() as session:
+            studies = session.scalars(
+                select(Study).where(Study.state == S.RECEIVING, Study.last_instance_at <= cutoff)
+            ).all()
+            for study in studies:
+                transition(
+                    session,
+                    study,
+                    S.QUEUED,
+                    f"complete: no new instance for {stable_seconds:g} s "
+                    f"({study.instance_count} instances in {study.series_count} series)",
+                    now,
+                )
+            return [study.study_uid for study in studies]
+
+    def restart_stability_clocks(self, now: datetime | None = None) -> int:
+        """Give every ``receiving`` study a full stability window from now.
+
+        Called when the node starts: while it was down a PACS could not send
+        the rest of a study, so the time before the restart must not count.
+        """
+        now = now or utcnow()
+        with self._sessions.begin() as session:
+            result = session.execute(
+                update(Study).where(Study.state == S.RECEIVING, Study.last_instance_at < now).values(last_instance_at=now)
+            )
+            return result.rowcount
+
+    def claim(self, worker_id: str, lease_seconds: float, now: datetime | None = None) -> Claim | None:
+        """Take the oldest ``queued`` study under a lease, or None when none waits."""
+        now = now or utcnow()
+        with self._sessions.begin() as session:
+            study = session.scalar(
+                select(Study).where(Study.state == S.QUEUED).order_by(Study.updated_at, Study.id).limit(1)
+            )
+            if study is None:
+                return None
+            study.processing_attempts += 1
+            transition(session, study, S.PROCESSING, f"taken by {worker_id} (attempt {study.processing_attempts})", now)
+            study.lease_owner = worker_id
+            study.lease_expires_at = now + timedelta(seconds=lease_seconds)
+            return Claim(study.study_uid, worker_id, study.lease_expires_at, study.processing_attempts)
+
+    def renew(self, claim: Claim, lease_seconds: float, now: datetime | None = None) -> Claim | None:
+        """Extend a lease; None when the worker no longer holds it (expired, cancelled, re-opened)."""
+        now = now or utcnow()
+        expires = now + timedelta(seconds=lease_seconds)
+        with self._sessions.begin() as session:
+            result = session.execute(
+                update(Study)
+                .where(
+                    Study.study_uid == claim.study_uid,
+                    Study.state == S.PROCESSING,
+                    Study.lease_owner == claim.worker_id,
+                )
+                .values(lease_expires_at=expires, updated_at=now)
+            )
+            return Claim(claim.study_uid, claim.worker_id, expires, claim.attempt) if result.rowcount else None
+
+    def finish(self, claim: Claim, to_state: StudyState, reason: str, now: datetime | None = None) -> bool:
+        """End a lease with the study's next state; False when the lease was lost meanwhile."""
+        now = now or utcnow()
+        with self._sessions.begin() as session:
+            study = session.scalar(select(Study).where(Study.study_uid == claim.study_uid))
+            if study is None or study.state != S.PROCESSING or study.lease_owner != claim.worker_id:
+                return False
+            transition(session, study, to_state, reason, now)
+            return True
+
+    def recover_expired_leases(self, max_attempts: int = 3, now: datetime | None = None) -> list[str]:
+        """Return studies whose worker vanished to ``queued``; fail those that used every attempt."""
+        now = now or utcnow()
+        with self._sessions.begin() as session:
+            studies = session.scalars(
+                select(Study).where(Study.state == S.PROCESSING, Study.lease_expires_at < now)
+            ).all()
+            for study in studies:
+                owner = study.lease_owner
+                if study.processing_attempts >= max_attempts:
+                    transition(
+                        session,
+                        study,
+                        S.FAILED,
+                        f"lease of {owner} expired on attempt {study.processing_attempts} of {max_attempts}; "
+                        "giving up (see the worker's log), `triagenode queue retry` tries again",
+                        now,
+                    )
+                else:
+                    transition(session, study, S.QUEUED, f"lease of {owner} expired; back in the queue", now)
+            return [study.study_uid for study in studies]
+
+    def retry(self, study_uid: str, reason: str = "retried by an administrator", now: datetime | None = None) -> None:
+        now = now or utcnow()
+        with self._sessions.begin() as session:
+            study = self._get(session, study_uid)
+            if study.state not in RETRYABLE:
+                raise TransitionError(
+                    f"study {study_uid} is {study.state}; only {' or '.join(sorted(RETRYABLE))} studies can be retried"
+                )
+            study.processing_attempts = 0
+            transition(session, study, S.QUEUED, reason, now)
+
+    def cancel(self, study_uid: str, reason: str = "cancelled by an administrator", now: datetime | None = None) -> None:
+        now = now or utcnow()
+        with self._sessions.begin() as session:
+            study = self._get(session, study_uid)
+            if study.state not in CANCELLABLE:
+                raise TransitionError(f"study {study_uid} is {study.state}; it cannot be cancelled")
+            transition(session, study, S.CANCELLED, reason, now)
+
+    @staticmethod
+    def _get(session: Session, study_uid: str) -> Study:
+        study = session.scalar(select(Study).where(Study.study_uid == study_uid))
+        if study is None:
+            raise UnknownStudyError(f"no study {study_uid} on this node; `triagenode queue ls` lists them")
+        return study
+
+
+def _merge_modality(current: str | None, new: str | None) -> str | None:
+    """``CT`` + ``SR`` -> ``CT\\SR``: the study's modalities, first seen first."""
+    if not new:
+        return current
+    parts = current.split("\\") if current else []
+    if new not in parts:
+        parts.append(new)
+    return "\\".join(parts)[:64]
