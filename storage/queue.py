@@ -263,26 +263,34 @@ class StudyQueue:
             transition(session, study, to_state, reason, now)
             return True
 
-    def recover_expired_leases(self, max_attempts: int = 3, now: datetime | None = None) -> list[str]:
-        """Return studies whose worker vanished to ``queued``; fail those that used every attempt."""
+    def recover_expired_leases(
+        self, max_attempts: int = 3, now: datetime | None = None, *, all_leases: bool = False
+    ) -> list[str]:
+        """Return studies whose worker vanished to ``queued``; fail those that used every attempt.
+
+        ``all_leases`` recovers every lease whatever its expiry: when the node
+        starts, no worker of the previous run can still be alive.
+        """
         now = now or utcnow()
         with self._sessions.begin() as session:
-            studies = session.scalars(
-                select(Study).where(Study.state == S.PROCESSING, Study.lease_expires_at < now)
-            ).all()
+            query = select(Study).where(Study.state == S.PROCESSING)
+            if not all_leases:
+                query = query.where(Study.lease_expires_at < now)
+            studies = session.scalars(query).all()
             for study in studies:
                 owner = study.lease_owner
+                why = "the node restarted" if all_leases else "its lease expired"
                 if study.processing_attempts >= max_attempts:
                     transition(
                         session,
                         study,
                         S.FAILED,
-                        f"lease of {owner} expired on attempt {study.processing_attempts} of {max_attempts}; "
-                        "giving up (see the worker's log), `triagenode queue retry` tries again",
+                        f"{owner} stopped holding it ({why}) on attempt {study.processing_attempts} of "
+                        f"{max_attempts}; giving up, see the worker's log; `triagenode queue retry` tries again",
                         now,
                     )
                 else:
-                    transition(session, study, S.QUEUED, f"lease of {owner} expired; back in the queue", now)
+                    transition(session, study, S.QUEUED, f"{owner} stopped holding it ({why}); back in the queue", now)
             return [study.study_uid for study in studies]
 
     def retry(self, study_uid: str, reason: str = "retried by an administrator", now: datetime | None = None) -> None:

@@ -1,0 +1,335 @@
+"""``triagenode``: the admin CLI, a thin layer over config and storage.
+
+Exit status: 0 done; 1 the command ran but the answer is "no" (unknown
+study, receiver down, echo failed, database missing); 2 usage or
+configuration error. Tables for people, ``--json`` for scripts.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any, NoReturn, TypeVar
+
+import click
+
+from config import ConfigError, Settings, load_settings, settings_as_dict
+from storage.database import DatabaseUnavailableError, open_for_cli
+from storage.filestore import FileStore
+from storage.heartbeat import Heartbeat
+from storage.models import StudyState
+from storage.overview import QueueOverview
+from storage.queue import StudyQueue, TransitionError, UnknownStudyError
+from storage.timeutil import iso, utcnow
+
+EXIT_NO = 1
+EXIT_USAGE = 2
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def config_option(command: F) -> F:
+    return click.option(
+        "--config",
+        "config_path",
+        type=click.Path(path_type=Path, dir_okay=False),
+        envvar="TRIAGENODE_CONFIG",
+        help="TOML configuration file [default: /etc/triagenode/triagenode.toml if it exists, else embedded defaults].",
+    )(command)
+
+
+def json_option(command: F) -> F:
+    return click.option("--json", "as_json", is_flag=True, help="Print JSON for scripts instead of a table.")(command)
+
+
+def fail(message: str, code: int = EXIT_NO) -> NoReturn:
+    click.echo(f"triagenode: {message}", err=True)
+    sys.exit(code)
+
+
+def settings_from(config_path: Path | None) -> Settings:
+    try:
+        return load_settings(config_path)
+    except ConfigError as exc:
+        fail(str(exc), EXIT_USAGE)
+
+
+def overview_and_engine(settings: Settings) -> tuple[QueueOverview, Any]:
+    try:
+        engine = open_for_cli(settings.node.database_path)
+    except DatabaseUnavailableError as exc:
+        fail(str(exc))
+    return QueueOverview(engine), engine
+
+
+def print_json(data: Any) -> None:
+    click.echo(json.dumps(data, indent=2))
+
+
+def print_table(rows: Sequence[Sequence[Any]], headers: Sequence[str]) -> None:
+    cells = [[("" if value is None else str(value)) for value in row] for row in rows]
+    widths = [max(len(h), *(len(row[i]) for row in cells)) if cells else len(h) for i, h in enumerate(headers)]
+    click.echo("  ".join(h.upper().ljust(w) for h, w in zip(headers, widths, strict=True)).rstrip())
+    for row in cells:
+        click.echo("  ".join(value.ljust(w) for value, w in zip(row, widths, strict=True)).rstrip())
+
+
+def human_duration(seconds: float) -> str:
+    seconds = int(seconds)
+    days, rest = divmod(seconds, 86400)
+    hours, rest = divmod(rest, 3600)
+    minutes, secs = divmod(rest, 60)
+    if days:
+        return f"{days}d {hours}h"
+    if hours:
+        return f"{hours}h {minutes}m"
+    if minutes:
+        return f"{minutes}m {secs}s"
+    return f"{secs}s"
+
+
+def human_bytes(count: int) -> str:
+    size = float(count)
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if size < 1024 or unit == "TiB":
+            return f"{size:.1f} {unit}" if unit != "B" else f"{int(size)} B"
+        size /= 1024
+    return f"{count} B"
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="triagenode")
+def main() -> None:
+    """Triage Node: receives studies over DICOM, queues them for AI triage, returns reports to the PACS."""
+
+
+@main.command()
+@config_option
+@click.option("--log-level", default="INFO", show_default=True, type=click.Choice(["DEBUG", "INFO", "WARNING"]))
+def serve(config_path: Path | None, log_level: str) -> None:
+    """Run the node in the foreground (logs to stderr; stops cleanly on SIGTERM)."""
+    from daemon.logs import configure_logging
+    from daemon.service import serve as run
+
+    settings = settings_from(config_path)
+    configure_logging(log_level)
+    if settings.source == "embedded defaults":
+        logging.getLogger("triagenode.service").info(
+            "config.defaults reason='no config file' data_dir=%s", settings.node.data_dir
+        )
+    try:
+        run(settings)
+    except OSError as exc:
+        fail(
+            f"cannot start on {settings.node.host}:{settings.node.port} with data_dir {settings.node.data_dir}: "
+            f"{exc.strerror or exc}; is another node running, or is [node].port or data_dir wrong?"
+        )
+
+
+@main.command()
+@config_option
+@json_option
+def status(config_path: Path | None, as_json: bool) -> None:
+    """Is the receiver up, how many studies are in each state, how much disk is free.
+
+    Exits 1 when the receiver is not running, so monitoring can call it.
+    """
+    settings = settings_from(config_path)
+    overview, engine = overview_and_engine(settings)
+    now = utcnow()
+    receiver = Heartbeat(engine).state(now)
+    counts = overview.state_counts()
+    oldest = overview.oldest_waiting()
+    free = FileStore(settings.node.data_dir).free_bytes()
+    uptime = receiver.uptime_s(now)
+    data = {
+        "receiver": {
+            "running": receiver.running,
+            "pid": receiver.pid if receiver.running else None,
+            "ae_title": receiver.ae_title or settings.node.ae_title,
+            "port": receiver.port or settings.node.port,
+            "started_at": iso(receiver.started_at) if receiver.running else None,
+            "uptime_s": round(uptime, 1) if uptime is not None else None,
+            "last_heartbeat_at": iso(receiver.heartbeat_at),
+        },
+        "counts": counts,
+        "oldest_waiting": oldest,
+        "disk": {
+            "data_dir": str(settings.node.data_dir),
+            "free_bytes": free,
+            "min_free_bytes": settings.node.min_free_disk_mb * 1024 * 1024,
+        },
+    }
+    if as_json:
+        print_json(data)
+    else:
+        if receiver.running:
+            click.echo(
+                f"receiver:  running, pid {receiver.pid}, {receiver.ae_title} on port {receiver.port}, "
+                f"up {human_duration(uptime or 0)}"
+            )
+        else:
+            seen = f" (last seen {iso(receiver.heartbeat_at)})" if receiver.heartbeat_at else ""
+            click.echo(f"receiver:  NOT running{seen}")
+        low = " (BELOW the floor: C-STOREs are refused)" if free < data["disk"]["min_free_bytes"] else ""
+        click.echo(f"disk free: {human_bytes(free)} in {settings.node.data_dir}{low}")
+        if oldest:
+            click.echo(f"oldest waiting: {oldest['study_uid']} (queued {human_duration(oldest['waiting_s'])} ago)")
+        click.echo("studies:   " + "  ".join(f"{state} {count}" for state, count in counts.items()))
+    engine.dispose()
+    if not receiver.running:
+        sys.exit(EXIT_NO)
+
+
+@main.group()
+def queue() -> None:
+    """List, inspect, retry and cancel studies."""
+
+
+@queue.command("ls")
+@config_option
+@json_option
+@click.option("--state", type=click.Choice([s.value for s in StudyState]), help="Only studies in this state.")
+@click.option("--limit", default=50, show_default=True, type=click.IntRange(1, 100_000), help="At most this many.")
+def queue_ls(config_path: Path | None, as_json: bool, state: str | None, limit: int) -> None:
+    """Studies, most recently changed first."""
+    settings = settings_from(config_path)
+    overview, engine = overview_and_engine(settings)
+    studies = overview.list_studies(StudyState(state) if state else None, limit)
+    engine.dispose()
+    if as_json:
+        print_json(studies)
+        return
+    if not studies:
+        click.echo("no studies" + (f" in state {state}" if state else ""))
+        return
+    print_table(
+        [
+            (s["study_uid"], s["state"], s["modality"], s["study_date"], s["series"], s["instances"], s["updated_at"])
+            for s in studies
+        ],
+        ["study uid", "state", "modality", "date", "series", "instances", "updated"],
+    )
+
+
+@queue.command("show")
+@config_option
+@json_option
+@click.argument("study_uid")
+def queue_show(config_path: Path | None, as_json: bool, study_uid: str) -> None:
+    """One study: its series, the AEs that sent it and its event history."""
+    settings = settings_from(config_path)
+    overview, engine = overview_and_engine(settings)
+    try:
+        details = overview.study_details(study_uid)
+    except UnknownStudyError as exc:
+        fail(str(exc))
+    finally:
+        engine.dispose()
+    if as_json:
+        print_json(details)
+        return
+    for label, key in (
+        ("study", "study_uid"),
+        ("state", "state"),
+        ("modality", "modality"),
+        ("study date", "study_date"),
+        ("description", "description"),
+        ("instances", "instances"),
+        ("received", "received_at"),
+        ("last instance", "last_instance_at"),
+        ("updated", "updated_at"),
+    ):
+        click.echo(f"{label + ':':15}{details[key] if details[key] is not None else '-'}")
+    click.echo(f"{'size:':15}{human_bytes(details['bytes'])}")
+    click.echo(f"{'sent by:':15}{', '.join(details['calling_aets']) or '-'}")
+    if details["lease_owner"]:
+        click.echo(f"{'lease:':15}{details['lease_owner']} until {details['lease_expires_at']}")
+    click.echo("")
+    print_table(
+        [(s["series_number"], s["modality"], s["instances"], s["description"], s["series_uid"]) for s in details["series"]],
+        ["series", "modality", "instances", "description", "series uid"],
+    )
+    click.echo("")
+    print_table(
+        [(e["at"], e["from"] or "-", e["to"], e["reason"]) for e in details["events"]],
+        ["at", "from", "to", "reason"],
+    )
+
+
+def _change_study(config_path: Path | None, action: Callable[[StudyQueue], None], done: str) -> None:
+    settings = settings_from(config_path)
+    _, engine = overview_and_engine(settings)
+    try:
+        action(StudyQueue(engine))
+    except (UnknownStudyError, TransitionError) as exc:
+        fail(str(exc))
+    finally:
+        engine.dispose()
+    click.echo(done)
+
+
+@queue.command("retry")
+@config_option
+@click.argument("study_uid")
+def queue_retry(config_path: Path | None, study_uid: str) -> None:
+    """Queue a failed or cancelled study again."""
+    _change_study(config_path, lambda q: q.retry(study_uid), f"{study_uid}: queued again")
+
+
+@queue.command("cancel")
+@config_option
+@click.argument("study_uid")
+def queue_cancel(config_path: Path | None, study_uid: str) -> None:
+    """Stop a study: it will not be processed or sent (its files stay)."""
+    _change_study(config_path, lambda q: q.cancel(study_uid), f"{study_uid}: cancelled")
+
+
+@main.command()
+@config_option
+@click.argument("target", metavar="AE@HOST:PORT")
+@click.option("--timeout", default=10.0, show_default=True, help="Seconds to wait for the peer.")
+def echo(config_path: Path | None, target: str, timeout: float) -> None:
+    """C-ECHO a DICOM peer (a destination, or the node itself) and print the round-trip time."""
+    from daemon.verification import EchoError, parse_peer, verify
+
+    settings = settings_from(config_path)
+    try:
+        peer = parse_peer(target)
+    except ValueError as exc:
+        fail(str(exc), EXIT_USAGE)
+    try:
+        elapsed = verify(peer, settings.node.ae_title, timeout)
+    except EchoError as exc:
+        fail(f"C-ECHO to {target} failed: {exc}")
+    click.echo(f"C-ECHO {settings.node.ae_title} -> {target}: Success in {elapsed * 1000:.1f} ms")
+
+
+@main.group("config")
+def config_group() -> None:
+    """Inspect the configuration."""
+
+
+@config_group.command("show")
+@config_option
+@json_option
+def config_show(config_path: Path | None, as_json: bool) -> None:
+    """The effective settings, after the file and the TRIAGENODE_* environment variables."""
+    settings = settings_from(config_path)
+    data = settings_as_dict(settings)
+    if as_json:
+        print_json({"source": settings.source, **data})
+        return
+    click.echo(f"# effective settings; source: {settings.source} (+ TRIAGENODE_* environment variables)")
+    for section in ("node", "study"):
+        click.echo(f"\n[{section}]")
+        for key, value in data[section].items():
+            click.echo(f"{key} = {json.dumps(value)}")
+    for destination in data["destinations"]:
+        click.echo("\n[[destinations]]")
+        for key, value in destination.items():
+            click.echo(f"{key} = {json.dumps(value)}")
+

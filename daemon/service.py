@@ -1,0 +1,117 @@
+"""``triagenode serve``: the node's long-running process.
+
+Start-up order matters for "a restart loses nothing": the spool is emptied
+(only unanswered transfers can be there), the database is migrated, leases
+of the previous run are released and the stability clocks of studies still
+``receiving`` restart, and only then does the port open. Shutdown runs the
+other way: the port closes, open associations get ``shutdown_grace_s`` to
+finish, the scheduler stops, the database closes.
+"""
+
+from __future__ import annotations
+
+import logging
+import signal
+import threading
+from types import FrameType
+
+from apscheduler.schedulers.background import BackgroundScheduler
+from sqlalchemy import Engine
+
+from config.settings import Settings
+from daemon.receiver import StorageReceiver
+from daemon.systemd import notify
+from storage.database import open_for_daemon
+from storage.filestore import FileStore
+from storage.heartbeat import HEARTBEAT_INTERVAL_S, Heartbeat
+from storage.queue import StudyQueue
+
+log = logging.getLogger("triagenode.service")
+
+LEASE_CHECK_INTERVAL_S = 5
+MAX_PROCESSING_ATTEMPTS = 3
+"""A study whose worker vanished this many times is failed instead of re-queued."""
+
+
+class Node:
+    """The receiver, the queue's scheduled jobs and their shared database, started and stopped together."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.store = FileStore(settings.node.data_dir)
+        self.engine: Engine | None = None
+        self.receiver: StorageReceiver | None = None
+        self._scheduler: BackgroundScheduler | None = None
+        self._heartbeat: Heartbeat | None = None
+
+    def start(self) -> None:
+        node = self.settings.node
+        leftovers = self.store.prepare()
+        if leftovers:
+            log.info("spool.cleaned leftovers=%d reason='transfers interrupted before Success'", leftovers)
+        self.engine = open_for_daemon(node.database_path)
+        queue = StudyQueue(self.engine)
+        recovered = queue.recover_expired_leases(MAX_PROCESSING_ATTEMPTS, all_leases=True)
+        resumed = queue.restart_stability_clocks()
+        log.info(
+            "node.starting data_dir=%s config=%r receiving_studies_resumed=%d leases_recovered=%d",
+            node.data_dir,
+            self.settings.source,
+            resumed,
+            len(recovered),
+        )
+        self.receiver = StorageReceiver(node, queue, self.store)
+        self.receiver.start()
+        self._heartbeat = Heartbeat(self.engine)
+        self._heartbeat.announce(node.ae_title, self.receiver.port)
+        self._scheduler = BackgroundScheduler(job_defaults={"coalesce": True, "max_instances": 1})
+        stable = self.settings.study.stable_seconds
+        self._scheduler.add_job(
+            queue.complete_stable_studies,
+            "interval",
+            seconds=max(0.2, min(1.0, stable / 5)),
+            args=[stable],
+            id="complete-stable-studies",
+        )
+        self._scheduler.add_job(
+            queue.recover_expired_leases,
+            "interval",
+            seconds=LEASE_CHECK_INTERVAL_S,
+            args=[MAX_PROCESSING_ATTEMPTS],
+            id="recover-expired-leases",
+        )
+        self._scheduler.add_job(self._heartbeat.beat, "interval", seconds=HEARTBEAT_INTERVAL_S, id="heartbeat")
+        self._scheduler.start()
+
+    def stop(self) -> None:
+        if self.receiver is not None:
+            self.receiver.stop(self.settings.node.shutdown_grace_s)
+        if self._scheduler is not None:
+            self._scheduler.shutdown(wait=True)
+        if self._heartbeat is not None:
+            self._heartbeat.stopped()
+        if self.engine is not None:
+            self.engine.dispose()
+        log.info("node.stopped")
+
+
+def serve(settings: Settings) -> None:
+    """Run the node in the foreground until SIGTERM or SIGINT."""
+    stop_requested = threading.Event()
+
+    def request_stop(signum: int, _frame: FrameType | None) -> None:
+        log.info("node.stopping signal=%s", signal.Signals(signum).name)
+        stop_requested.set()
+
+    signal.signal(signal.SIGTERM, request_stop)
+    signal.signal(signal.SIGINT, request_stop)
+    node = Node(settings)
+    try:
+        node.start()
+        assert node.receiver is not None
+        notify("READY=1", f"STATUS=listening on port {node.receiver.port} as {settings.node.ae_title}")
+        while not stop_requested.wait(1.0):
+            pass
+        notify("STOPPING=1")
+    finally:
+        node.stop()
