@@ -1,0 +1,238 @@
+"""The node as a DICOM receiver, driven by real peers: pynetdicom SCUs and DCMTK's tools."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import threading
+from pathlib import Path
+
+import pytest
+from pydicom import dcmread
+from pydicom.data import get_testdata_file
+from pydicom.uid import MRImageStorage, generate_uid
+from pynetdicom import AE
+from pynetdicom.sop_class import CTImageStorage, Verification
+
+from conftest import NODE_AE, TRIAGENODE, NodeProcess, send, wait_until
+from dicom_factory import PATIENT_IDENTIFIERS, ct_slice, write_study
+
+needs_dcmtk = pytest.mark.skipif(shutil.which("storescu") is None, reason="DCMTK (Debian package dcmtk) not installed")
+DCMTK_ENV = {**os.environ, "TCP_NODELAY": "1"}
+
+
+def assert_no_patient_identifiers(node: NodeProcess) -> None:
+    log = node.log()
+    for identifier in PATIENT_IDENTIFIERS:
+        assert identifier not in log, f"patient identifier {identifier!r} in the node's log"
+
+
+def stored_files(node: NodeProcess) -> list[Path]:
+    return sorted((node.data_dir / "studies").rglob("*.dcm"))
+
+
+def spool_is_empty(node: NodeProcess) -> bool:
+    return not any((node.data_dir / "spool").iterdir())
+
+
+def test_echo_answers_pynetdicom_dcmtk_and_the_cli(node: NodeProcess) -> None:
+    ae = AE(ae_title="ECHOSCU")
+    ae.add_requested_context(Verification)
+    assoc = ae.associate("127.0.0.1", node.port, ae_title=NODE_AE)
+    assert assoc.is_established
+    assert assoc.send_c_echo().Status == 0x0000
+    assoc.release()
+
+    result = subprocess.run(
+        [TRIAGENODE, "echo", f"{NODE_AE}@127.0.0.1:{node.port}"], capture_output=True, text=True, timeout=30
+    )
+    assert result.returncode == 0, result.stderr
+    assert "Success in" in result.stdout and " ms" in result.stdout
+
+    if shutil.which("echoscu"):
+        dcmtk = subprocess.run(
+            ["echoscu", "-aec", NODE_AE, "127.0.0.1", str(node.port)], env=DCMTK_ENV, capture_output=True, timeout=30
+        )
+        assert dcmtk.returncode == 0, dcmtk.stderr
+
+
+def test_echo_to_a_closed_port_fails_with_exit_1() -> None:
+    from conftest import free_port
+
+    result = subprocess.run(
+        [TRIAGENODE, "echo", f"PACS@127.0.0.1:{free_port()}", "--timeout", "3"], capture_output=True, text=True
+    )
+    assert result.returncode == 1
+    assert "C-ECHO to PACS@127.0.0.1" in result.stderr and "failed" in result.stderr
+
+
+def test_three_series_over_several_associations_become_one_queued_study(node: NodeProcess, tmp_path: Path) -> None:
+    study = write_study(tmp_path / "study", series=3, slices=4)
+    for index, files in enumerate(study.series.values()):
+        assert send(node.port, files, calling_ae=f"MODALITY{index}") == [0] * 4
+
+    receiving = node.study(study.study_uid)
+    assert receiving is not None and receiving["state"] == "receiving"
+    queued = node.wait_for_state(study.study_uid, "queued", timeout=node.stable_seconds + 15)
+    assert queued["instances"] == 12
+    assert queued["series_count"] == 3
+    assert {s["series_uid"] for s in queued["series"]} == set(study.series)
+    assert all(s["instances"] == 4 for s in queued["series"])
+    assert queued["calling_aets"] == ["MODALITY0", "MODALITY1", "MODALITY2"]
+    assert queued["modality"] == "CT" and queued["study_date"] == "20261127"
+    assert [(e["from"], e["to"]) for e in queued["events"]] == [(None, "receiving"), ("receiving", "queued")]
+    assert len(stored_files(node)) == 12
+    assert spool_is_empty(node)
+    assert "association.closed peer_ae=MODALITY1 peer_ip=127.0.0.1 instances=4" in node.log()
+    assert_no_patient_identifiers(node)
+
+
+def test_a_resent_study_is_success_and_stored_once(node: NodeProcess, tmp_path: Path) -> None:
+    study = write_study(tmp_path / "study", slices=5)
+    assert send(node.port, study.files) == [0] * 5
+    node.wait_for_state(study.study_uid, "queued", timeout=node.stable_seconds + 15)
+    assert send(node.port, study.files) == [0] * 5  # the PACS re-sends after a timeout
+
+    details = node.study(study.study_uid)
+    assert details is not None
+    assert details["instances"] == 5
+    assert details["state"] == "queued", "a re-send of known instances must not re-open the study"
+    assert len(stored_files(node)) == 5
+    wait_until(lambda: "duplicates=5" in node.log(), 10, "association line with duplicates=5")
+
+
+def test_a_late_instance_reopens_a_queued_study(node: NodeProcess, tmp_path: Path) -> None:
+    study = write_study(tmp_path / "study", slices=3)
+    assert send(node.port, study.files) == [0, 0, 0]
+    node.wait_for_state(study.study_uid, "queued", timeout=node.stable_seconds + 15)
+
+    series_uid = next(iter(study.series))
+    late = ct_slice(study.study_uid, series_uid, 3)
+    assert send(node.port, [late]) == [0]
+    reopened = node.study(study.study_uid)
+    assert reopened is not None and reopened["state"] == "receiving"
+    assert reopened["instances"] == 4
+    assert "re-opened" in reopened["events"][-1]["reason"]
+
+    again = node.wait_for_state(study.study_uid, "queued", timeout=node.stable_seconds + 15)
+    assert [e["to"] for e in again["events"]] == ["receiving", "queued", "receiving", "queued"]
+
+
+def test_calling_and_called_ae_titles_are_checked(make_node, tmp_path: Path) -> None:
+    node = make_node(allowed_calling_aets=["PACS", "CT1"])
+    study = write_study(tmp_path / "study", slices=1)
+
+    ae = AE(ae_title="EVIL")
+    ae.add_requested_context(CTImageStorage)
+    assoc = ae.associate("127.0.0.1", node.port, ae_title=NODE_AE)
+    assert assoc.is_rejected
+
+    wrong_called = AE(ae_title="PACS")
+    wrong_called.add_requested_context(CTImageStorage)
+    assoc = wrong_called.associate("127.0.0.1", node.port, ae_title="SOMEONEELSE")
+    assert assoc.is_rejected
+
+    assert send(node.port, study.files, calling_ae="PACS") == [0]
+    log = wait_until(lambda: "peer_ae=EVIL" in node.log() and node.log(), 10, "refusal logged")
+    assert "association.refused peer_ae=EVIL peer_ip=127.0.0.1" in log
+    assert "calling AE title not in allowed_calling_aets" in log
+    assert "called AE title 'SOMEONEELSE' is not this node's" in log
+    assert node.study(study.study_uid) is not None
+
+
+def _file_with_mismatched_meta(path: Path) -> Path:
+    """A file whose meta names another SOP Instance than its dataset: pynetdicom sends the meta's."""
+    ds = ct_slice(generate_uid(), generate_uid(), 0)
+    ds.save_as(path, enforce_file_format=True)
+    uid = ds.SOPInstanceUID.encode()
+    other = uid[:-1] + (b"1" if uid[-1:] != b"1" else b"2")
+    data = path.read_bytes()
+    path.write_bytes(data.replace(uid, other, 1))  # the first occurrence is in the file meta
+    return path
+
+
+def test_malformed_datasets_get_failure_statuses_and_the_association_keeps_working(
+    node: NodeProcess, tmp_path: Path
+) -> None:
+    bad_uid = ct_slice(generate_uid(), generate_uid(), 0)
+    bad_uid.StudyInstanceUID = "1.2.840.abc"
+    traversal = ct_slice(generate_uid(), generate_uid(), 0)
+    traversal.SeriesInstanceUID = "../../../../tmp/evil"
+    no_series = ct_slice(generate_uid(), generate_uid(), 0)
+    del no_series.SeriesInstanceUID
+    good = ct_slice(generate_uid(), generate_uid(), 0)
+    truncated = Path(get_testdata_file("MR_truncated.dcm"))
+    mismatched = _file_with_mismatched_meta(tmp_path / "mismatch.dcm")
+
+    contexts = [
+        (CTImageStorage, ["1.2.840.10008.1.2.1", "1.2.840.10008.1.2"]),
+        (MRImageStorage, ["1.2.840.10008.1.2.1", "1.2.840.10008.1.2"]),
+    ]
+    statuses = send(node.port, [bad_uid, traversal, no_series, truncated, mismatched, good], contexts=contexts)
+    assert statuses == [0xC002, 0xC002, 0xC001, 0xC000, 0xA900, 0x0000]
+
+    assert [p.stem for p in stored_files(node)] == [good.SOPInstanceUID]
+    assert not (tmp_path.parent / "evil").exists() and not Path("/tmp/evil").exists()
+    assert spool_is_empty(node)
+    assert node.study(good.StudyInstanceUID) is not None
+    assert node.overview.state_counts()["receiving"] == 1, "nothing refused may reach the queue"
+    log = node.log()
+    assert "status=0xC000 reason='dataset truncated" in log
+    assert "status=0xA900" in log
+    assert "0xC211" not in log
+    assert_no_patient_identifiers(node)
+
+
+def test_below_the_free_disk_floor_stores_are_refused_with_A700(make_node, tmp_path: Path) -> None:
+    node = make_node(min_free_disk_mb=1_000_000_000)  # a petabyte: always below
+    study = write_study(tmp_path / "study", slices=2)
+    assert send(node.port, study.files) == [0xA700, 0xA700]
+    assert stored_files(node) == []
+    assert node.study(study.study_uid) is None
+    assert "min_free_disk_mb" in node.log()
+
+
+def test_eight_concurrent_associations_lose_nothing(node: NodeProcess, tmp_path: Path) -> None:
+    studies = [write_study(tmp_path / f"study{i}", slices=12) for i in range(8)]
+    results: dict[int, list[int]] = {}
+
+    def sender(index: int) -> None:
+        results[index] = send(node.port, studies[index].files, calling_ae=f"SCU{index}")
+
+    threads = [threading.Thread(target=sender, args=(i,)) for i in range(8)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(120)
+    assert results == {i: [0] * 12 for i in range(8)}
+    for study in studies:
+        details = node.study(study.study_uid)
+        assert details is not None and details["instances"] == 12
+    assert len(stored_files(node)) == 96
+
+
+def _dataset_bytes(path: Path) -> bytes:
+    """The bytes after the file meta: what travelled in the C-STORE."""
+    ds = dcmread(path, stop_before_pixels=True)
+    start = 132 + 12 + int(ds.file_meta.FileMetaInformationGroupLength)
+    return path.read_bytes()[start:]
+
+
+@needs_dcmtk
+def test_dcmtk_storescu_study_is_stored_byte_for_byte(node: NodeProcess, tmp_path: Path) -> None:
+    study = write_study(tmp_path / "study", series=2, slices=5)
+    result = subprocess.run(
+        ["storescu", "-aec", NODE_AE, "-aet", "DCMTKSCU", "127.0.0.1", str(node.port), *map(str, study.files)],
+        env=DCMTK_ENV,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode == 0, result.stderr
+    details = node.wait_for_state(study.study_uid, "queued", timeout=node.stable_seconds + 15)
+    assert details["instances"] == 10 and details["calling_aets"] == ["DCMTKSCU"]
+    stored = {p.stem: p for p in stored_files(node)}
+    for sent in study.files:
+        uid = dcmread(sent, stop_before_pixels=True).SOPInstanceUID
+        assert _dataset_bytes(stored[uid]) == _dataset_bytes(sent)
