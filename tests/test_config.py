@@ -1,0 +1,105 @@
+"""Configuration: the file, the environment, and a start refused with one line that names the key."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from config import ConfigError, load_settings
+from conftest import TRIAGENODE
+
+
+def run(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [TRIAGENODE, *args], capture_output=True, text=True, timeout=60, env={**os.environ, **(env or {})}
+    )
+
+
+def write(tmp_path: Path, text: str) -> Path:
+    path = tmp_path / "triagenode.toml"
+    path.write_text(text)
+    return path
+
+
+def test_example_config_is_valid_and_matches_the_embedded_defaults() -> None:
+    example = Path(__file__).parent.parent / "deploy" / "triagenode.example.toml"
+    settings = load_settings(example, environ={})
+    assert settings.node.ae_title == "TRIAGENODE" and settings.node.port == 11112
+    assert str(settings.node.data_dir) == "/var/lib/triagenode"
+    assert settings.study.stable_seconds == 30
+    assert [d.name for d in settings.destinations] == ["pacs"]
+
+
+def test_unknown_key_stops_serve_with_one_line_naming_key_and_file(tmp_path: Path) -> None:
+    path = write(tmp_path, '[node]\nae_title = "NODE"\nprot = 104\n')
+    result = run("serve", "--config", str(path))
+    assert result.returncode == 2
+    assert result.stderr.count("\n") == 1, result.stderr
+    assert f"config error in {path}: node.prot: unknown key" in result.stderr
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("[node]\nport = 70000\n", "node.port: port 70000 is out of range"),
+        ('[node]\nport = "11112"\n', "node.port: expected an integer"),
+        ('[node]\nae_title = "A_VERY_LONG_AE_TITLE"\n', "node.ae_title: AE title 'A_VERY_LONG_AE_TITLE' is 20 characters"),
+        ("[study]\nstable_seconds = 0\n", "study.stable_seconds: 0.0 must be above 0"),
+        ('[node]\nallowed_calling_aets = "PACS"\n', "node.allowed_calling_aets: expected a list of strings"),
+        ("[nodes]\n", "nodes: unknown section [nodes]"),
+        ('[[destinations]]\nname = "pacs"\nae_title = "PACS"\nhost = "x"\n', "destinations[0].port: is required"),
+        ("[node\n", "is not valid TOML"),
+    ],
+)
+def test_impossible_values_are_refused(tmp_path: Path, text: str, message: str) -> None:
+    with pytest.raises(ConfigError) as raised:
+        load_settings(write(tmp_path, text), environ={})
+    assert message in str(raised.value)
+    assert "\n" not in str(raised.value)
+
+
+def test_environment_overrides_every_section(tmp_path: Path) -> None:
+    path = write(tmp_path, '[node]\nport = 104\n[[destinations]]\nname = "pacs"\nae_title = "PACS"\nhost = "h"\nport = 4242\n')
+    env = {
+        "TRIAGENODE_NODE__PORT": "11113",
+        "TRIAGENODE_NODE__ALLOWED_CALLING_AETS": "PACS, CT1",
+        "TRIAGENODE_STUDY__STABLE_SECONDS": "7.5",
+        "TRIAGENODE_DESTINATIONS__0__PORT": "4343",
+    }
+    result = run("config", "show", "--json", "--config", str(path), env=env)
+    assert result.returncode == 0, result.stderr
+    shown = json.loads(result.stdout)
+    assert shown["node"]["port"] == 11113
+    assert shown["node"]["allowed_calling_aets"] == ["PACS", "CT1"]
+    assert shown["study"]["stable_seconds"] == 7.5
+    assert shown["destinations"][0]["port"] == 4343
+    assert shown["source"] == str(path)
+
+
+def test_a_bad_environment_value_names_the_variable(tmp_path: Path) -> None:
+    path = write(tmp_path, "")
+    result = run("config", "show", "--config", str(path), env={"TRIAGENODE_NODE__PORT": "0"})
+    assert result.returncode == 2
+    assert "environment variable TRIAGENODE_NODE__PORT: node.port: port 0 is out of range" in result.stderr
+    result = run("config", "show", "--config", str(path), env={"TRIAGENODE_NODE__PROT": "1"})
+    assert result.returncode == 2 and "TRIAGENODE_NODE__PROT: unknown key node.prot" in result.stderr
+
+
+def test_without_a_config_file_data_goes_under_the_users_home(tmp_path: Path) -> None:
+    if Path("/etc/triagenode/triagenode.toml").exists():
+        pytest.skip("this machine has an installed node's config")
+    result = run("config", "show", "--json", env={"XDG_DATA_HOME": str(tmp_path / "share")})
+    assert result.returncode == 0, result.stderr
+    shown = json.loads(result.stdout)
+    assert shown["source"] == "embedded defaults"
+    assert shown["node"]["data_dir"] == str(tmp_path / "share" / "triagenode")
+
+
+def test_a_missing_config_file_is_an_error(tmp_path: Path) -> None:
+    result = run("serve", "--config", str(tmp_path / "nope.toml"))
+    assert result.returncode == 2
+    assert "nope.toml does not exist" in result.stderr

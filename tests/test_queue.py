@@ -1,0 +1,192 @@
+"""The study queue on a real SQLite file: states, events, leases, migrations."""
+
+from __future__ import annotations
+
+import threading
+from datetime import timedelta
+from pathlib import Path
+
+import pytest
+from sqlalchemy import inspect, text
+
+from storage.database import DatabaseUnavailableError, open_for_cli, open_for_daemon
+from storage.migrations import LATEST_VERSION, SchemaTooNewError, upgrade
+from storage.models import Base
+from storage.overview import QueueOverview
+from storage.queue import Claim, ReceivedInstance, Registration, StudyQueue, TransitionError, UnknownStudyError
+from storage.timeutil import utcnow
+
+
+@pytest.fixture
+def database(tmp_path: Path):
+    engine = open_for_daemon(tmp_path / "triagenode.db")
+    yield engine
+    engine.dispose()
+
+
+def instance(study: str, series: str = "1.2.3.1", sop: str = "1.2.3.1.1", aet: str = "CT1") -> ReceivedInstance:
+    return ReceivedInstance(
+        study_uid=study,
+        series_uid=series,
+        sop_instance_uid=sop,
+        sop_class_uid="1.2.840.10008.5.1.4.1.1.2",
+        transfer_syntax_uid="1.2.840.10008.1.2.1",
+        path=f"studies/{study}/{series}/{sop}.dcm",
+        size=1000,
+        calling_ae=aet,
+        modality="CT",
+    )
+
+
+def queued_study(queue: StudyQueue, uid: str) -> str:
+    queue.record_instance(instance(uid, sop=uid + ".9"))
+    assert uid in queue.complete_stable_studies(0, now=utcnow() + timedelta(seconds=1))
+    return uid
+
+
+def test_instances_build_studies_and_series_with_counts(database) -> None:
+    queue = StudyQueue(database)
+    assert queue.record_instance(instance("1.2.3", sop="1.2.3.1.1")) is Registration.NEW_STUDY
+    assert queue.record_instance(instance("1.2.3", sop="1.2.3.1.2")) is Registration.ADDED
+    assert queue.record_instance(instance("1.2.3", series="1.2.3.2", sop="1.2.3.2.1", aet="MR1")) is Registration.ADDED
+    assert queue.record_instance(instance("1.2.3", sop="1.2.3.1.2")) is Registration.DUPLICATE
+    details = QueueOverview(database).study_details("1.2.3")
+    assert (details["instances"], details["series_count"], details["bytes"]) == (3, 2, 3000)
+    assert [s["instances"] for s in details["series"]] == [2, 1]
+    assert details["calling_aets"] == ["CT1", "MR1"]
+
+
+def test_stability_completes_only_quiet_studies(database) -> None:
+    queue = StudyQueue(database)
+    now = utcnow()
+    queue.record_instance(instance("1.2.3", sop="1.2.3.1.1"), now=now - timedelta(seconds=40))
+    queue.record_instance(instance("1.2.4", sop="1.2.4.1.1"), now=now - timedelta(seconds=10))
+    assert queue.complete_stable_studies(30, now=now) == ["1.2.3"]
+    counts = QueueOverview(database).state_counts()
+    assert counts["queued"] == 1 and counts["receiving"] == 1
+
+
+def test_restart_gives_receiving_studies_a_full_window(database) -> None:
+    queue = StudyQueue(database)
+    now = utcnow()
+    queue.record_instance(instance("1.2.3"), now=now - timedelta(hours=2))
+    assert queue.restart_stability_clocks(now=now) == 1
+    assert queue.complete_stable_studies(30, now=now + timedelta(seconds=10)) == []
+    assert queue.complete_stable_studies(30, now=now + timedelta(seconds=31)) == ["1.2.3"]
+
+
+def test_two_workers_racing_never_take_the_same_study(database) -> None:
+    queue = StudyQueue(database)
+    uids = [queued_study(queue, f"1.2.{i}") for i in range(30)]
+    taken: dict[str, list[str]] = {"w1": [], "w2": [], "w3": []}
+
+    def worker(name: str) -> None:
+        own = StudyQueue(database)
+        while (claim := own.claim(name, lease_seconds=60)) is not None:
+            taken[name].append(claim.study_uid)
+
+    threads = [threading.Thread(target=worker, args=(name,)) for name in taken]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(60)
+    everything = [uid for claims in taken.values() for uid in claims]
+    assert sorted(everything) == sorted(uids), "each study taken exactly once"
+
+
+def test_an_expired_lease_returns_the_study_then_fails_it_after_three_attempts(database) -> None:
+    queue = StudyQueue(database)
+    uid = queued_study(queue, "1.2.3")
+    now = utcnow()
+    for attempt in range(1, 4):
+        claim = queue.claim(f"worker-{attempt}", lease_seconds=10, now=now)
+        assert claim is not None and claim.attempt == attempt
+        assert queue.claim("other", lease_seconds=10, now=now) is None, "held under a lease"
+        assert queue.recover_expired_leases(3, now=now + timedelta(seconds=5)) == [], "lease still valid"
+        now += timedelta(seconds=11)
+        assert queue.recover_expired_leases(3, now=now) == [uid]
+    details = QueueOverview(database).study_details(uid)
+    assert details["state"] == "failed"
+    assert "attempt 3 of 3" in details["events"][-1]["reason"]
+    assert queue.renew(claim, 10) is None and not queue.finish(claim, "reported", "late")
+
+    queue.retry(uid)
+    assert QueueOverview(database).study_details(uid)["state"] == "queued"
+    claim = queue.claim("worker-4", lease_seconds=10)
+    assert claim is not None and claim.attempt == 1, "retry starts the attempt count afresh"
+
+
+def test_lease_renewal_and_finish_belong_to_the_holder(database) -> None:
+    queue = StudyQueue(database)
+    uid = queued_study(queue, "1.2.3")
+    claim = queue.claim("w1", lease_seconds=10)
+    assert claim is not None
+    impostor = Claim(uid, "w2", claim.lease_expires_at, 1)
+    assert queue.renew(impostor, 10) is None
+    assert not queue.finish(impostor, "reported", "not mine")
+    renewed = queue.renew(claim, 100)
+    assert renewed is not None and renewed.lease_expires_at > claim.lease_expires_at
+    assert queue.finish(claim, "reported", "finding absent")
+    assert QueueOverview(database).study_details(uid)["state"] == "reported"
+
+
+def test_a_cancelled_study_is_lost_by_its_worker(database) -> None:
+    queue = StudyQueue(database)
+    uid = queued_study(queue, "1.2.3")
+    claim = queue.claim("w1", lease_seconds=60)
+    assert claim is not None
+    queue.cancel(uid)
+    assert queue.renew(claim, 60) is None
+    assert not queue.finish(claim, "reported", "too late")
+    with pytest.raises(TransitionError, match="cannot be cancelled"):
+        queue.cancel(uid)
+
+
+def test_retry_and_cancel_refuse_what_they_cannot_do(database) -> None:
+    queue = StudyQueue(database)
+    queue.record_instance(instance("1.2.3"))
+    with pytest.raises(TransitionError, match="only cancelled or failed studies can be retried"):
+        queue.retry("1.2.3")
+    with pytest.raises(UnknownStudyError, match="no study 9.9.9"):
+        queue.cancel("9.9.9")
+
+
+def test_a_late_instance_reopens_even_a_processing_study(database) -> None:
+    queue = StudyQueue(database)
+    uid = queued_study(queue, "1.2.3")
+    claim = queue.claim("w1", lease_seconds=60)
+    assert queue.record_instance(instance(uid, sop="1.2.3.1.77")) is Registration.REOPENED
+    assert claim is not None and queue.renew(claim, 60) is None, "the worker's result would be stale"
+    details = QueueOverview(database).study_details(uid)
+    assert details["state"] == "receiving" and details["lease_owner"] is None
+
+
+def test_migrations_build_the_schema_the_models_describe(database) -> None:
+    inspector = inspect(database)
+    for table in Base.metadata.sorted_tables:
+        columns = {c["name"]: c for c in inspector.get_columns(table.name)}
+        assert set(columns) == {c.name for c in table.columns}, table.name
+        for column in table.columns:
+            assert columns[column.name]["nullable"] == column.nullable, f"{table.name}.{column.name}"
+        indexed = {tuple(i["column_names"]) for i in inspector.get_indexes(table.name)}
+        for index in table.indexes:
+            assert tuple(c.name for c in index.columns) in indexed, f"{table.name}: {index.name}"
+
+
+def test_upgrading_is_idempotent_and_a_newer_database_is_refused(tmp_path: Path, database) -> None:
+    assert upgrade(database) == []
+    with database.begin() as connection:
+        connection.execute(
+            text("INSERT INTO schema_version (version, description, applied_at) VALUES (:v, 'future', '2030-01-01')"),
+            {"v": LATEST_VERSION + 1},
+        )
+    with pytest.raises(SchemaTooNewError, match="newer node"):
+        upgrade(database)
+    with pytest.raises(DatabaseUnavailableError, match="restart the node"):
+        open_for_cli(tmp_path / "triagenode.db")
+
+
+def test_the_cli_never_creates_a_database(tmp_path: Path) -> None:
+    with pytest.raises(DatabaseUnavailableError, match="has not run with this data_dir"):
+        open_for_cli(tmp_path / "missing.db")
+    assert not (tmp_path / "missing.db").exists()
