@@ -52,6 +52,11 @@ def make_engine(database_path: Path) -> Engine:
     return engine
 
 
+def read_only(engine: Engine) -> Engine:
+    """The same engine, beginning its transactions without the write lock."""
+    return engine.execution_options(**{_READ_ONLY: True})
+
+
 def writer(engine: Engine) -> sessionmaker[Session]:
     """Sessions whose transactions take the write lock when they begin."""
     return sessionmaker(engine, expire_on_commit=False)
@@ -59,4 +64,4 @@ def writer(engine: Engine) -> sessionmaker[Session]:
 
 def reader(engine: Engine) -> sessionmaker[Session]:
     """Sessions for reading only: they never block the receiver's writes."""
-    return sessionmaker(engine.execution_options(**{_READ_ONLY: True}), expire_on_commit=False)
+    return sessionmaker(read_only(engine), expire_on_commit=False)
