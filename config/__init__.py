@@ -3,4 +3,12 @@
 from config.loader import ConfigError, load_settings, settings_as_dict
 from config.settings import Destination, NodeSettings, Settings, StudySettings
 
-__all__ = ["ConfigError", "Destination", "NodeSettings", "Settings", "StudySettings", "load_settings", "settings_as_dict"]
+__all__ = [
+    "ConfigError",
+    "Destination",
+    "NodeSettings",
+    "Settings",
+    "StudySettings",
+    "load_settings",
+    "settings_as_dict",
+]

@@ -18,8 +18,9 @@ import click
 
 from config import ConfigError, Settings, load_settings, settings_as_dict
 from storage.database import DatabaseUnavailableError, open_for_cli
-from storage.filestore import FileStore
+from storage.filestore import DataDirInUseError, FileStore
 from storage.heartbeat import Heartbeat
+from storage.migrations import SchemaTooNewError
 from storage.models import StudyState
 from storage.overview import QueueOverview
 from storage.queue import StudyQueue, TransitionError, UnknownStudyError
@@ -122,6 +123,8 @@ def serve(config_path: Path | None, log_level: str) -> None:
         )
     try:
         run(settings)
+    except (DataDirInUseError, SchemaTooNewError) as exc:
+        fail(str(exc))
     except OSError as exc:
         fail(
             f"cannot start on {settings.node.host}:{settings.node.port} with data_dir {settings.node.data_dir}: "
@@ -250,7 +253,10 @@ def queue_show(config_path: Path | None, as_json: bool, study_uid: str) -> None:
         click.echo(f"{'lease:':15}{details['lease_owner']} until {details['lease_expires_at']}")
     click.echo("")
     print_table(
-        [(s["series_number"], s["modality"], s["instances"], s["description"], s["series_uid"]) for s in details["series"]],
+        [
+            (s["series_number"], s["modality"], s["instances"], s["description"], s["series_uid"])
+            for s in details["series"]
+        ],
         ["series", "modality", "instances", "description", "series uid"],
     )
     click.echo("")
@@ -332,4 +338,3 @@ def config_show(config_path: Path | None, as_json: bool) -> None:
         click.echo("\n[[destinations]]")
         for key, value in destination.items():
             click.echo(f"{key} = {json.dumps(value)}")
-

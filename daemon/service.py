@@ -11,6 +11,7 @@ finish, the scheduler stops, the database closes.
 from __future__ import annotations
 
 import logging
+import os
 import signal
 import threading
 from types import FrameType
@@ -43,9 +44,11 @@ class Node:
         self.receiver: StorageReceiver | None = None
         self._scheduler: BackgroundScheduler | None = None
         self._heartbeat: Heartbeat | None = None
+        self._lock_fd: int | None = None
 
     def start(self) -> None:
         node = self.settings.node
+        self._lock_fd = self.store.lock()
         leftovers = self.store.prepare()
         if leftovers:
             log.info("spool.cleaned leftovers=%d reason='transfers interrupted before Success'", leftovers)
@@ -92,6 +95,8 @@ class Node:
             self._heartbeat.stopped()
         if self.engine is not None:
             self.engine.dispose()
+        if self._lock_fd is not None:
+            os.close(self._lock_fd)
         log.info("node.stopped")
 
 

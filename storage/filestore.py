@@ -14,6 +14,7 @@ directories that changed are fsync'd.
 
 from __future__ import annotations
 
+import fcntl
 import os
 import re
 import shutil
@@ -40,6 +41,10 @@ def fsync_directory(path: Path) -> None:
         os.close(fd)
 
 
+class DataDirInUseError(RuntimeError):
+    """Another node process already serves this data directory."""
+
+
 class FileStore:
     """The instance files of one node, below ``data_dir``."""
 
@@ -47,6 +52,28 @@ class FileStore:
         self.data_dir = data_dir
         self.spool_dir = data_dir / "spool"
         self.studies_dir = data_dir / "studies"
+
+    def lock(self) -> int:
+        """Hold ``data_dir`` for this process (an flock the kernel drops when it exits, however it exits).
+
+        A second node on the same directory would empty the spool under the
+        first one's transfers; this refuses it instead. Returns the descriptor
+        to keep open.
+        """
+        self.data_dir.mkdir(parents=True, exist_ok=True)
+        fd = os.open(self.data_dir / "triagenode.lock", os.O_RDWR | os.O_CREAT, 0o640)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "?"
+            os.close(fd)
+            raise DataDirInUseError(
+                f"another node (pid {holder}) is running with data_dir {self.data_dir}; "
+                "stop it first, or give this one its own data_dir"
+            ) from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        return fd
 
     def prepare(self) -> int:
         """Create the directories and empty the spool; returns how many leftovers it removed.

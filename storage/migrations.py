@@ -15,9 +15,10 @@ migrated schema with the models).
 from __future__ import annotations
 
 from dataclasses import dataclass
-from storage.timeutil import utcnow
 
 from sqlalchemy import Connection, Engine, text
+
+from storage.timeutil import utcnow
 
 
 @dataclass(frozen=True)

@@ -19,7 +19,7 @@ from sqlalchemy import Engine, select, update
 from sqlalchemy.orm import Session
 
 from storage.engine import writer
-from storage.models import Instance, Series, Study, StudyEvent, StudyState
+from storage.models import Study, StudyEvent, StudyState
 from storage.timeutil import utcnow
 
 log = logging.getLogger("triagenode.queue")
@@ -91,9 +91,7 @@ def transition(session: Session, study: Study, to_state: StudyState, reason: str
         study.lease_owner = None
         study.lease_expires_at = None
     session.add(StudyEvent(study=study, at=now, from_state=from_state, to_state=to_state, reason=reason))
-    log.info(
-        "study.state study_uid=%s from=%s to=%s reason=%r", study.study_uid, from_state, to_state, reason
-    )
+    log.info("study.state study_uid=%s from=%s to=%s reason=%r", study.study_uid, from_state, to_state, reason)
 
 
 @dataclass(frozen=True)
@@ -172,11 +170,21 @@ class StudyQueue:
             outcome = Registration.ADDED
             row = cursor.execute(_SQL_FIND_STUDY, (received.study_uid,)).fetchone()
             if row is None:
-                study_id, study_modality = cursor.execute(
-                    _SQL_NEW_STUDY,
-                    (received.study_uid, S.RECEIVING.value, received.study_date, received.study_description,
-                     stamp, stamp, stamp),
-                ).fetchone()[0], None
+                study_id, study_modality = (
+                    cursor.execute(
+                        _SQL_NEW_STUDY,
+                        (
+                            received.study_uid,
+                            S.RECEIVING.value,
+                            received.study_date,
+                            received.study_description,
+                            stamp,
+                            stamp,
+                            stamp,
+                        ),
+                    ).fetchone()[0],
+                    None,
+                )
                 cursor.execute(
                     _SQL_NEW_EVENT,
                     (study_id, stamp, None, S.RECEIVING.value, f"first instance received from {received.calling_ae}"),
@@ -200,16 +208,29 @@ class StudyQueue:
             if found is None:
                 series_id = cursor.execute(
                     _SQL_NEW_SERIES,
-                    (study_id, received.series_uid, received.modality, received.series_number,
-                     received.series_description),
+                    (
+                        study_id,
+                        received.series_uid,
+                        received.modality,
+                        received.series_number,
+                        received.series_description,
+                    ),
                 ).fetchone()[0]
                 cursor.execute(_SQL_STUDY_NEW_SERIES, (_merge_modality(study_modality, received.modality), study_id))
             else:
                 series_id = found[0]
             cursor.execute(
                 _SQL_NEW_INSTANCE,
-                (series_id, received.sop_instance_uid, received.sop_class_uid, received.transfer_syntax_uid,
-                 received.path, received.size, stamp, received.calling_ae),
+                (
+                    series_id,
+                    received.sop_instance_uid,
+                    received.sop_class_uid,
+                    received.transfer_syntax_uid,
+                    received.path,
+                    received.size,
+                    stamp,
+                    received.calling_ae,
+                ),
             )
             cursor.execute(_SQL_SERIES_COUNT, (series_id,))
             cursor.execute(_SQL_STUDY_COUNT, (received.size, stamp, stamp, study_id))
@@ -244,7 +265,9 @@ class StudyQueue:
         now = now or utcnow()
         with self._sessions.begin() as session:
             result = session.execute(
-                update(Study).where(Study.state == S.RECEIVING, Study.last_instance_at < now).values(last_instance_at=now)
+                update(Study)
+                .where(Study.state == S.RECEIVING, Study.last_instance_at < now)
+                .values(last_instance_at=now)
             )
             return result.rowcount
 
@@ -330,7 +353,9 @@ class StudyQueue:
             study.processing_attempts = 0
             transition(session, study, S.QUEUED, reason, now)
 
-    def cancel(self, study_uid: str, reason: str = "cancelled by an administrator", now: datetime | None = None) -> None:
+    def cancel(
+        self, study_uid: str, reason: str = "cancelled by an administrator", now: datetime | None = None
+    ) -> None:
         now = now or utcnow()
         with self._sessions.begin() as session:
             study = self._get(session, study_uid)

@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 from pydicom import Dataset
 from pydicom.dataset import FileMetaDataset
-from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, PYDICOM_IMPLEMENTATION_UID, generate_uid
+from pydicom.uid import PYDICOM_IMPLEMENTATION_UID, CTImageStorage, ExplicitVRLittleEndian, generate_uid
 
 PATIENT_NAME = "Testpatient^Hildegard"
 PATIENT_ID = "PID-778899"
@@ -85,7 +85,13 @@ def ct_slice(
 
 
 def write_study(
-    directory: Path, *, series: int = 1, slices: int = 3, rows: int = 32, columns: int = 32, study_uid: str | None = None
+    directory: Path,
+    *,
+    series: int = 1,
+    slices: int = 3,
+    rows: int = 32,
+    columns: int = 32,
+    study_uid: str | None = None,
 ) -> Study:
     """Write a CT study to ``directory`` (one file per instance)."""
     study_uid = study_uid or generate_uid()

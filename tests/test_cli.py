@@ -99,6 +99,15 @@ def test_help_everywhere(node: NodeProcess) -> None:
 
     from conftest import TRIAGENODE
 
-    for command in ([], ["serve"], ["status"], ["queue"], ["queue", "ls"], ["queue", "show"], ["echo"], ["config", "show"]):
+    for command in (
+        [],
+        ["serve"],
+        ["status"],
+        ["queue"],
+        ["queue", "ls"],
+        ["queue", "show"],
+        ["echo"],
+        ["config", "show"],
+    ):
         result = subprocess.run([TRIAGENODE, *command, "--help"], capture_output=True, text=True)
         assert result.returncode == 0 and "Usage:" in result.stdout, command

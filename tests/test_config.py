@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 
 from config import ConfigError, load_settings
+
 from conftest import TRIAGENODE
 
 
@@ -47,7 +48,10 @@ def test_unknown_key_stops_serve_with_one_line_naming_key_and_file(tmp_path: Pat
     [
         ("[node]\nport = 70000\n", "node.port: port 70000 is out of range"),
         ('[node]\nport = "11112"\n', "node.port: expected an integer"),
-        ('[node]\nae_title = "A_VERY_LONG_AE_TITLE"\n', "node.ae_title: AE title 'A_VERY_LONG_AE_TITLE' is 20 characters"),
+        (
+            '[node]\nae_title = "A_VERY_LONG_AE_TITLE"\n',
+            "node.ae_title: AE title 'A_VERY_LONG_AE_TITLE' is 20 characters",
+        ),
         ("[study]\nstable_seconds = 0\n", "study.stable_seconds: 0.0 must be above 0"),
         ('[node]\nallowed_calling_aets = "PACS"\n', "node.allowed_calling_aets: expected a list of strings"),
         ("[nodes]\n", "nodes: unknown section [nodes]"),
@@ -63,7 +67,9 @@ def test_impossible_values_are_refused(tmp_path: Path, text: str, message: str) 
 
 
 def test_environment_overrides_every_section(tmp_path: Path) -> None:
-    path = write(tmp_path, '[node]\nport = 104\n[[destinations]]\nname = "pacs"\nae_title = "PACS"\nhost = "h"\nport = 4242\n')
+    path = write(
+        tmp_path, '[node]\nport = 104\n[[destinations]]\nname = "pacs"\nae_title = "PACS"\nhost = "h"\nport = 4242\n'
+    )
     env = {
         "TRIAGENODE_NODE__PORT": "11113",
         "TRIAGENODE_NODE__ALLOWED_CALLING_AETS": "PACS, CT1",

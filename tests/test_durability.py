@@ -2,14 +2,16 @@
 
 from __future__ import annotations
 
+import os
 import signal
+import subprocess
 import threading
 from pathlib import Path
 
 from pydicom import dcmread
 from pydicom.uid import generate_uid
 
-from conftest import NODE_AE, NodeProcess, store_scu, wait_until
+from conftest import NODE_AE, TRIAGENODE, NodeProcess, free_port, store_scu, wait_until
 from dicom_factory import ct_slice
 
 
@@ -88,3 +90,26 @@ def test_sigterm_finishes_the_open_association_before_stopping(make_node, tmp_pa
     log = node.log()
     assert "node.stopping signal=SIGTERM" in log and "node.stopped" in log
     wait_until(lambda: "receiver.stopped" in node.log(), 5, "receiver stop logged")
+
+
+def test_a_second_node_on_the_same_data_dir_is_refused(node: NodeProcess) -> None:
+    result = subprocess.run(
+        [TRIAGENODE, "serve", "--config", str(node.config_path)],
+        env={**os.environ, "TRIAGENODE_NODE__PORT": str(free_port())},
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode == 1
+    assert f"another node (pid {node.process.pid}) is running with data_dir {node.data_dir}" in result.stderr
+    assert node.cli("status").returncode == 0, "the first node keeps running"
+
+
+def test_a_port_in_use_is_a_clear_error(make_node, node: NodeProcess) -> None:
+    other = make_node("other", start=False)
+    other.config_path.write_text(other.config_path.read_text().replace(f"port = {other.port}", f"port = {node.port}"))
+    result = subprocess.run(
+        [TRIAGENODE, "serve", "--config", str(other.config_path)], capture_output=True, text=True, timeout=60
+    )
+    assert result.returncode == 1
+    assert f"cannot start on 127.0.0.1:{node.port}" in result.stderr and "Address already in use" in result.stderr

@@ -236,3 +236,36 @@ def test_dcmtk_storescu_study_is_stored_byte_for_byte(node: NodeProcess, tmp_pat
     for sent in study.files:
         uid = dcmread(sent, stop_before_pixels=True).SOPInstanceUID
         assert _dataset_bytes(stored[uid]) == _dataset_bytes(sent)
+
+
+def test_a_store_that_cannot_be_written_is_refused_and_nothing_is_queued(node: NodeProcess, tmp_path: Path) -> None:
+    studies_dir = node.data_dir / "studies"
+    shutil.rmtree(studies_dir)
+    studies_dir.write_text("not a directory: the write into the store fails")
+    failing = ct_slice(generate_uid(), generate_uid(), 0)
+    assert send(node.port, [failing]) == [0xA701]
+    assert node.study(failing.StudyInstanceUID) is None
+    assert spool_is_empty(node)
+
+    studies_dir.unlink()
+    studies_dir.mkdir()
+    assert send(node.port, [failing]) == [0x0000], "the re-send succeeds once the administrator fixed the disk"
+    assert node.study(failing.StudyInstanceUID) is not None
+    assert "store.write_failed" in node.log()
+
+
+def _peak_rss_mb(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    raise AssertionError("no VmHWM")
+
+
+def test_a_large_instance_streams_to_disk_without_sitting_in_memory(node: NodeProcess) -> None:
+    big = ct_slice(generate_uid(), generate_uid(), 0, rows=8192, columns=8192)  # 128 MiB of pixel data
+    assert send(node.port, [big]) == [0]
+    stored = stored_files(node)
+    assert len(stored) == 1 and stored[0].stat().st_size > 128 * 1024 * 1024
+    assert node.process is not None
+    peak = _peak_rss_mb(node.process.pid)
+    assert peak < 128, f"the receiver's peak RSS was {peak:.0f} MB for a 128 MiB instance"
