@@ -170,26 +170,20 @@ class StudyQueue:
             outcome = Registration.ADDED
             row = cursor.execute(_SQL_FIND_STUDY, (received.study_uid,)).fetchone()
             if row is None:
-                study_id, study_modality = (
-                    cursor.execute(
-                        _SQL_NEW_STUDY,
-                        (
-                            received.study_uid,
-                            S.RECEIVING.value,
-                            received.study_date,
-                            received.study_description,
-                            stamp,
-                            stamp,
-                            stamp,
-                        ),
-                    ).fetchone()[0],
-                    None,
+                reason = f"first instance received from {received.calling_ae}"
+                new_study = (
+                    received.study_uid,
+                    S.RECEIVING.value,
+                    received.study_date,
+                    received.study_description,
+                    stamp,
+                    stamp,
+                    stamp,
                 )
-                cursor.execute(
-                    _SQL_NEW_EVENT,
-                    (study_id, stamp, None, S.RECEIVING.value, f"first instance received from {received.calling_ae}"),
-                )
-                log.info("study.state study_uid=%s from=- to=receiving", received.study_uid)
+                study_id = cursor.execute(_SQL_NEW_STUDY, new_study).fetchone()[0]
+                study_modality = None
+                cursor.execute(_SQL_NEW_EVENT, (study_id, stamp, None, S.RECEIVING.value, reason))
+                log.info("study.state study_uid=%s from=- to=receiving reason=%r", received.study_uid, reason)
                 outcome = Registration.NEW_STUDY
             else:
                 study_id, state, study_modality = row

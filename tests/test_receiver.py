@@ -152,6 +152,7 @@ def _file_with_mismatched_meta(path: Path) -> Path:
     return path
 
 
+@pytest.mark.filterwarnings("ignore:Invalid value for VR UI")  # the test builds bad UIDs on purpose
 def test_malformed_datasets_get_failure_statuses_and_the_association_keeps_working(
     node: NodeProcess, tmp_path: Path
 ) -> None:
