@@ -1,0 +1,190 @@
+"""``triagenode model evaluate``: how a model does on a site's own labelled studies, before it goes live.
+
+Scores every labelled study the way the node will (same preprocessing,
+per-slice probabilities, the manifest's aggregation), then reports accuracy,
+sensitivity, specificity, PPV, NPV, F1 and ROC AUC with a 95% bootstrap
+interval at the model's threshold, the confusion matrix, and the threshold
+that reaches a chosen sensitivity. Writes ``metrics.json``, ``roc.png`` and
+``confusion.png``; ``--record`` also stores the evaluation in the package.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable
+from dataclasses import asdict
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from inference.metrics import Metrics, compute_metrics, roc_curve, threshold_for_sensitivity
+from inference.model_package import ModelPackage, save_package
+from inference.phantom import read_labels
+from inference.preprocessing import SeriesGeometryError, prepare_volume, read_series
+from inference.studies import aggregate, index_series, main_series, slice_probabilities
+
+
+class EvaluationError(RuntimeError):
+    """Evaluation cannot run on this data; the text says what to change."""
+
+
+def score_studies(
+    package: ModelPackage,
+    data_dir: Path,
+    labels_csv: Path,
+    device: torch.device,
+    log: Callable[[str], None] = print,
+) -> tuple[list[str], np.ndarray, np.ndarray]:
+    """Study UIDs, their labels and the model's study probabilities."""
+    labels = read_labels(labels_csv)
+    if not labels:
+        raise EvaluationError(f"{labels_csv} lists no studies")
+    index = index_series(data_dir)
+    missing = [uid for uid in labels if uid not in index]
+    if missing:
+        raise EvaluationError(
+            f"{len(missing)} labelled studies are not under {data_dir}, e.g. {missing[0]}; "
+            "check --data and --labels belong together"
+        )
+    spec = package.manifest.input
+    network = package.network.to(device).to(memory_format=torch.channels_last)
+    uids, truth, scores = [], [], []
+    started = time.perf_counter()
+    slices = 0
+    for uid, labelled in labels.items():
+        series = main_series(index[uid], spec)
+        if series is None:
+            raise EvaluationError(f"study {uid} has no {spec.modality} series with at least {spec.min_slices} slices")
+        try:
+            volume = read_series(series.files)
+        except SeriesGeometryError as exc:
+            raise EvaluationError(f"study {uid}: {exc}") from None
+        probabilities = slice_probabilities(network, prepare_volume(volume, spec), 128, device)
+        slices += len(probabilities)
+        uids.append(uid)
+        truth.append(labelled.label)
+        scores.append(aggregate(probabilities, package.manifest.aggregation))
+    elapsed = time.perf_counter() - started
+    log(f"scored {len(uids)} studies ({slices} slices) in {elapsed:.1f} s, {slices / elapsed:.0f} slices/s")
+    return uids, np.array(truth), np.array(scores, dtype=float)
+
+
+def metrics_report(metrics: Metrics, target_sensitivity: float, threshold_at_target: float | None) -> dict[str, Any]:
+    data = asdict(metrics)
+    data["confusion"] = asdict(metrics.confusion)
+    data["target_sensitivity"] = target_sensitivity
+    data["threshold_at_target_sensitivity"] = threshold_at_target
+    return data
+
+
+def format_table(metrics: Metrics, target_sensitivity: float, threshold_at_target: float | None) -> str:
+    def show(value: float | None, key: str) -> str:
+        return f"{value:.3f}" if value is not None else f"undefined ({metrics.undefined.get(key, '')})"
+
+    c = metrics.confusion
+    ci = f" (95% CI {metrics.auc_ci95[0]:.3f}-{metrics.auc_ci95[1]:.3f})" if metrics.auc_ci95 else ""
+    rows = [
+        f"studies              {metrics.studies} ({metrics.positives} positive)",
+        f"threshold            {metrics.threshold:.4f}",
+        f"accuracy             {show(metrics.accuracy, 'accuracy')}",
+        f"sensitivity (recall) {show(metrics.sensitivity, 'sensitivity')}",
+        f"specificity          {show(metrics.specificity, 'specificity')}",
+        f"precision (PPV)      {show(metrics.ppv, 'ppv')}",
+        f"NPV                  {show(metrics.npv, 'npv')}",
+        f"F1                   {show(metrics.f1, 'f1')}",
+        f"ROC AUC              {show(metrics.auc, 'auc')}{ci}",
+        "",
+        "confusion matrix     predicted +   predicted -",
+        f"  actual +           {c.tp:>11}   {c.fn:>11}",
+        f"  actual -           {c.fp:>11}   {c.tn:>11}",
+        "",
+        f"threshold for sensitivity >= {target_sensitivity:g}: "
+        + (f"{threshold_at_target:.4f}" if threshold_at_target is not None else "undefined (no positive study)"),
+    ]
+    return "\n".join(rows)
+
+
+def write_plots(out_dir: Path, labels: np.ndarray, scores: np.ndarray, metrics: Metrics) -> list[Path]:
+    """ROC curve and confusion matrix as PNG (no display needed)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    written = []
+    if metrics.auc is not None:
+        fpr, tpr, _ = roc_curve(labels, scores)
+        fig, ax = plt.subplots(figsize=(4.5, 4.5), dpi=120)
+        ax.plot(fpr, tpr, lw=2, label=f"AUC {metrics.auc:.3f}")
+        ax.plot([0, 1], [0, 1], ls="--", color="grey", lw=1)
+        ax.set_xlabel("1 - specificity")
+        ax.set_ylabel("sensitivity")
+        ax.set_title("ROC, study level")
+        ax.legend(loc="lower right")
+        fig.tight_layout()
+        fig.savefig(out_dir / "roc.png")
+        plt.close(fig)
+        written.append(out_dir / "roc.png")
+    c = metrics.confusion
+    fig, ax = plt.subplots(figsize=(4, 3.6), dpi=120)
+    matrix = np.array([[c.tp, c.fn], [c.fp, c.tn]])
+    ax.imshow(matrix, cmap="Blues")
+    for (i, j), value in np.ndenumerate(matrix):
+        ax.text(j, i, str(value), ha="center", va="center", fontsize=14)
+    ax.set_xticks([0, 1], ["predicted +", "predicted -"])
+    ax.set_yticks([0, 1], ["actual +", "actual -"])
+    ax.set_title(f"threshold {metrics.threshold:.3f}")
+    fig.tight_layout()
+    fig.savefig(out_dir / "confusion.png")
+    plt.close(fig)
+    written.append(out_dir / "confusion.png")
+    return written
+
+
+def evaluate(
+    package: ModelPackage,
+    data_dir: Path,
+    labels_csv: Path,
+    out_dir: Path | None,
+    target_sensitivity: float = 0.95,
+    device: torch.device | None = None,
+    record: bool = False,
+    log: Callable[[str], None] = print,
+) -> dict[str, Any]:
+    device = device or torch.device("cpu")
+    uids, labels, scores = score_studies(package, data_dir, labels_csv, device, log)
+    metrics = compute_metrics(labels, scores, package.manifest.threshold)
+    at_target = threshold_for_sensitivity(labels, scores, target_sensitivity)
+    report = metrics_report(metrics, target_sensitivity, at_target)
+    report["model"] = {"name": package.manifest.name, "version": package.manifest.version}
+    report["data"] = str(data_dir)
+    report["evaluated_at"] = datetime.now(UTC).isoformat(timespec="seconds")
+    log(format_table(metrics, target_sensitivity, at_target))
+    if out_dir is not None:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        per_study = [
+            {"study_uid": u, "label": int(t), "probability": float(s)} for u, t, s in zip(uids, labels, scores)
+        ]
+        (out_dir / "metrics.json").write_text(json.dumps({**report, "studies_scored": per_study}, indent=2))
+        written = write_plots(out_dir, labels, scores, metrics)
+        log(f"wrote {out_dir / 'metrics.json'}, " + ", ".join(str(p) for p in written))
+    if record and package.path is not None:
+        summary = {
+            key: report[key]
+            for key in ("studies", "positives", "threshold", "accuracy", "sensitivity", "specificity", "ppv", "npv")
+        }
+        summary.update(
+            f1=report["f1"],
+            auc=report["auc"],
+            auc_ci95=report["auc_ci95"],
+            data=data_dir.name,
+            evaluated_at=report["evaluated_at"],
+        )
+        package.manifest.evaluation = summary
+        save_package(package.path, package.manifest, package.network.to("cpu"))
+        log(f"recorded the evaluation in {package.path}")
+    return report

@@ -1,0 +1,171 @@
+"""The model package: one file (``*.tnm``, a zip) that says exactly what a model is.
+
+It holds ``manifest.json`` and ``weights.pt`` (a PyTorch state dict). The
+manifest names the architecture and its parameters, the input spec, the
+output labels and the finding's code, the operating threshold, a summary of
+the training data, the evaluation it passed, the intended use, the creation
+time and the SHA-256 of the weights. Loading checks the checksum and the
+architecture, and refuses a bad file with one line that says what is wrong.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import zipfile
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from inference.architectures import UnknownArchitectureError, build_network
+from inference.preprocessing import InputSpec
+
+FORMAT_VERSION = 1
+MANIFEST = "manifest.json"
+WEIGHTS = "weights.pt"
+DEMO_MODEL = Path(__file__).parent / "demo" / "demo.tnm"
+"""The built-in demo model (``model = "demo"``)."""
+
+
+class ModelPackageError(ValueError):
+    """A model file the node refuses; ``str()`` is one line for the administrator."""
+
+
+@dataclass(frozen=True)
+class CodedConcept:
+    """A coded concept as DICOM SR uses it (code value, coding scheme, meaning)."""
+
+    value: str
+    scheme: str
+    meaning: str
+
+
+NODULE = CodedConcept("27925004", "SCT", "Nodule")
+LUNG = CodedConcept("39607008", "SCT", "Lung")
+
+
+@dataclass
+class Manifest:
+    """What a model package declares about itself."""
+
+    name: str
+    version: str
+    architecture: str
+    architecture_params: dict[str, Any] = field(default_factory=dict)
+    input: InputSpec = field(default_factory=InputSpec)
+    labels: list[str] = field(default_factory=lambda: ["absent", "present"])
+    finding: CodedConcept = NODULE
+    finding_site: CodedConcept | None = LUNG
+    threshold: float = 0.5
+    aggregation: str = "max"
+    """How slice probabilities become the study's: 'max' (one positive slice is enough) or 'mean'."""
+    training: dict[str, Any] = field(default_factory=dict)
+    evaluation: dict[str, Any] = field(default_factory=dict)
+    intended_use: str = ""
+    created_at: str = ""
+    weights_sha256: str = ""
+    format_version: int = FORMAT_VERSION
+
+    def to_dict(self) -> dict[str, Any]:
+        data = asdict(self)
+        data["input"] = self.input.to_dict()
+        return data
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> Manifest:
+        values = dict(data)
+        values["input"] = InputSpec.from_dict(values.get("input", {}))
+        values["finding"] = CodedConcept(**values["finding"])
+        if values.get("finding_site"):
+            values["finding_site"] = CodedConcept(**values["finding_site"])
+        return cls(**values)
+
+
+@dataclass
+class ModelPackage:
+    """A loaded package: its manifest and its network with the weights in place (eval mode, CPU)."""
+
+    manifest: Manifest
+    network: nn.Module
+    path: Path | None = None
+
+
+def save_package(path: Path, manifest: Manifest, network: nn.Module) -> Manifest:
+    """Write the package; the manifest's checksum is filled from the weights written."""
+    buffer = io.BytesIO()
+    torch.save({k: v.detach().cpu() for k, v in network.state_dict().items()}, buffer)
+    weights = buffer.getvalue()
+    manifest.weights_sha256 = hashlib.sha256(weights).hexdigest()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with zipfile.ZipFile(path, "w", compression=zipfile.ZIP_DEFLATED) as archive:
+        archive.writestr(MANIFEST, json.dumps(manifest.to_dict(), indent=2, sort_keys=True))
+        archive.writestr(WEIGHTS, weights)
+    return manifest
+
+
+def read_manifest(path: Path) -> Manifest:
+    """The manifest alone (``model info``); no weights are loaded."""
+    with _open(path) as archive:
+        return _manifest(path, archive)
+
+
+def load_package(path: Path | str) -> ModelPackage:
+    """Load and check a package; ``"demo"`` is the built-in demo model."""
+    path = DEMO_MODEL if str(path) == "demo" else Path(path)
+    with _open(path) as archive:
+        manifest = _manifest(path, archive)
+        try:
+            weights = archive.read(WEIGHTS)
+        except KeyError:
+            raise ModelPackageError(f"model {path} has no {WEIGHTS}; it is not a Triage Node model package") from None
+    digest = hashlib.sha256(weights).hexdigest()
+    if digest != manifest.weights_sha256:
+        raise ModelPackageError(
+            f"model {path}: the weights' SHA-256 is {digest[:12]}..., the manifest says "
+            f"{manifest.weights_sha256[:12]}...; the file is damaged or was altered, get it again"
+        )
+    try:
+        network = build_network(
+            manifest.architecture, manifest.input.channels, len(manifest.labels), manifest.architecture_params
+        )
+        state = torch.load(io.BytesIO(weights), map_location="cpu", weights_only=True)
+        network.load_state_dict(state)
+    except UnknownArchitectureError as exc:
+        raise ModelPackageError(f"model {path}: {exc}") from None
+    except (RuntimeError, TypeError, ValueError) as exc:
+        first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ModelPackageError(
+            f"model {path}: the weights do not fit architecture {manifest.architecture!r} ({first_line})"
+        ) from None
+    network.eval()
+    return ModelPackage(manifest, network, path)
+
+
+def _open(path: Path) -> zipfile.ZipFile:
+    try:
+        return zipfile.ZipFile(path)
+    except FileNotFoundError:
+        raise ModelPackageError(f"model {path} does not exist; check the path (or use 'demo')") from None
+    except (zipfile.BadZipFile, OSError) as exc:
+        raise ModelPackageError(f"model {path} is not a model package (a .tnm zip): {exc}") from None
+
+
+def _manifest(path: Path, archive: zipfile.ZipFile) -> Manifest:
+    try:
+        data = json.loads(archive.read(MANIFEST))
+    except KeyError:
+        raise ModelPackageError(f"model {path} has no {MANIFEST}; it is not a Triage Node model package") from None
+    except json.JSONDecodeError as exc:
+        raise ModelPackageError(f"model {path}: {MANIFEST} is not valid JSON ({exc})") from None
+    if data.get("format_version") != FORMAT_VERSION:
+        raise ModelPackageError(
+            f"model {path} has package format {data.get('format_version')!r}; this node reads format {FORMAT_VERSION}"
+        )
+    try:
+        return Manifest.from_dict(data)
+    except (TypeError, KeyError, ValueError) as exc:
+        raise ModelPackageError(f"model {path}: the manifest is incomplete or has unknown fields ({exc})") from None

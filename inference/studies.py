@@ -1,0 +1,94 @@
+"""Labelled studies on disk, and a model's per-slice and per-study scores.
+
+Training and evaluation find studies by Study Instance UID (the labels file
+names studies, not folders), read each through :mod:`inference.preprocessing`
+and score it the way the node will: per-slice probabilities of the finding,
+aggregated to the study as the manifest says.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from pydicom import dcmread
+from pydicom.errors import InvalidDicomError
+from torch import nn
+
+from inference.phantom import Nodule
+from inference.preprocessing import InputSpec, Volume
+
+_HEADER_TAGS = ["StudyInstanceUID", "SeriesInstanceUID", "Modality", "ImageType"]
+
+
+@dataclass
+class SeriesFiles:
+    study_uid: str
+    series_uid: str
+    modality: str
+    files: list[Path]
+
+
+def index_series(data_dir: Path) -> dict[str, list[SeriesFiles]]:
+    """Every DICOM file below ``data_dir``, grouped: study UID -> its series (headers only)."""
+    groups: dict[tuple[str, str], SeriesFiles] = {}
+    for path in sorted(p for p in data_dir.rglob("*") if p.is_file()):
+        try:
+            ds = dcmread(path, stop_before_pixels=True, specific_tags=_HEADER_TAGS)
+        except (InvalidDicomError, OSError, ValueError):
+            continue
+        if "StudyInstanceUID" not in ds or "SeriesInstanceUID" not in ds:
+            continue
+        if "LOCALIZER" in [str(v).upper() for v in ds.get("ImageType", [])]:
+            continue
+        key = (str(ds.StudyInstanceUID), str(ds.SeriesInstanceUID))
+        if key not in groups:
+            groups[key] = SeriesFiles(key[0], key[1], str(ds.get("Modality", "")), [])
+        groups[key].files.append(path)
+    studies: dict[str, list[SeriesFiles]] = defaultdict(list)
+    for series in groups.values():
+        studies[series.study_uid].append(series)
+    return dict(studies)
+
+
+def main_series(series: Iterable[SeriesFiles], spec: InputSpec) -> SeriesFiles | None:
+    """The series a model reads from a labelled study: the right modality, then the most instances."""
+    candidates = [s for s in series if s.modality == spec.modality and len(s.files) >= spec.min_slices]
+    return max(candidates, key=lambda s: len(s.files), default=None)
+
+
+def slice_labels(volume: Volume, nodules: list[Nodule]) -> np.ndarray:
+    """1 for slices that pass through a nodule's central 80%, else 0 (positions along the normal)."""
+    labels = np.zeros(len(volume.positions_mm), dtype=np.int64)
+    for nodule in nodules:
+        labels[np.abs(volume.positions_mm - nodule.z) <= 0.4 * nodule.diameter] = 1
+    return labels
+
+
+@torch.inference_mode()
+def slice_probabilities(
+    network: nn.Module, inputs: torch.Tensor, batch_size: int = 64, device: torch.device | str = "cpu"
+) -> np.ndarray:
+    """Probability of the finding (class 1) for each slice."""
+    network.eval()
+    out = []
+    for start in range(0, len(inputs), batch_size):
+        batch = inputs[start : start + batch_size].to(device, non_blocking=True)
+        batch = batch.contiguous(memory_format=torch.channels_last)
+        out.append(torch.softmax(network(batch).float(), dim=1)[:, 1].cpu())
+    return torch.cat(out).numpy() if out else np.zeros(0, dtype=np.float32)
+
+
+def aggregate(probabilities: np.ndarray, how: str = "max") -> float:
+    """A study's probability from its slices'."""
+    if len(probabilities) == 0:
+        return 0.0
+    if how == "max":
+        return float(np.max(probabilities))
+    if how == "mean":
+        return float(np.mean(probabilities))
+    raise ValueError(f"unknown aggregation {how!r}; use 'max' or 'mean'")

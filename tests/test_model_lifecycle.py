@@ -1,0 +1,186 @@
+"""Phantoms, preprocessing, the model package, training and evaluation, through the CLI where a user would."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import random
+import subprocess
+import zipfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from pydicom import dcmread
+from pydicom.data import get_testdata_file
+
+from conftest import TRIAGENODE
+from inference.architectures import build_network
+from inference.model_package import Manifest, ModelPackageError, load_package, read_manifest, save_package
+from inference.phantom import read_labels, write_phantoms
+from inference.preprocessing import InputSpec, SeriesGeometryError, prepare_volume, read_series, volume_from_datasets
+
+
+@pytest.fixture(scope="module")
+def phantoms(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("phantoms")
+    result = subprocess.run(
+        [TRIAGENODE, "phantom", str(out), "--studies", "8", "--seed", "5", "--slices", "24", "--matrix", "128"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert result.returncode == 0, result.stderr
+    assert "wrote 8 studies (4 positive)" in result.stdout
+    return out
+
+
+def test_phantoms_are_real_ct_with_labels_and_deterministic(phantoms: Path, tmp_path: Path) -> None:
+    labels = read_labels(phantoms / "labels.csv")
+    assert len(labels) == 8 and sum(s.label for s in labels.values()) == 4
+    for study in labels.values():
+        assert (len(study.nodules) > 0) == bool(study.label)
+        assert all(4.0 <= n.diameter <= 25.0 for n in study.nodules)
+    first = sorted((phantoms / "study_00000").glob("*.dcm"))
+    assert len(first) == 24
+    ds = dcmread(first[0])
+    assert ds.SOPClassUID == "1.2.840.10008.5.1.4.1.1.2" and ds.Modality == "CT"
+    assert ds.RescaleIntercept == -1024 and ds.StudyInstanceUID in labels
+    assert (ds.Rows, ds.Columns) == (128, 128)
+    hu = ds.pixel_array.astype(float) - 1024
+    assert hu.min() < -900 and hu.max() > 300, "air outside, bone in the spine"
+
+    again = write_phantoms(tmp_path / "again", 2, seed=5, slices=24, matrix=128)
+    assert again[0].study_uid == ds.StudyInstanceUID
+    assert (tmp_path / "again/study_00000" / first[5].name).read_bytes() == first[5].read_bytes()
+
+
+def test_read_series_orders_by_position_not_by_file_or_instance_number(phantoms: Path) -> None:
+    files = sorted((phantoms / "study_00001").glob("*.dcm"))
+    shuffled = files[:]
+    random.Random(3).shuffle(shuffled)
+    datasets = [dcmread(p) for p in shuffled]
+    for ds in datasets:  # instance numbers that lie
+        ds.InstanceNumber = random.Random(ds.SOPInstanceUID).randint(1, 999)
+    volume = volume_from_datasets(datasets)
+    assert np.all(np.diff(volume.positions_mm) > 0)
+    reference = read_series(files)
+    assert np.array_equal(volume.values, reference.values)
+    assert volume.slice_spacing_mm == pytest.approx(2.5)
+    first = dcmread(files[0])
+    assert volume.values[0] == pytest.approx(first.pixel_array.astype(np.float32) - 1024)
+
+
+def test_inconsistent_geometry_is_refused_with_a_reason(phantoms: Path) -> None:
+    files = sorted((phantoms / "study_00002").glob("*.dcm"))
+    with pytest.raises(SeriesGeometryError, match="slice spacing varies"):
+        read_series(files[:5] + files[7:])
+    datasets = [dcmread(p) for p in files[:4]]
+    datasets[1].ImagePositionPatient = datasets[0].ImagePositionPatient
+    with pytest.raises(SeriesGeometryError, match="share a slice position"):
+        volume_from_datasets(datasets)
+    datasets = [dcmread(p) for p in files[:4]]
+    datasets[2].ImageOrientationPatient = [0, 1, 0, 0, 0, -1]
+    with pytest.raises(SeriesGeometryError, match="another Image Orientation"):
+        volume_from_datasets(datasets)
+
+
+def test_preprocessing_window_resample_and_context(phantoms: Path) -> None:
+    volume = read_series(sorted((phantoms / "study_00003").glob("*.dcm")))
+    x = prepare_volume(volume, InputSpec(matrix=64, slice_context=1))
+    assert x.shape == (24, 3, 64, 64) and x.dtype == torch.float32
+    assert float(x.min()) >= 0.0 and float(x.max()) <= 1.0
+    assert torch.equal(x[5, 1], prepare_volume(volume, InputSpec(matrix=64))[5, 0])
+    assert torch.equal(x[0, 0], x[0, 1]), "the first slice repeats as its missing neighbour"
+    spaced = prepare_volume(volume, InputSpec(matrix=200, pixel_spacing_mm=2.0, denoise="median"))
+    assert spaced.shape == (24, 1, 200, 200)
+    z = prepare_volume(volume, InputSpec(normalisation="zscore", denoise="gaussian"))
+    assert abs(float(z.mean())) < 0.1
+
+
+def test_compressed_pixel_data_decodes_through_pylibjpeg() -> None:
+    volume = read_series([Path(get_testdata_file("MR_small_jp2klossless.dcm"))])
+    plain = read_series([Path(get_testdata_file("MR_small.dcm"))])
+    assert np.array_equal(volume.values, plain.values)
+
+
+def test_model_package_round_trip_and_refusals(tmp_path: Path) -> None:
+    network = build_network("simplecnn", 3)
+    manifest = Manifest(name="t", version="1.2.3", architecture="simplecnn", input=InputSpec(slice_context=1))
+    path = tmp_path / "m.tnm"
+    save_package(path, manifest, network)
+    loaded = load_package(path)
+    assert loaded.manifest.version == "1.2.3" and loaded.manifest.input.channels == 3
+    x = torch.rand(2, 3, 128, 128)
+    network.eval()
+    assert torch.allclose(loaded.network(x), network(x))
+    with zipfile.ZipFile(path) as archive:
+        weights = archive.read("weights.pt")
+    assert read_manifest(path).weights_sha256 == hashlib.sha256(weights).hexdigest()
+
+    tampered = tmp_path / "tampered.tnm"
+    with zipfile.ZipFile(path) as source, zipfile.ZipFile(tampered, "w") as target:
+        target.writestr("manifest.json", source.read("manifest.json"))
+        target.writestr("weights.pt", weights[:-8] + b"\0" * 8)
+    with pytest.raises(ModelPackageError, match="SHA-256 .* damaged or was altered"):
+        load_package(tampered)
+
+    unknown = tmp_path / "unknown.tnm"
+    with zipfile.ZipFile(path) as source, zipfile.ZipFile(unknown, "w") as target:
+        data = json.loads(source.read("manifest.json"))
+        data["architecture"] = "vit-giant"
+        target.writestr("manifest.json", json.dumps(data))
+        target.writestr("weights.pt", source.read("weights.pt"))
+    with pytest.raises(ModelPackageError, match="'vit-giant' is not known"):
+        load_package(unknown)
+    (tmp_path / "junk.tnm").write_bytes(b"not a zip")
+    with pytest.raises(ModelPackageError, match="not a model package"):
+        load_package(tmp_path / "junk.tnm")
+    result = subprocess.run([TRIAGENODE, "model", "info", str(tmp_path / "junk.tnm")], capture_output=True, text=True)
+    assert result.returncode == 1 and result.stderr.count("\n") == 1
+
+
+def test_train_one_epoch_then_evaluate_end_to_end_on_cpu(phantoms: Path, tmp_path: Path) -> None:
+    model = tmp_path / "tiny.tnm"
+    train = subprocess.run(
+        [TRIAGENODE, "model", "train", "--data", str(phantoms), "--labels", str(phantoms / "labels.csv"),
+         "--out", str(model), "--epochs", "1", "--val-fraction", "0.5", "--device", "cpu", "--matrix", "64",
+         "--slices-per-epoch", "256", "--seed", "1"],
+        capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert train.returncode == 0, train.stderr
+    assert "epoch 1/1" in train.stderr and model.is_file()
+    log = [json.loads(line) for line in model.with_suffix(".log.jsonl").read_text().splitlines()]
+    assert log[0]["epoch"] == 1 and "val_auc" in log[0]
+    manifest = read_manifest(model)
+    assert manifest.training["training_studies"] == 4 and manifest.training["validation_studies"] == 4
+    assert manifest.input.matrix == 64 and 0.0 <= manifest.threshold <= 1.0
+
+    out = tmp_path / "eval"
+    evaluated = subprocess.run(
+        [TRIAGENODE, "model", "evaluate", "--model", str(model), "--data", str(phantoms),
+         "--labels", str(phantoms / "labels.csv"), "--out", str(out), "--device", "cpu", "--record"],
+        capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert evaluated.returncode == 0, evaluated.stderr
+    assert "ROC AUC" in evaluated.stdout and "confusion matrix" in evaluated.stdout
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["studies"] == 8 and metrics["positives"] == 4
+    assert len(metrics["studies_scored"]) == 8
+    assert (out / "roc.png").stat().st_size > 1000 and (out / "confusion.png").stat().st_size > 1000
+    assert read_manifest(model).evaluation["studies"] == 8, "--record stores the evaluation"
+    load_package(model)  # still loads: the checksum was rewritten with the manifest
+
+
+def test_training_is_deterministic_for_a_seed_on_cpu(phantoms: Path, tmp_path: Path) -> None:
+    from inference.training import TrainingConfig, train
+
+    digests = []
+    for run in range(2):
+        config = TrainingConfig(
+            phantoms, phantoms / "labels.csv", tmp_path / f"run{run}.tnm", epochs=1, input=InputSpec(matrix=48),
+            val_fraction=0.5, seed=7, device="cpu", slices_per_epoch=64,
+        )  # fmt: skip
+        digests.append(train(config, log=lambda _line: None).weights_sha256)
+    assert digests[0] == digests[1]
