@@ -167,7 +167,8 @@ def evaluate(
     if out_dir is not None:
         out_dir.mkdir(parents=True, exist_ok=True)
         per_study = [
-            {"study_uid": u, "label": int(t), "probability": float(s)} for u, t, s in zip(uids, labels, scores)
+            {"study_uid": u, "label": int(t), "probability": float(s)}
+            for u, t, s in zip(uids, labels, scores, strict=True)
         ]
         (out_dir / "metrics.json").write_text(json.dumps({**report, "studies_scored": per_study}, indent=2))
         written = write_plots(out_dir, labels, scores, metrics)

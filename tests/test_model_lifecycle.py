@@ -15,11 +15,12 @@ import torch
 from pydicom import dcmread
 from pydicom.data import get_testdata_file
 
-from conftest import TRIAGENODE
 from inference.architectures import build_network
 from inference.model_package import Manifest, ModelPackageError, load_package, read_manifest, save_package
 from inference.phantom import read_labels, write_phantoms
 from inference.preprocessing import InputSpec, SeriesGeometryError, prepare_volume, read_series, volume_from_datasets
+
+from conftest import TRIAGENODE
 
 
 @pytest.fixture(scope="module")
