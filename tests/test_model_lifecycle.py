@@ -185,3 +185,34 @@ def test_training_is_deterministic_for_a_seed_on_cpu(phantoms: Path, tmp_path: P
         )  # fmt: skip
         digests.append(train(config, log=lambda _line: None).weights_sha256)
     assert digests[0] == digests[1]
+
+
+def test_the_demo_model_is_small_evaluated_and_says_what_it_is_not() -> None:
+    from inference.model_package import DEMO_MODEL
+
+    assert DEMO_MODEL.stat().st_size < 5 * 1024 * 1024
+    package = load_package("demo")
+    manifest = package.manifest
+    assert manifest.architecture == "simplecnn" and manifest.input.matrix == 128
+    assert "Not for clinical use" in manifest.intended_use and "phantoms" in manifest.intended_use
+    evaluation = manifest.evaluation
+    assert evaluation["studies"] == 200, "evaluated on 200 held-out phantom studies"
+    assert evaluation["auc"] >= 0.95
+    assert 0.0 < manifest.threshold < 1.0
+    shown = subprocess.run([TRIAGENODE, "model", "info", "demo", "--json"], capture_output=True, text=True)
+    assert shown.returncode == 0 and json.loads(shown.stdout)["weights_sha256"] == manifest.weights_sha256
+
+
+def test_the_demo_model_finds_nodules_in_fresh_phantoms(phantoms: Path) -> None:
+    """Studies it never saw (another seed, another matrix): positives score above negatives."""
+    from inference.studies import aggregate, slice_probabilities
+
+    package = load_package("demo")
+    labels = read_labels(phantoms / "labels.csv")
+    scores = {0: [], 1: []}
+    for index in range(8):
+        files = sorted((phantoms / f"study_{index:05d}").glob("*.dcm"))
+        uid = dcmread(files[0], stop_before_pixels=True).StudyInstanceUID
+        inputs = prepare_volume(read_series(files), package.manifest.input)
+        scores[labels[uid].label].append(aggregate(slice_probabilities(package.network, inputs)))
+    assert np.mean(scores[1]) > np.mean(scores[0])
