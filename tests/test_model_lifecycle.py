@@ -216,3 +216,44 @@ def test_the_demo_model_finds_nodules_in_fresh_phantoms(phantoms: Path) -> None:
         inputs = prepare_volume(read_series(files), package.manifest.input)
         scores[labels[uid].label].append(aggregate(slice_probabilities(package.network, inputs)))
     assert np.mean(scores[1]) > np.mean(scores[0])
+
+
+def test_training_resumes_from_its_checkpoint(phantoms: Path, tmp_path: Path) -> None:
+    from inference.training import TrainingConfig, train
+
+    out = tmp_path / "resumed.tnm"
+    common = dict(input=InputSpec(matrix=48), val_fraction=0.5, seed=3, device="cpu", slices_per_epoch=64)
+    train(TrainingConfig(phantoms, phantoms / "labels.csv", out, epochs=1, **common), log=lambda _line: None)
+    lines: list[str] = []
+    manifest = train(
+        TrainingConfig(phantoms, phantoms / "labels.csv", out, epochs=2, resume=out.with_suffix(".ckpt"), **common),
+        log=lines.append,
+    )
+    assert any("resumed from" in line and "after epoch 1" in line for line in lines)
+    assert [json.loads(line)["epoch"] for line in out.with_suffix(".log.jsonl").read_text().splitlines()] == [1, 2]
+    assert manifest.training["epochs_run"] == 2
+
+
+def test_without_nodule_positions_training_uses_multiple_instance_learning(phantoms: Path, tmp_path: Path) -> None:
+    labels = tmp_path / "study-labels.csv"
+    rows = (phantoms / "labels.csv").read_text().splitlines()
+    labels.write_text("\n".join(["study_uid,label"] + [",".join(row.split(",")[:2]) for row in rows[1:]]) + "\n")
+    from inference.training import TrainingConfig, train
+
+    lines: list[str] = []
+    manifest = train(
+        TrainingConfig(phantoms, labels, tmp_path / "mil.tnm", epochs=1, input=InputSpec(matrix=48), val_fraction=0.5,
+                       seed=0, device="cpu"),
+        log=lines.append,
+    )  # fmt: skip
+    assert any("multiple-instance learning" in line for line in lines)
+    assert manifest.training["labels"] == "study-level (multiple-instance)"
+
+
+@pytest.mark.parametrize("arch", ["simplecnn", "resnet18", "densenet121"])
+def test_every_registered_architecture_packages_and_loads(arch: str, tmp_path: Path) -> None:
+    network = build_network(arch, 3)
+    path = tmp_path / f"{arch}.tnm"
+    save_package(path, Manifest(name=arch, version="1", architecture=arch, input=InputSpec(slice_context=1)), network)
+    loaded = load_package(path)
+    assert loaded.network(torch.rand(1, 3, 64, 64)).shape == (1, 2)

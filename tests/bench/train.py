@@ -46,32 +46,36 @@ def main() -> None:
     device = resolve_device(args.device)
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU, {torch.get_num_threads()} threads"
     print(f"device: {name}; input {args.batch_size}x3x{args.matrix}x{args.matrix}")
-    generator = torch.Generator().manual_seed(0)
     for arch in args.arch.split(","):
-        network = build_network(arch, 3).to(device).to(memory_format=torch.channels_last)
-        optimizer = torch.optim.AdamW(network.parameters(), lr=1e-3)
-        x = torch.rand(args.batch_size, 3, args.matrix, args.matrix, device=device)
-        y = torch.randint(0, 2, (args.batch_size,), device=device)
-        amp = device.type == "cuda"
-
-        def train_step() -> None:
-            network.train()
-            batch = augment(x, generator).contiguous(memory_format=torch.channels_last)
-            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
-                loss = F.cross_entropy(network(batch).float(), y)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-
-        @torch.inference_mode()
-        def forward() -> None:
-            network.eval()
-            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
-                network(x.contiguous(memory_format=torch.channels_last))
-
-        train_rate = rate(train_step, args.batch_size, device=device)
-        forward_rate = rate(forward, args.batch_size, device=device)
+        train_rate, forward_rate = measure(arch, args.matrix, args.batch_size, device)
         print(f"{arch:12} training {train_rate:8.0f} samples/s   forward {forward_rate:8.0f} slices/s")
+
+
+def measure(arch: str, matrix: int, batch_size: int, device: torch.device) -> tuple[float, float]:
+    """(training samples/s, forward slices/s) of one architecture."""
+    generator = torch.Generator().manual_seed(0)
+    network = build_network(arch, 3).to(device).to(memory_format=torch.channels_last)
+    optimizer = torch.optim.AdamW(network.parameters(), lr=1e-3)
+    x = torch.rand(batch_size, 3, matrix, matrix, device=device)
+    y = torch.randint(0, 2, (batch_size,), device=device)
+    amp = device.type == "cuda"
+
+    def train_step() -> None:
+        network.train()
+        batch = augment(x, generator).contiguous(memory_format=torch.channels_last)
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
+            loss = F.cross_entropy(network(batch).float(), y)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+
+    @torch.inference_mode()
+    def forward() -> None:
+        network.eval()
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
+            network(x.contiguous(memory_format=torch.channels_last))
+
+    return rate(train_step, batch_size, device=device), rate(forward, batch_size, device=device)
 
 
 if __name__ == "__main__":
