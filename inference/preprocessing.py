@@ -166,9 +166,13 @@ def _denoise(x: torch.Tensor, spec: InputSpec) -> torch.Tensor:
         x = F.conv2d(F.pad(x, (size // 2,) * 4, mode="replicate"), kernel.view(1, 1, 1, size))
         return F.conv2d(x, kernel.view(1, 1, size, 1))
     if spec.denoise == "median":
-        padded = F.pad(x, (size // 2,) * 4, mode="replicate")
-        patches = F.unfold(padded, size)  # (slices, size*size, rows*columns)
-        return patches.median(dim=1).values.view_as(x)
+        # A few slices at a time: the unfolded patches take size*size times the slices' memory.
+        out = torch.empty_like(x)
+        for start in range(0, x.shape[0], 8):
+            chunk = x[start : start + 8]
+            patches = F.unfold(F.pad(chunk, (size // 2,) * 4, mode="replicate"), size)
+            out[start : start + 8] = patches.median(dim=1).values.view_as(chunk)
+        return out
     raise ValueError(f"unknown denoise {spec.denoise!r}")
 
 
