@@ -25,7 +25,9 @@ from typing import Any
 
 from config.settings import (
     DEFAULT_CONFIG_PATH,
+    DeliverySettings,
     Destination,
+    InferenceSettings,
     NodeSettings,
     SettingError,
     Settings,
@@ -35,7 +37,12 @@ from config.settings import (
 
 ENV_PREFIX = "TRIAGENODE_"
 
-_SECTIONS: dict[str, type] = {"node": NodeSettings, "study": StudySettings}
+_SECTIONS: dict[str, type] = {
+    "node": NodeSettings,
+    "study": StudySettings,
+    "inference": InferenceSettings,
+    "delivery": DeliverySettings,
+}
 
 
 class ConfigError(Exception):
@@ -121,7 +128,7 @@ def _build(raw: dict[str, Any], source: str, embedded: bool) -> Settings:
         if not isinstance(table, dict):
             raise SettingError(f"destinations[{index}]", "must be a table")
         destinations.append(_make(Destination, f"destinations[{index}]", table, {}))
-    return Settings(node=sections["node"], study=sections["study"], destinations=tuple(destinations), source=source)
+    return Settings(**sections, destinations=tuple(destinations), source=source)
 
 
 def _make(cls: type, prefix: str, table: dict[str, Any], defaults: dict[str, Any]) -> Any:

@@ -108,6 +108,52 @@ class StudySettings:
 
 
 @dataclass(frozen=True)
+class InferenceSettings:
+    """``[inference]``: which model runs, where, and what report it writes."""
+
+    model: str = "demo"
+    """'demo' (the built-in demo model) or the path of a model package (*.tnm)."""
+    device: str = "auto"
+    """auto (a GPU when there is one), cpu, cuda or cuda:N."""
+    workers: int = 1
+    batch_size: int = 32
+    study_timeout_s: int = 600
+    sr_sop_class: str = "comprehensive3d"
+    """comprehensive3d, or comprehensive for archives that refuse Comprehensive 3D SR."""
+    content_qualification: str = "RESEARCH"
+    """RESEARCH, or PRODUCT once the site has validated the model."""
+
+    def validate(self) -> None:
+        if not self.model:
+            raise SettingError("inference.model", "name a model package path, or 'demo'")
+        if self.device != "auto" and self.device != "cpu" and not re.fullmatch(r"cuda(:\d+)?", self.device):
+            raise SettingError("inference.device", f"{self.device!r}: use auto, cpu, cuda or cuda:N")
+        check_at_least("inference.workers", self.workers, 1)
+        check_at_least("inference.batch_size", self.batch_size, 1)
+        check_at_least("inference.study_timeout_s", self.study_timeout_s, 1)
+        if self.sr_sop_class not in ("comprehensive3d", "comprehensive"):
+            raise SettingError("inference.sr_sop_class", f"{self.sr_sop_class!r}: use comprehensive3d or comprehensive")
+        if self.content_qualification not in ("RESEARCH", "PRODUCT"):
+            raise SettingError("inference.content_qualification", "use RESEARCH or PRODUCT")
+
+
+@dataclass(frozen=True)
+class DeliverySettings:
+    """``[delivery]``: how hard the node tries to get a report to each destination."""
+
+    max_attempts: int = 8
+    initial_backoff_s: float = 10
+    max_backoff_s: float = 1800
+
+    def validate(self) -> None:
+        check_at_least("delivery.max_attempts", self.max_attempts, 1)
+        if self.initial_backoff_s <= 0:
+            raise SettingError("delivery.initial_backoff_s", f"{self.initial_backoff_s} must be above 0")
+        if self.max_backoff_s < self.initial_backoff_s:
+            raise SettingError("delivery.max_backoff_s", "must be at least initial_backoff_s")
+
+
+@dataclass(frozen=True)
 class Destination:
     """One ``[[destinations]]`` entry: a DICOM peer that receives the reports."""
 
@@ -132,6 +178,8 @@ class Settings:
 
     node: NodeSettings = field(default_factory=NodeSettings)
     study: StudySettings = field(default_factory=StudySettings)
+    inference: InferenceSettings = field(default_factory=InferenceSettings)
+    delivery: DeliverySettings = field(default_factory=DeliverySettings)
     destinations: tuple[Destination, ...] = ()
     source: str = "embedded defaults"
     """Where the settings came from (a file path or 'embedded defaults'), for messages."""
@@ -139,6 +187,8 @@ class Settings:
     def validate(self) -> None:
         self.node.validate()
         self.study.validate()
+        self.inference.validate()
+        self.delivery.validate()
         names: set[str] = set()
         for index, destination in enumerate(self.destinations):
             destination.validate(index)

@@ -330,7 +330,7 @@ def config_show(config_path: Path | None, as_json: bool) -> None:
         print_json({"source": settings.source, **data})
         return
     click.echo(f"# effective settings; source: {settings.source} (+ TRIAGENODE_* environment variables)")
-    for section in ("node", "study"):
+    for section in ("node", "study", "inference", "delivery"):
         click.echo(f"\n[{section}]")
         for key, value in data[section].items():
             click.echo(f"{key} = {json.dumps(value)}")
@@ -532,3 +532,79 @@ def model_evaluate(
         fail(str(exc))
     if as_json:
         print_json(report)
+
+
+@main.command()
+@click.argument("path", type=click.Path(path_type=Path, exists=True))
+@config_option
+@click.option("--model", "model_path", help="Model package or 'demo' [default: [inference].model].")
+@click.option("--device", help="auto, cpu, cuda or cuda:N [default: [inference].device].")
+@click.option(
+    "--sr-out", type=click.Path(path_type=Path), help="Write the report: a file for one study, else a folder."
+)
+@json_option
+def infer(
+    config_path: Path | None, path: Path, model_path: str | None, device: str | None, sr_out: Path | None, as_json: bool
+) -> None:
+    """Run the model on DICOM files (a folder or one file) without a daemon and print the result per study.
+
+    The same series selection, preprocessing and aggregation as the node's workers, so the
+    number matches what the node reports. Exits 1 when a study could not be read.
+    """
+    from inference.model_package import ModelPackageError, load_package
+    from inference.pipeline import NotApplicable, SeriesGeometryError, evaluated_headers, files_by_study, run_study
+    from inference.report import build_measurement_report
+    from inference.training import TrainingError, resolve_device
+
+    settings = settings_from(config_path)
+    inference = settings.inference
+    try:
+        package = load_package(model_path or inference.model)
+        torch_device = resolve_device(device or inference.device)
+    except (ModelPackageError, TrainingError) as exc:
+        fail(str(exc))
+    studies = files_by_study(path)
+    if not studies:
+        fail(f"no DICOM files with a Study Instance UID under {path}")
+    package.network.to(torch_device)
+    results: list[dict[str, Any]] = []
+    failed = False
+    for study_uid, files in studies.items():
+        try:
+            outcome = run_study(package, study_uid, files, torch_device, inference.batch_size)
+        except SeriesGeometryError as exc:
+            results.append({"study_uid": study_uid, "status": "failed", "reason": str(exc)})
+            failed = True
+            continue
+        if isinstance(outcome, NotApplicable):
+            results.append({"study_uid": study_uid, "status": "not applicable", "reason": outcome.reason})
+            continue
+        entry: dict[str, Any] = {"status": "reported", **outcome.to_dict()}
+        if sr_out is not None:
+            report = build_measurement_report(
+                outcome, package.manifest, evaluated_headers(outcome, files),
+                node_ae_title=settings.node.ae_title, sr_class=inference.sr_sop_class,  # type: ignore[arg-type]
+                product=inference.content_qualification == "PRODUCT",
+            )  # fmt: skip
+            target = sr_out / f"{study_uid}.dcm" if len(studies) > 1 or sr_out.is_dir() else sr_out
+            target.parent.mkdir(parents=True, exist_ok=True)
+            report.save_as(target, enforce_file_format=True)
+            entry["sr"] = {"path": str(target), "sop_instance_uid": str(report.SOPInstanceUID)}
+        results.append(entry)
+    if as_json:
+        print_json(results)
+    else:
+        for entry in results:
+            if entry["status"] != "reported":
+                click.echo(f"{entry['study_uid']}: {entry['status']}: {entry['reason']}")
+                continue
+            verdict = "PRESENT" if entry["finding"] else "absent"
+            click.echo(
+                f"{entry['study_uid']}: {package.manifest.finding.meaning.lower()} {verdict}, probability "
+                f"{entry['probability']:.3f} (threshold {entry['threshold']:.3f}), "
+                f"key slice {entry['key_instance_uid']}, {entry['slices']} slices, "
+                f"{sum(entry['timings_ms'].values()):.0f} ms"
+                + (f"; report {entry['sr']['path']}" if "sr" in entry else "")
+            )
+    if failed:
+        sys.exit(EXIT_NO)

@@ -75,11 +75,14 @@ def slice_probabilities(
 ) -> np.ndarray:
     """Probability of the finding (class 1) for each slice."""
     network.eval()
+    device = torch.device(device)
     out = []
     for start in range(0, len(inputs), batch_size):
         batch = inputs[start : start + batch_size].to(device, non_blocking=True)
         batch = batch.contiguous(memory_format=torch.channels_last)
-        out.append(torch.softmax(network(batch).float(), dim=1)[:, 1].cpu())
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+            logits = network(batch)
+        out.append(torch.softmax(logits.float(), dim=1)[:, 1].cpu())
     return torch.cat(out).numpy() if out else np.zeros(0, dtype=np.float32)
 
 

@@ -1,0 +1,193 @@
+"""One study through the model: pick the series, decode, preprocess, infer, aggregate.
+
+This is what a worker runs for every queued study and what ``triagenode
+infer`` runs on a folder, so both give the same number. Decoding runs in a
+thread pool (the pixel decoders release the GIL), the model sees batches of
+slices under ``torch.inference_mode`` (bf16 autocast on CUDA), and every
+stage is timed for the result.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from pydicom import Dataset, dcmread
+from pydicom.errors import InvalidDicomError
+
+from inference.model_package import ModelPackage
+from inference.preprocessing import InputSpec, SeriesGeometryError, prepare_volume, volume_from_datasets
+from inference.studies import aggregate, slice_probabilities
+
+_NON_IMAGE_MODALITIES = {"SR", "PR", "KO", "SEG", "RTSTRUCT", "RTPLAN", "RTDOSE", "REG", "DOC"}
+
+
+@dataclass
+class SeriesCandidate:
+    """One series of a study as its headers describe it."""
+
+    series_uid: str
+    modality: str
+    files: list[Path]
+    slice_thickness: float | None
+    localizer: bool
+    has_pixels: bool
+
+
+@dataclass
+class NotApplicable:
+    """The study has nothing this model can read; the reason is shown and stored."""
+
+    study_uid: str
+    reason: str
+
+
+@dataclass
+class StudyResult:
+    """What the model found in a study; stored in the queue and carried by the report."""
+
+    study_uid: str
+    series_uid: str
+    finding: bool
+    probability: float
+    threshold: float
+    model: str
+    model_version: str
+    key_instance_uid: str
+    slices: int
+    timings_ms: dict[str, float] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def files_by_study(root: Path) -> dict[str, list[Path]]:
+    """Every DICOM file under ``root`` (a file or a folder), grouped by Study Instance UID."""
+    paths = [root] if root.is_file() else sorted(p for p in root.rglob("*") if p.is_file())
+    studies: dict[str, list[Path]] = {}
+    for path in paths:
+        try:
+            ds = dcmread(path, stop_before_pixels=True, specific_tags=["StudyInstanceUID"])
+        except (InvalidDicomError, OSError, ValueError):
+            continue
+        uid = str(ds.get("StudyInstanceUID", ""))
+        if uid:
+            studies.setdefault(uid, []).append(path)
+    return studies
+
+
+def evaluated_headers(result: StudyResult, files: Sequence[Path]) -> list[Dataset]:
+    """The headers of the series the model read: the report's evidence."""
+    headers = [dcmread(path, stop_before_pixels=True) for path in files]
+    return [ds for ds in headers if str(ds.get("SeriesInstanceUID", "")) == result.series_uid]
+
+
+def describe_series(files: Sequence[Path]) -> list[SeriesCandidate]:
+    """Group files into series from their headers (no pixel data read)."""
+    series: dict[str, SeriesCandidate] = {}
+    for path in files:
+        try:
+            ds = dcmread(path, stop_before_pixels=True)
+        except (InvalidDicomError, OSError, ValueError):
+            continue
+        uid = str(ds.get("SeriesInstanceUID", ""))
+        if not uid:
+            continue
+        if uid not in series:
+            image_type = [str(v).upper() for v in ds.get("ImageType", [])]
+            thickness = ds.get("SliceThickness")
+            series[uid] = SeriesCandidate(
+                series_uid=uid,
+                modality=str(ds.get("Modality", "")),
+                files=[],
+                slice_thickness=float(thickness) if thickness not in (None, "") else None,
+                localizer="LOCALIZER" in image_type,
+                has_pixels="Rows" in ds and str(ds.get("Modality", "")) not in _NON_IMAGE_MODALITIES,
+            )
+        series[uid].files.append(path)
+    return list(series.values())
+
+
+def select_series(
+    study_uid: str, candidates: Sequence[SeriesCandidate], spec: InputSpec
+) -> SeriesCandidate | NotApplicable:
+    """The series the model reads: right modality, images only, no localisers, enough slices;
+    then the thinnest slices, then the most instances. Otherwise why none fits."""
+    reasons = []
+    suitable = []
+    for candidate in candidates:
+        if candidate.modality != spec.modality:
+            reasons.append(f"{candidate.modality or 'unknown'} series")
+        elif not candidate.has_pixels:
+            reasons.append("a series without images")
+        elif candidate.localizer:
+            reasons.append("a localiser")
+        elif len(candidate.files) < spec.min_slices:
+            reasons.append(f"a {spec.modality} series of {len(candidate.files)} slices (needs {spec.min_slices})")
+        else:
+            suitable.append(candidate)
+    if not suitable:
+        found = ", ".join(sorted(set(reasons))) or "no readable series"
+        return NotApplicable(study_uid, f"no {spec.modality} image series the model can read ({found})")
+    return min(suitable, key=lambda s: (s.slice_thickness or float("inf"), -len(s.files)))
+
+
+def _decode(path: Path) -> Dataset:
+    ds = dcmread(path)
+    ds.pixel_array  # noqa: B018 - decode now, in the pool thread
+    return ds
+
+
+def run_study(
+    package: ModelPackage,
+    study_uid: str,
+    files: Sequence[Path],
+    device: torch.device | str = "cpu",
+    batch_size: int = 32,
+    decode_threads: int = 4,
+) -> StudyResult | NotApplicable:
+    """Run the model on one study's files; raises SeriesGeometryError for a series that is not one volume."""
+    manifest = package.manifest
+    timings: dict[str, float] = {}
+    started = time.perf_counter()
+    chosen = select_series(study_uid, describe_series(files), manifest.input)
+    timings["select"] = (time.perf_counter() - started) * 1000
+    if isinstance(chosen, NotApplicable):
+        return chosen
+    mark = time.perf_counter()
+    with ThreadPoolExecutor(max_workers=decode_threads) as pool:
+        datasets = list(pool.map(_decode, chosen.files))
+    volume = volume_from_datasets(datasets)
+    timings["decode"] = (time.perf_counter() - mark) * 1000
+    device = torch.device(device)
+    mark = time.perf_counter()
+    inputs = prepare_volume(volume, manifest.input)
+    if device.type == "cuda":
+        inputs = inputs.pin_memory()
+    timings["preprocess"] = (time.perf_counter() - mark) * 1000
+    mark = time.perf_counter()
+    probabilities = slice_probabilities(package.network, inputs, batch_size, device)
+    timings["model"] = (time.perf_counter() - mark) * 1000
+    probability = aggregate(probabilities, manifest.aggregation)
+    key = int(np.argmax(probabilities))
+    return StudyResult(
+        study_uid=study_uid,
+        series_uid=chosen.series_uid,
+        finding=probability >= manifest.threshold,
+        probability=round(probability, 6),
+        threshold=manifest.threshold,
+        model=manifest.name,
+        model_version=manifest.version,
+        key_instance_uid=volume.sop_instance_uids[key],
+        slices=len(probabilities),
+        timings_ms={k: round(v, 1) for k, v in timings.items()},
+    )
+
+
+__all__ = ["NotApplicable", "SeriesGeometryError", "StudyResult", "run_study", "select_series"]
