@@ -116,6 +116,7 @@ class InferenceSettings:
     device: str = "auto"
     """auto (a GPU when there is one), cpu, cuda or cuda:N."""
     workers: int = 1
+    """Worker processes; 0 receives and queues only (no inference)."""
     batch_size: int = 32
     study_timeout_s: int = 600
     sr_sop_class: str = "comprehensive3d"
@@ -128,7 +129,7 @@ class InferenceSettings:
             raise SettingError("inference.model", "name a model package path, or 'demo'")
         if self.device != "auto" and self.device != "cpu" and not re.fullmatch(r"cuda(:\d+)?", self.device):
             raise SettingError("inference.device", f"{self.device!r}: use auto, cpu, cuda or cuda:N")
-        check_at_least("inference.workers", self.workers, 1)
+        check_at_least("inference.workers", self.workers, 0)
         check_at_least("inference.batch_size", self.batch_size, 1)
         check_at_least("inference.study_timeout_s", self.study_timeout_s, 1)
         if self.sr_sop_class not in ("comprehensive3d", "comprehensive"):

@@ -266,24 +266,24 @@ def queue_show(config_path: Path | None, as_json: bool, study_uid: str) -> None:
     )
 
 
-def _change_study(config_path: Path | None, action: Callable[[StudyQueue], None], done: str) -> None:
+def _change_study(config_path: Path | None, action: Callable[[StudyQueue], str | None], done: str) -> None:
     settings = settings_from(config_path)
     _, engine = overview_and_engine(settings)
     try:
-        action(StudyQueue(engine))
+        outcome = action(StudyQueue(engine))
     except (UnknownStudyError, TransitionError) as exc:
         fail(str(exc))
     finally:
         engine.dispose()
-    click.echo(done)
+    click.echo(f"{done}: {outcome}" if outcome else done)
 
 
 @queue.command("retry")
 @config_option
 @click.argument("study_uid")
 def queue_retry(config_path: Path | None, study_uid: str) -> None:
-    """Queue a failed or cancelled study again."""
-    _change_study(config_path, lambda q: q.retry(study_uid), f"{study_uid}: queued again")
+    """Try a failed or cancelled study again (re-send its report, or process it again)."""
+    _change_study(config_path, lambda q: q.retry(study_uid), study_uid)
 
 
 @queue.command("cancel")

@@ -20,22 +20,23 @@ from apscheduler.schedulers.background import BackgroundScheduler
 from sqlalchemy import Engine
 
 from config.settings import Settings
+from daemon.delivery import ReportDelivery
 from daemon.receiver import StorageReceiver
+from daemon.supervisor import MAX_PROCESSING_ATTEMPTS, WorkerPool
 from daemon.systemd import notify
 from storage.database import open_for_daemon
 from storage.filestore import FileStore
 from storage.heartbeat import HEARTBEAT_INTERVAL_S, Heartbeat
 from storage.queue import StudyQueue
+from storage.reports import ReportBook
 
 log = logging.getLogger("triagenode.service")
 
 LEASE_CHECK_INTERVAL_S = 5
-MAX_PROCESSING_ATTEMPTS = 3
-"""A study whose worker vanished this many times is failed instead of re-queued."""
 
 
 class Node:
-    """The receiver, the queue's scheduled jobs and their shared database, started and stopped together."""
+    """The receiver, the workers, report delivery and the queue's scheduled jobs, started and stopped together."""
 
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
@@ -45,6 +46,7 @@ class Node:
         self._scheduler: BackgroundScheduler | None = None
         self._heartbeat: Heartbeat | None = None
         self._lock_fd: int | None = None
+        self.workers: WorkerPool | None = None
 
     def start(self) -> None:
         node = self.settings.node
@@ -84,6 +86,13 @@ class Node:
             id="recover-expired-leases",
         )
         self._scheduler.add_job(self._heartbeat.beat, "interval", seconds=HEARTBEAT_INTERVAL_S, id="heartbeat")
+        if self.settings.inference.workers:
+            self.workers = WorkerPool(self.settings, queue)
+            self.workers.start()
+            self._scheduler.add_job(self.workers.check, "interval", seconds=1, id="watch-workers")
+        if self.settings.destinations:
+            delivery = ReportDelivery(self.settings, ReportBook(self.engine))
+            self._scheduler.add_job(delivery.run_due, "interval", seconds=1, id="deliver-reports")
         self._scheduler.start()
 
     def stop(self) -> None:
@@ -91,6 +100,8 @@ class Node:
             self.receiver.stop(self.settings.node.shutdown_grace_s)
         if self._scheduler is not None:
             self._scheduler.shutdown(wait=True)
+        if self.workers is not None:
+            self.workers.stop(self.settings.node.shutdown_grace_s)
         if self._heartbeat is not None:
             self._heartbeat.stopped()
         if self.engine is not None:

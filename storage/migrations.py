@@ -97,6 +97,43 @@ MIGRATIONS: tuple[Migration, ...] = (
             )""",
         ),
     ),
+    Migration(
+        2,
+        "study results and report deliveries",
+        (
+            """CREATE TABLE study_results (
+                id INTEGER NOT NULL PRIMARY KEY,
+                study_id INTEGER NOT NULL UNIQUE REFERENCES studies (id) ON DELETE CASCADE,
+                applicable BOOLEAN NOT NULL,
+                reason VARCHAR,
+                finding BOOLEAN,
+                probability FLOAT,
+                threshold FLOAT,
+                model VARCHAR(64) NOT NULL,
+                model_version VARCHAR(64) NOT NULL,
+                series_uid VARCHAR(64),
+                key_instance_uid VARCHAR(64),
+                slices INTEGER,
+                timings_ms VARCHAR NOT NULL,
+                sr_path VARCHAR,
+                sr_sop_instance_uid VARCHAR(64),
+                created_at DATETIME NOT NULL
+            )""",
+            """CREATE TABLE deliveries (
+                id INTEGER NOT NULL PRIMARY KEY,
+                study_id INTEGER NOT NULL REFERENCES studies (id) ON DELETE CASCADE,
+                destination VARCHAR(64) NOT NULL,
+                state VARCHAR(16) NOT NULL,
+                attempts INTEGER NOT NULL DEFAULT 0,
+                next_attempt_at DATETIME NOT NULL,
+                last_error VARCHAR,
+                sent_at DATETIME,
+                UNIQUE (study_id, destination)
+            )""",
+            "CREATE INDEX ix_deliveries_study_id ON deliveries (study_id)",
+            "CREATE INDEX ix_deliveries_state_next ON deliveries (state, next_attempt_at)",
+        ),
+    ),
 )
 
 LATEST_VERSION = MIGRATIONS[-1].version

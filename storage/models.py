@@ -123,6 +123,52 @@ class StudyEvent(Base):
     study: Mapped[Study] = relationship(back_populates="events")
 
 
+class StudyResult(Base):
+    """What the model found in a study (or why it could not read it), and where its report is."""
+
+    __tablename__ = "study_results"
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    study_id: Mapped[int] = mapped_column(ForeignKey("studies.id", ondelete="CASCADE"), unique=True)
+    applicable: Mapped[bool]
+    reason: Mapped[str | None]
+    finding: Mapped[bool | None]
+    probability: Mapped[float | None]
+    threshold: Mapped[float | None]
+    model: Mapped[str] = mapped_column(String(64))
+    model_version: Mapped[str] = mapped_column(String(64))
+    series_uid: Mapped[str | None] = mapped_column(String(64))
+    key_instance_uid: Mapped[str | None] = mapped_column(String(64))
+    slices: Mapped[int | None]
+    timings_ms: Mapped[str]
+    """JSON object: stage -> milliseconds."""
+    sr_path: Mapped[str | None]
+    """Relative to data_dir."""
+    sr_sop_instance_uid: Mapped[str | None] = mapped_column(String(64))
+    created_at: Mapped[datetime]
+
+
+class Delivery(Base):
+    """One report on its way to one destination; the retry schedule lives here, so a restart keeps it."""
+
+    __tablename__ = "deliveries"
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    study_id: Mapped[int] = mapped_column(ForeignKey("studies.id", ondelete="CASCADE"), index=True)
+    destination: Mapped[str] = mapped_column(String(64))
+    state: Mapped[str] = mapped_column(String(16))
+    """pending, sent or failed."""
+    attempts: Mapped[int] = mapped_column(default=0)
+    next_attempt_at: Mapped[datetime]
+    last_error: Mapped[str | None]
+    sent_at: Mapped[datetime | None]
+
+    __table_args__ = (
+        UniqueConstraint("study_id", "destination"),
+        Index("ix_deliveries_state_next", "state", "next_attempt_at"),
+    )
+
+
 class ReceiverHeartbeat(Base):
     """The running receiver announces itself here, so ``status`` needs no pid file.
 

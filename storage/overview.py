@@ -9,6 +9,7 @@ the CLI never holds up the receiver.
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 from sqlalchemy import Engine, distinct, func, select
@@ -16,6 +17,7 @@ from sqlalchemy import Engine, distinct, func, select
 from storage.engine import reader
 from storage.models import Instance, Series, Study, StudyEvent, StudyState
 from storage.queue import UnknownStudyError
+from storage.reports import ReportBook
 from storage.timeutil import iso, utcnow
 
 
@@ -40,6 +42,7 @@ def study_summary(study: Study) -> dict[str, Any]:
 
 class QueueOverview:
     def __init__(self, engine: Engine) -> None:
+        self._engine = engine
         self._sessions = reader(engine)
 
     def list_studies(self, state: StudyState | None = None, limit: int = 50) -> list[dict[str, Any]]:
@@ -77,6 +80,7 @@ class QueueOverview:
                 for series in study.series
             ]
             details["calling_aets"] = sorted({aet for s in details["series"] for aet in s["calling_aets"]})
+            details["result"], details["deliveries"] = ReportBook(self._engine).details(study.id)
             details["events"] = [
                 {"at": iso(event.at), "from": event.from_state, "to": event.to_state, "reason": event.reason}
                 for event in session.scalars(
@@ -84,6 +88,14 @@ class QueueOverview:
                 )
             ]
             return details
+
+    def instance_files(self, study_uid: str, data_dir: Path) -> list[Path]:
+        """The stored files of a study, for the worker that processes it."""
+        with self._sessions() as session:
+            paths = session.scalars(
+                select(Instance.path).join(Series).join(Study).where(Study.study_uid == study_uid).order_by(Instance.id)
+            ).all()
+        return [data_dir / path for path in paths]
 
     def state_counts(self) -> dict[str, int]:
         """Studies per state, every state present (0 when none)."""

@@ -19,7 +19,7 @@ from sqlalchemy import Engine, select, update
 from sqlalchemy.orm import Session
 
 from storage.engine import writer
-from storage.models import Study, StudyEvent, StudyState
+from storage.models import Delivery, Study, StudyEvent, StudyState
 from storage.timeutil import utcnow
 
 log = logging.getLogger("triagenode.queue")
@@ -31,7 +31,7 @@ ALLOWED_TRANSITIONS: dict[StudyState, frozenset[StudyState]] = {
     S.PROCESSING: frozenset({S.REPORTED, S.QUEUED, S.FAILED, S.RECEIVING, S.CANCELLED}),
     S.REPORTED: frozenset({S.SENT, S.FAILED, S.RECEIVING, S.CANCELLED}),
     S.SENT: frozenset({S.RECEIVING}),
-    S.FAILED: frozenset({S.QUEUED, S.RECEIVING, S.CANCELLED}),
+    S.FAILED: frozenset({S.QUEUED, S.REPORTED, S.RECEIVING, S.CANCELLED}),
     S.CANCELLED: frozenset({S.QUEUED}),
 }
 """Which state may follow which. ``receiving`` after a later state is a re-open by a late instance."""
@@ -307,22 +307,25 @@ class StudyQueue:
             return True
 
     def recover_expired_leases(
-        self, max_attempts: int = 3, now: datetime | None = None, *, all_leases: bool = False
+        self, max_attempts: int = 3, now: datetime | None = None, *, all_leases: bool = False, owner: str | None = None
     ) -> list[str]:
         """Return studies whose worker vanished to ``queued``; fail those that used every attempt.
 
         ``all_leases`` recovers every lease whatever its expiry: when the node
-        starts, no worker of the previous run can still be alive.
+        starts, no worker of the previous run can still be alive. ``owner``
+        recovers the leases of one worker the supervisor saw die.
         """
         now = now or utcnow()
         with self._sessions.begin() as session:
             query = select(Study).where(Study.state == S.PROCESSING)
-            if not all_leases:
+            if owner is not None:  # the supervisor saw this worker die: its leases end now
+                query = query.where(Study.lease_owner == owner)
+            elif not all_leases:
                 query = query.where(Study.lease_expires_at < now)
             studies = session.scalars(query).all()
             for study in studies:
                 owner = study.lease_owner
-                why = "the node restarted" if all_leases else "its lease expired"
+                why = "the node restarted" if all_leases else "its worker died" if owner else "its lease expired"
                 if study.processing_attempts >= max_attempts:
                     transition(
                         session,
@@ -336,7 +339,13 @@ class StudyQueue:
                     transition(session, study, S.QUEUED, f"{owner} stopped holding it ({why}); back in the queue", now)
             return [study.study_uid for study in studies]
 
-    def retry(self, study_uid: str, reason: str = "retried by an administrator", now: datetime | None = None) -> None:
+    def retry(self, study_uid: str, reason: str = "retried by an administrator", now: datetime | None = None) -> str:
+        """Try a failed or cancelled study again; returns what will happen.
+
+        A study whose report exists but could not be delivered gets its failed
+        deliveries scheduled again (back to ``reported``); any other is queued
+        to be processed again.
+        """
         now = now or utcnow()
         with self._sessions.begin() as session:
             study = self._get(session, study_uid)
@@ -344,8 +353,17 @@ class StudyQueue:
                 raise TransitionError(
                     f"study {study_uid} is {study.state}; only {' or '.join(sorted(RETRYABLE))} studies can be retried"
                 )
+            failed = session.scalars(
+                select(Delivery).where(Delivery.study_id == study.id, Delivery.state == "failed")
+            ).all()
+            if study.state == S.FAILED and failed:
+                for delivery in failed:
+                    delivery.state, delivery.attempts, delivery.next_attempt_at = "pending", 0, now
+                transition(session, study, S.REPORTED, f"{reason}: sending the report again", now)
+                return "report scheduled for delivery again"
             study.processing_attempts = 0
             transition(session, study, S.QUEUED, reason, now)
+            return "queued again"
 
     def cancel(
         self, study_uid: str, reason: str = "cancelled by an administrator", now: datetime | None = None

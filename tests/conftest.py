@@ -58,6 +58,8 @@ class NodeProcess:
         self.log_path = root / "node.log"
         self.stable_seconds = node_settings.pop("stable_seconds", 1.0)
         self.probe_ae = (node_settings.get("allowed_calling_aets") or ["PROBE"])[0]
+        inference = {"workers": 0, **node_settings.pop("inference", {})}
+        destinations = node_settings.pop("destinations", [])
         node = {
             "ae_title": NODE_AE,
             "host": "127.0.0.1",
@@ -69,6 +71,9 @@ class NodeProcess:
         }
         lines = ["[node]"] + [f"{key} = {json.dumps(value)}" for key, value in node.items()]
         lines += ["", "[study]", f"stable_seconds = {self.stable_seconds}"]
+        lines += ["", "[inference]"] + [f"{key} = {json.dumps(value)}" for key, value in inference.items()]
+        for destination in destinations:
+            lines += ["", "[[destinations]]"] + [f"{key} = {json.dumps(value)}" for key, value in destination.items()]
         self.config_path.write_text("\n".join(lines) + "\n")
         self.process: subprocess.Popen[bytes] | None = None
         self._overview: QueueOverview | None = None

@@ -1,0 +1,103 @@
+"""The worker processes of ``triagenode serve``: started, watched, restarted and stopped here.
+
+Workers are spawned (never forked after CUDA), one per slot. Every second
+the supervisor checks them: a worker that died is restarted and its lease
+released at once (the queue's attempt count stops a crash loop); a worker
+busy with one study for longer than ``study_timeout_s`` is killed, which
+counts as one failed attempt for that study.
+"""
+
+from __future__ import annotations
+
+import logging
+import multiprocessing
+import os
+import signal
+import time
+import uuid
+from dataclasses import dataclass, field
+from multiprocessing.process import BaseProcess
+from multiprocessing.sharedctypes import Synchronized
+
+from config.settings import Settings
+from storage.queue import StudyQueue
+
+log = logging.getLogger("triagenode.supervisor")
+
+MAX_PROCESSING_ATTEMPTS = 3
+RESTART_DELAY_S = 2.0
+
+
+@dataclass
+class _Slot:
+    index: int
+    worker_id: str = ""
+    process: BaseProcess | None = None
+    busy_since: Synchronized | None = None
+    restarts: int = 0
+    not_before: float = field(default=0.0)
+
+
+class WorkerPool:
+    def __init__(self, settings: Settings, queue: StudyQueue) -> None:
+        self._settings = settings
+        self._queue = queue
+        self._context = multiprocessing.get_context("spawn")
+        self._slots = [_Slot(index) for index in range(settings.inference.workers)]
+        self._stopping = False
+
+    def start(self) -> None:
+        for slot in self._slots:
+            self._spawn(slot)
+
+    def _spawn(self, slot: _Slot) -> None:
+        from inference.worker import worker_main
+
+        slot.worker_id = f"worker{slot.index}-{uuid.uuid4().hex[:6]}"
+        slot.busy_since = self._context.Value("d", 0.0)
+        slot.process = self._context.Process(
+            target=worker_main, args=(self._settings, slot.worker_id, slot.busy_since), name=slot.worker_id, daemon=True
+        )
+        slot.process.start()
+        log.info("worker.started worker=%s pid=%s", slot.worker_id, slot.process.pid)
+
+    def check(self) -> None:
+        """Restart dead workers, kill hung ones (a scheduler job, every second)."""
+        if self._stopping:
+            return
+        timeout = self._settings.inference.study_timeout_s
+        for slot in self._slots:
+            process = slot.process
+            if process is None:
+                continue
+            busy = slot.busy_since.value if slot.busy_since is not None else 0.0
+            if process.is_alive() and busy and time.time() - busy > timeout:
+                log.error("worker.timeout worker=%s pid=%s study_timeout_s=%d: killing it", slot.worker_id,
+                          process.pid, timeout)  # fmt: skip
+                os.kill(process.pid, signal.SIGKILL)  # type: ignore[arg-type]
+                process.join(5)
+            if process.is_alive():
+                continue
+            if slot.not_before == 0.0:
+                log.error("worker.died worker=%s pid=%s exitcode=%s", slot.worker_id, process.pid, process.exitcode)
+                returned = self._queue.recover_expired_leases(MAX_PROCESSING_ATTEMPTS, owner=slot.worker_id)
+                for study_uid in returned:
+                    log.warning("study.lease_released study_uid=%s worker=%s", study_uid, slot.worker_id)
+                slot.not_before = time.monotonic() + RESTART_DELAY_S * min(2**slot.restarts, 30)
+            if time.monotonic() >= slot.not_before:
+                slot.restarts += 1
+                slot.not_before = 0.0
+                self._spawn(slot)
+
+    def stop(self, grace_s: float) -> None:
+        self._stopping = True
+        for slot in self._slots:
+            if slot.process is not None and slot.process.is_alive():
+                slot.process.terminate()
+        deadline = time.monotonic() + grace_s
+        for slot in self._slots:
+            if slot.process is not None:
+                slot.process.join(max(0.0, deadline - time.monotonic()))
+                if slot.process.is_alive():
+                    slot.process.kill()
+                    slot.process.join(5)

@@ -1,0 +1,141 @@
+"""A worker process: load the model once, then take queued studies by lease until told to stop.
+
+It runs in its own (spawned) process, so a crash, an out-of-memory kill or a
+hang never takes the receiver down: the supervisor in ``triagenode serve``
+restarts it, the study's lease expires and the queue gives the study back
+(three strikes and it is ``failed``). While a study runs, a thread renews the
+lease; the worker publishes when it started the study so that the supervisor
+can kill it after ``study_timeout_s``.
+"""
+
+from __future__ import annotations
+
+import logging
+import signal
+import threading
+import time
+from multiprocessing.sharedctypes import Synchronized
+from pathlib import Path
+
+from config.settings import Settings
+from inference.model_package import load_package
+from inference.pipeline import NotApplicable, SeriesGeometryError, evaluated_headers, run_study
+from inference.report import build_measurement_report
+from inference.training import resolve_device
+from storage.database import open_for_daemon
+from storage.filestore import FileStore
+from storage.models import StudyState
+from storage.overview import QueueOverview
+from storage.queue import Claim, StudyQueue
+from storage.reports import ReportBook
+
+log = logging.getLogger("triagenode.worker")
+
+LEASE_SECONDS = 60
+IDLE_POLL_S = 0.5
+
+
+def worker_main(
+    settings: Settings, worker_id: str, busy_since: Synchronized, stop: threading.Event | None = None
+) -> None:
+    """Entry point of a worker process (spawned by the supervisor)."""
+    from daemon.logs import configure_logging
+
+    configure_logging()
+    stop = stop or threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the supervisor decides
+    inference = settings.inference
+    package = load_package(inference.model)
+    device = resolve_device(inference.device)
+    package.network.to(device)
+    engine = open_for_daemon(settings.node.database_path)
+    queue, book, overview = StudyQueue(engine), ReportBook(engine), QueueOverview(engine)
+    destinations = [d.name for d in settings.destinations]
+    log.info(
+        "worker.ready worker=%s model=%s version=%s device=%s",
+        worker_id,
+        package.manifest.name,
+        package.manifest.version,
+        device,
+    )
+    while not stop.is_set():
+        claim = queue.claim(worker_id, LEASE_SECONDS)
+        if claim is None:
+            stop.wait(IDLE_POLL_S)
+            continue
+        busy_since.value = time.time()
+        renewer = _LeaseRenewer(queue, claim)
+        renewer.start()
+        try:
+            _process(settings, package, device, claim, overview, book, destinations)
+        except SeriesGeometryError as exc:
+            queue.finish(claim, StudyState.FAILED, f"the series cannot be read as one volume: {exc}")
+        except Exception as exc:  # noqa: BLE001 - the study fails with the reason; the worker goes on
+            log.exception("worker.error worker=%s study_uid=%s", worker_id, claim.study_uid)
+            queue.finish(claim, StudyState.FAILED, f"worker error: {type(exc).__name__}; see the node's log")
+        finally:
+            renewer.stop()
+            busy_since.value = 0.0
+    engine.dispose()
+    log.info("worker.stopped worker=%s", worker_id)
+
+
+def _process(settings, package, device, claim: Claim, overview: QueueOverview, book: ReportBook, destinations) -> None:  # noqa: ANN001
+    data_dir = settings.node.data_dir
+    inference = settings.inference
+    files = overview.instance_files(claim.study_uid, data_dir)
+    outcome = run_study(package, claim.study_uid, files, device, inference.batch_size)
+    manifest = package.manifest
+    if isinstance(outcome, NotApplicable):
+        book.record_result(
+            claim,
+            {"applicable": False, "reason": outcome.reason, "model": manifest.name, "model_version": manifest.version},
+            destinations,
+        )
+        log.info("study.not_applicable study_uid=%s reason=%r", claim.study_uid, outcome.reason)
+        return
+    started = time.perf_counter()
+    report = build_measurement_report(
+        outcome,
+        manifest,
+        evaluated_headers(outcome, files),
+        node_ae_title=settings.node.ae_title,
+        sr_class=inference.sr_sop_class,  # type: ignore[arg-type]
+        product=inference.content_qualification == "PRODUCT",
+    )
+    store = FileStore(data_dir)
+    relative = Path("reports") / claim.study_uid / f"{report.SOPInstanceUID}.dcm"
+    spooled = store.spool_dir / f"{report.SOPInstanceUID}.sr"
+    report.save_as(spooled, enforce_file_format=True)
+    store.commit_file(spooled, relative)
+    outcome.timings_ms["report"] = round((time.perf_counter() - started) * 1000, 1)
+    recorded = book.record_result(claim, outcome.to_dict(), destinations, str(relative), str(report.SOPInstanceUID))
+    log.info(
+        "study.result study_uid=%s finding=%s probability=%.4f recorded=%s timings_ms=%s",
+        claim.study_uid,
+        outcome.finding,
+        outcome.probability,
+        recorded,
+        outcome.timings_ms,
+    )
+
+
+class _LeaseRenewer(threading.Thread):
+    """Renews a lease every third of its length while the study is processed."""
+
+    def __init__(self, queue: StudyQueue, claim: Claim) -> None:
+        super().__init__(daemon=True)
+        self._queue, self._claim = queue, claim
+        self._stopped = threading.Event()
+
+    def run(self) -> None:
+        while not self._stopped.wait(LEASE_SECONDS / 3):
+            renewed = self._queue.renew(self._claim, LEASE_SECONDS)
+            if renewed is None:
+                log.warning("worker.lease_lost study_uid=%s", self._claim.study_uid)
+                return
+            self._claim = renewed
+
+    def stop(self) -> None:
+        self._stopped.set()

@@ -1,0 +1,137 @@
+"""From C-STORE to a Structured Report in the destination: the node's whole loop, with real peers."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import threading
+from pathlib import Path
+
+import pytest
+from pydicom import Dataset, dcmread
+from pynetdicom import AE, evt
+from pynetdicom.sop_class import Comprehensive3DSRStorage, ComprehensiveSRStorage
+
+from inference.phantom import write_phantom_study
+
+from conftest import NODE_AE, TRIAGENODE, NodeProcess, free_port, send, wait_until
+
+
+class RecordingPacs:
+    """A destination (pynetdicom Storage SCP) that keeps every dataset it receives."""
+
+    def __init__(self, port: int, ae_title: str = "PACS") -> None:
+        self.port, self.ae_title = port, ae_title
+        self.received: list[Dataset] = []
+        self._lock = threading.Lock()
+        self._server = None
+
+    def start(self) -> RecordingPacs:
+        ae = AE(ae_title=self.ae_title)
+        for sop_class in (Comprehensive3DSRStorage, ComprehensiveSRStorage):
+            ae.add_supported_context(sop_class)
+
+        def on_store(event: evt.Event) -> int:
+            ds = event.dataset
+            ds.file_meta = event.file_meta
+            with self._lock:
+                self.received.append(ds)
+            return 0x0000
+
+        self._server = ae.start_server(
+            ("127.0.0.1", self.port), block=False, evt_handlers=[(evt.EVT_C_STORE, on_store)]
+        )
+        return self
+
+    def stop(self) -> None:
+        if self._server is not None:
+            self._server.shutdown()
+
+
+@pytest.fixture
+def phantom_study(tmp_path: Path) -> Path:
+    study = write_phantom_study(tmp_path / "phantoms", seed=77, index=0, positive=True, slices=32, matrix=256)
+    assert study.directory is not None
+    return study.directory
+
+
+def start_inferring_node(make_node, pacs_port: int, **extra) -> NodeProcess:  # noqa: ANN001
+    return make_node(
+        inference={"workers": 1, "device": "cpu"},
+        destinations=[{"name": "pacs", "ae_title": "PACS", "host": "127.0.0.1", "port": pacs_port}],
+        **extra,
+    )
+
+
+def test_a_study_comes_back_as_a_structured_report(make_node, phantom_study: Path, tmp_path: Path) -> None:
+    pacs = RecordingPacs(free_port()).start()
+    try:
+        node = start_inferring_node(make_node, pacs.port)
+        files = sorted(phantom_study.glob("*.dcm"))
+        if shutil.which("storescu"):
+            sent = subprocess.run(
+                ["storescu", "-aec", NODE_AE, "127.0.0.1", str(node.port), *map(str, files)],
+                env={"TCP_NODELAY": "1", "PATH": "/usr/bin:/bin"}, capture_output=True, timeout=120,
+            )  # fmt: skip
+            assert sent.returncode == 0, sent.stderr
+        else:
+            assert send(node.port, files) == [0] * len(files)
+        study_uid = str(dcmread(files[0], stop_before_pixels=True).StudyInstanceUID)
+        details = node.wait_for_state(study_uid, "sent", timeout=120)
+        wait_until(lambda: len(pacs.received) == 1, 10, "one SR at the destination")
+        sr = pacs.received[0]
+        assert sr.StudyInstanceUID == study_uid
+        assert sr.SOPClassUID == Comprehensive3DSRStorage
+
+        result = details["result"]
+        assert result["model"] == "triagenode-demo-lung-nodule" and result["slices"] == 32
+        assert set(result["timings_ms"]) >= {"decode", "preprocess", "model", "report"}
+        assert details["deliveries"] == [
+            {"destination": "pacs", "state": "sent", "attempts": 1, "next_attempt_at": None, "last_error": None,
+             "sent_at": details["deliveries"][0]["sent_at"]}
+        ]  # fmt: skip
+        assert [e["to"] for e in details["events"]][:4] == ["receiving", "queued", "processing", "reported"]
+        assert sr.SOPInstanceUID == result["sr_sop_instance_uid"]
+
+        offline = json.loads(
+            subprocess.run([TRIAGENODE, "infer", str(phantom_study), "--json", "--device", "cpu"], capture_output=True,
+                           text=True, timeout=300).stdout
+        )[0]  # fmt: skip
+        assert offline["probability"] == pytest.approx(result["probability"], abs=1e-6)
+        assert offline["key_instance_uid"] == result["key_instance_uid"]
+        shown = node.cli_json("queue", "show", study_uid)
+        assert shown["result"]["probability"] == result["probability"]
+    finally:
+        pacs.stop()
+
+
+def test_a_destination_that_is_down_gets_exactly_one_report_once_it_is_up(make_node, phantom_study: Path) -> None:
+    port = free_port()
+    node = make_node(
+        inference={"workers": 1, "device": "cpu"},
+        destinations=[{"name": "pacs", "ae_title": "PACS", "host": "127.0.0.1", "port": port}],
+        start=False,
+    )
+    node.config_path.write_text(
+        node.config_path.read_text() + "\n[delivery]\ninitial_backoff_s = 0.5\nmax_backoff_s = 2\nmax_attempts = 30\n"
+    )
+    node.start()
+    files = sorted(phantom_study.glob("*.dcm"))
+    assert send(node.port, files) == [0] * len(files)
+    study_uid = str(dcmread(files[0], stop_before_pixels=True).StudyInstanceUID)
+    node.wait_for_state(study_uid, "reported", timeout=120)
+    wait_until(
+        lambda: (s := node.study(study_uid)) and s["deliveries"] and s["deliveries"][0]["attempts"] >= 2,
+        30,
+        "at least two failed attempts",
+    )
+    assert "no association" in node.study(study_uid)["deliveries"][0]["last_error"]
+    pacs = RecordingPacs(port).start()
+    try:
+        node.wait_for_state(study_uid, "sent", timeout=30)
+        threading.Event().wait(3)  # a duplicate would arrive now
+        assert len(pacs.received) == 1
+    finally:
+        pacs.stop()
+    assert "delivery.failed" in node.log() and "delivery.sent" in node.log()
