@@ -135,3 +135,54 @@ def test_a_destination_that_is_down_gets_exactly_one_report_once_it_is_up(make_n
     finally:
         pacs.stop()
     assert "delivery.failed" in node.log() and "delivery.sent" in node.log()
+
+
+def _worker_pids(node: NodeProcess) -> list[int]:
+    return [int(line.split("pid=")[1].split()[0]) for line in node.log().splitlines() if "worker.started" in line]
+
+
+def test_a_worker_killed_mid_study_is_replaced_and_the_study_is_processed_once(make_node, tmp_path: Path) -> None:
+    import os
+    import signal
+
+    study = write_phantom_study(tmp_path / "big", seed=78, index=1, positive=True, slices=300, matrix=256)
+    assert study.directory is not None
+    node = make_node(inference={"workers": 1, "device": "cpu"})
+    wait_until(lambda: "worker.ready" in node.log(), 60, "the worker loaded its model")
+    files = sorted(study.directory.glob("*.dcm"))
+    assert send(node.port, files) == [0] * len(files)
+    wait_until(lambda: (s := node.study(study.study_uid)) and s["state"] == "processing", 60, "processing", 0.02)
+    victim = _worker_pids(node)[-1]
+    os.kill(victim, signal.SIGKILL)
+
+    details = node.wait_for_state(study.study_uid, "reported", timeout=120)
+    reasons = [e["reason"] for e in details["events"]]
+    assert any("its worker died" in reason for reason in reasons), reasons
+    assert [e["to"] for e in details["events"]].count("reported") == 1
+    assert details["processing_attempts"] == 2
+    assert details["result"]["slices"] == 300
+    assert len(_worker_pids(node)) == 2, "the supervisor started a new worker"
+    assert "worker.died" in node.log()
+
+
+def test_a_node_killed_before_delivery_delivers_after_restart(make_node, phantom_study: Path) -> None:
+    import signal
+
+    port = free_port()
+    node = start_inferring_node(make_node, port)
+    files = sorted(phantom_study.glob("*.dcm"))
+    assert send(node.port, files) == [0] * len(files)
+    study_uid = str(dcmread(files[0], stop_before_pixels=True).StudyInstanceUID)
+    node.wait_for_state(study_uid, "reported", timeout=120)
+    wait_until(lambda: node.study(study_uid)["deliveries"][0]["attempts"] >= 1, 30, "a failed attempt")
+    node.stop(signal.SIGKILL)
+
+    pacs = RecordingPacs(port).start()
+    try:
+        node.start()
+        node.wait_for_state(study_uid, "sent", timeout=60)
+        threading.Event().wait(2)
+        assert len(pacs.received) == 1
+        assert pacs.received[0].StudyInstanceUID == study_uid
+    finally:
+        pacs.stop()

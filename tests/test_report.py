@@ -103,3 +103,26 @@ def test_a_study_without_a_suitable_series_is_not_applicable(tmp_path: Path) -> 
     [entry] = json.loads(result.stdout)
     assert entry["status"] == "not applicable"
     assert "a localiser" in entry["reason"] and "series of 4 slices (needs 16)" in entry["reason"]
+
+
+@pytest.mark.parametrize("syntax", ["1.2.840.10008.1.2.4.90", "1.2.840.10008.1.2.4.80"])  # JPEG 2000 / JPEG-LS lossless
+def test_compressed_input_gives_the_same_result(studies: Path, tmp_path: Path, syntax: str) -> None:
+    compressed = tmp_path / "compressed"
+    compressed.mkdir()
+    for path in sorted((studies / "study_00001").glob("*.dcm")):
+        ds = dcmread(path)
+        ds.compress(syntax, generate_instance_uid=False)
+        ds.save_as(compressed / path.name, enforce_file_format=True)
+    assert dcmread(next(compressed.iterdir())).file_meta.TransferSyntaxUID == syntax
+    plain = json.loads(infer(str(studies / "study_00001"), "--json").stdout)[0]
+    packed = json.loads(infer(str(compressed), "--json").stdout)[0]
+    assert packed["probability"] == pytest.approx(plain["probability"], abs=1e-6)
+    assert packed["key_instance_uid"] == plain["key_instance_uid"]
+
+
+def test_a_study_holding_only_a_report_is_not_applicable(studies: Path, tmp_path: Path) -> None:
+    report = tmp_path / "only-sr" / "report.dcm"
+    result = infer(str(studies / "study_00000"), "--sr-out", str(report))
+    assert result.returncode == 0, result.stderr
+    [entry] = json.loads(infer(str(report.parent), "--json").stdout)
+    assert entry["status"] == "not applicable" and "SR series" in entry["reason"]
