@@ -24,8 +24,8 @@ import torch
 from inference.metrics import Metrics, compute_metrics, roc_curve, threshold_for_sensitivity
 from inference.model_package import ModelPackage, save_package
 from inference.phantom import read_labels
-from inference.preprocessing import SeriesGeometryError, prepare_volume, read_series
-from inference.studies import aggregate, index_series, main_series, slice_probabilities
+from inference.preprocessing import prepare_volume
+from inference.studies import aggregate, labelled_volumes, slice_probabilities
 
 
 class EvaluationError(RuntimeError):
@@ -43,29 +43,15 @@ def score_studies(
     labels = read_labels(labels_csv)
     if not labels:
         raise EvaluationError(f"{labels_csv} lists no studies")
-    index = index_series(data_dir)
-    missing = [uid for uid in labels if uid not in index]
-    if missing:
-        raise EvaluationError(
-            f"{len(missing)} labelled studies are not under {data_dir}, e.g. {missing[0]}; "
-            "check --data and --labels belong together"
-        )
     spec = package.manifest.input
     network = package.network.to(device).to(memory_format=torch.channels_last)
     uids, truth, scores = [], [], []
     started = time.perf_counter()
     slices = 0
-    for uid, labelled in labels.items():
-        series = main_series(index[uid], spec)
-        if series is None:
-            raise EvaluationError(f"study {uid} has no {spec.modality} series with at least {spec.min_slices} slices")
-        try:
-            volume = read_series(series.files)
-        except SeriesGeometryError as exc:
-            raise EvaluationError(f"study {uid}: {exc}") from None
+    for labelled, volume in labelled_volumes(data_dir, labels, spec):
         probabilities = slice_probabilities(network, prepare_volume(volume, spec), 128, device)
         slices += len(probabilities)
-        uids.append(uid)
+        uids.append(labelled.study_uid)
         truth.append(labelled.label)
         scores.append(aggregate(probabilities, package.manifest.aggregation))
     elapsed = time.perf_counter() - started

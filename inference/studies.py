@@ -9,7 +9,7 @@ aggregated to the study as the manifest says.
 from __future__ import annotations
 
 from collections import defaultdict
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -19,8 +19,8 @@ from pydicom import dcmread
 from pydicom.errors import InvalidDicomError
 from torch import nn
 
-from inference.phantom import Nodule
-from inference.preprocessing import InputSpec, Volume
+from inference.phantom import Nodule, PhantomStudy
+from inference.preprocessing import InputSpec, SeriesGeometryError, Volume, read_series
 
 _HEADER_TAGS = ["StudyInstanceUID", "SeriesInstanceUID", "Modality", "ImageType"]
 
@@ -53,6 +53,31 @@ def index_series(data_dir: Path) -> dict[str, list[SeriesFiles]]:
     for series in groups.values():
         studies[series.study_uid].append(series)
     return dict(studies)
+
+
+class LabelledDataError(ValueError):
+    """Labelled data that training or evaluation cannot use; the text says what to fix."""
+
+
+def labelled_volumes(
+    data_dir: Path, labels: dict[str, PhantomStudy], spec: InputSpec
+) -> Iterator[tuple[PhantomStudy, Volume]]:
+    """Each labelled study with the volume of its main series, refusing missing or unreadable studies."""
+    index = index_series(data_dir)
+    missing = [uid for uid in labels if uid not in index]
+    if missing:
+        raise LabelledDataError(
+            f"{len(missing)} labelled studies are not under {data_dir}, e.g. {missing[0]}; "
+            "check --data and --labels belong together"
+        )
+    for uid, labelled in labels.items():
+        series = main_series(index[uid], spec)
+        if series is None:
+            raise LabelledDataError(f"study {uid} has no {spec.modality} series with at least {spec.min_slices} slices")
+        try:
+            yield labelled, read_series(series.files)
+        except SeriesGeometryError as exc:
+            raise LabelledDataError(f"study {uid}: {exc}") from None
 
 
 def main_series(series: Iterable[SeriesFiles], spec: InputSpec) -> SeriesFiles | None:

@@ -34,8 +34,8 @@ from inference.architectures import build_network
 from inference.metrics import roc_auc, threshold_for_sensitivity
 from inference.model_package import Manifest, save_package
 from inference.phantom import PhantomStudy, read_labels
-from inference.preprocessing import InputSpec, SeriesGeometryError, prepare_volume, read_series
-from inference.studies import aggregate, index_series, main_series, slice_labels, slice_probabilities
+from inference.preprocessing import InputSpec, prepare_volume
+from inference.studies import aggregate, labelled_volumes, slice_labels, slice_probabilities
 
 
 class TrainingError(RuntimeError):
@@ -92,29 +92,15 @@ def load_studies(
     data_dir: Path, labels: dict[str, PhantomStudy], spec: InputSpec, log: Callable[[str], None]
 ) -> list[LabelledStudy]:
     """Read and preprocess every labelled study once; refuse missing or unreadable ones with the reason."""
-    index = index_series(data_dir)
-    missing = [uid for uid in labels if uid not in index]
-    if missing:
-        raise TrainingError(
-            f"{len(missing)} labelled studies are not under {data_dir}, e.g. {missing[0]}; "
-            "check --data and --labels belong together"
-        )
     out = []
     started = time.perf_counter()
-    for uid, truth in labels.items():
-        series = main_series(index[uid], spec)
-        if series is None:
-            raise TrainingError(f"study {uid} has no {spec.modality} series with at least {spec.min_slices} slices")
-        try:
-            volume = read_series(series.files)
-        except SeriesGeometryError as exc:
-            raise TrainingError(f"study {uid}: {exc}") from None
+    for truth, volume in labelled_volumes(data_dir, labels, spec):
         inputs = prepare_volume(volume, spec).to(torch.float16)
         if truth.label == 1 and not truth.nodules:
             per_slice = None
         else:
             per_slice = slice_labels(volume, truth.nodules)
-        out.append(LabelledStudy(uid, truth.label, inputs, per_slice))
+        out.append(LabelledStudy(truth.study_uid, truth.label, inputs, per_slice))
     log(f"read {len(out)} studies in {time.perf_counter() - started:.1f} s")
     return out
 

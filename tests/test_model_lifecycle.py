@@ -257,3 +257,15 @@ def test_every_registered_architecture_packages_and_loads(arch: str, tmp_path: P
     save_package(path, Manifest(name=arch, version="1", architecture=arch, input=InputSpec(slice_context=1)), network)
     loaded = load_package(path)
     assert loaded.network(torch.rand(1, 3, 64, 64)).shape == (1, 2)
+
+
+def test_labels_that_name_missing_studies_are_a_clear_error(phantoms: Path, tmp_path: Path) -> None:
+    labels = tmp_path / "labels.csv"
+    labels.write_text((phantoms / "labels.csv").read_text() + "1.2.3.4.5,1,\n")
+    for command in (["train", "--out", str(tmp_path / "x.tnm")], ["evaluate", "--model", "demo"]):
+        result = subprocess.run(
+            [TRIAGENODE, "model", *command, "--data", str(phantoms), "--labels", str(labels), "--device", "cpu"],
+            capture_output=True, text=True, timeout=300,
+        )  # fmt: skip
+        assert result.returncode == 1
+        assert "1 labelled studies are not under" in result.stderr and "1.2.3.4.5" in result.stderr
