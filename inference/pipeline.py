@@ -1,17 +1,16 @@
 """One study through the model: pick the series, decode, preprocess, infer, aggregate.
 
 This is what a worker runs for every queued study and what ``triagenode
-infer`` runs on a folder, so both give the same number. Decoding runs in a
-thread pool (the pixel decoders release the GIL), the model sees batches of
-slices under ``torch.inference_mode`` (bf16 autocast on CUDA), and every
-stage is timed for the result.
+infer`` runs on a folder, so both give the same number. The model sees
+batches of slices under ``torch.inference_mode`` (bf16 autocast on CUDA,
+pinned memory and non-blocking copies), and every stage is timed for the
+result.
 """
 
 from __future__ import annotations
 
 import time
 from collections.abc import Sequence
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -150,7 +149,6 @@ def run_study(
     files: Sequence[Path],
     device: torch.device | str = "cpu",
     batch_size: int = 32,
-    decode_threads: int = 4,
 ) -> StudyResult | NotApplicable:
     """Run the model on one study's files; raises SeriesGeometryError for a series that is not one volume."""
     manifest = package.manifest
@@ -161,8 +159,9 @@ def run_study(
     if isinstance(chosen, NotApplicable):
         return chosen
     mark = time.perf_counter()
-    with ThreadPoolExecutor(max_workers=decode_threads) as pool:
-        datasets = list(pool.map(_decode, chosen.files))
+    # Sequential: pydicom's parsing and pylibjpeg's decoders hold the GIL, so threads only
+    # added contention (measured: 0.53 s with 4 threads against 0.38 s for 300 CT slices).
+    datasets = [_decode(path) for path in chosen.files]
     volume = volume_from_datasets(datasets)
     timings["decode"] = (time.perf_counter() - mark) * 1000
     device = torch.device(device)

@@ -128,8 +128,17 @@ def volume_from_datasets(datasets: Sequence[Dataset]) -> Volume:
     slice_spacing = float(np.median(gaps)) if len(gaps) else float(getattr(first, "SliceThickness", 1.0) or 1.0)
     ordered = [datasets[i] for i in order]
     values = np.empty((len(ordered), first.Rows, first.Columns), dtype=np.float32)
-    for k, ds in enumerate(ordered):
-        values[k] = apply_modality_lut(ds.pixel_array, ds)
+    if all("ModalityLUTSequence" not in ds for ds in ordered):
+        # Rescale Slope/Intercept only (CT, most MR/PET): one vectorised multiply-add.
+        for k, ds in enumerate(ordered):
+            values[k] = ds.pixel_array
+        slopes = np.array([float(ds.get("RescaleSlope", 1) or 1) for ds in ordered], dtype=np.float32)
+        intercepts = np.array([float(ds.get("RescaleIntercept", 0) or 0) for ds in ordered], dtype=np.float32)
+        values *= slopes[:, None, None]
+        values += intercepts[:, None, None]
+    else:
+        for k, ds in enumerate(ordered):
+            values[k] = apply_modality_lut(ds.pixel_array, ds)
     spacing = tuple(float(v) for v in first.PixelSpacing)
     return Volume(
         values, positions, (spacing[0], spacing[1]), slice_spacing, [str(ds.SOPInstanceUID) for ds in ordered]
