@@ -190,3 +190,28 @@ def test_the_cli_never_creates_a_database(tmp_path: Path) -> None:
     with pytest.raises(DatabaseUnavailableError, match="has not run with this data_dir"):
         open_for_cli(tmp_path / "missing.db")
     assert not (tmp_path / "missing.db").exists()
+
+
+def test_an_older_database_is_upgraded_in_place_keeping_its_studies(tmp_path: Path) -> None:
+    from storage.engine import make_engine
+    from storage.migrations import MIGRATIONS
+
+    path = tmp_path / "old.db"
+    engine = make_engine(path)
+    with engine.begin() as connection:  # a node of schema version 1 wrote this database
+        connection.exec_driver_sql(
+            "CREATE TABLE schema_version (version INTEGER NOT NULL PRIMARY KEY, description VARCHAR NOT NULL, "
+            "applied_at DATETIME NOT NULL)"
+        )
+        for statement in MIGRATIONS[0].statements:
+            connection.exec_driver_sql(statement)
+        connection.exec_driver_sql("INSERT INTO schema_version VALUES (1, 'v1', '2026-01-01 00:00:00')")
+    StudyQueue(engine).record_instance(instance("1.2.3"))
+    engine.dispose()
+
+    upgraded = open_for_daemon(path)
+    assert QueueOverview(upgraded).study_details("1.2.3")["instances"] == 1
+    with upgraded.connect() as connection:
+        versions = [row[0] for row in connection.exec_driver_sql("SELECT version FROM schema_version ORDER BY 1")]
+    assert versions == list(range(1, LATEST_VERSION + 1))
+    assert QueueOverview(upgraded).study_details("1.2.3")["deliveries"] == []
