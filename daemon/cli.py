@@ -552,7 +552,7 @@ def infer(
     number matches what the node reports. Exits 1 when a study could not be read.
     """
     from inference.model_package import ModelPackageError, load_package
-    from inference.pipeline import NotApplicable, SeriesGeometryError, evaluated_headers, files_by_study, run_study
+    from inference.pipeline import NotApplicable, SeriesGeometryError, files_by_study, run_study
     from inference.report import build_measurement_report
     from inference.training import TrainingError, resolve_device
 
@@ -582,7 +582,7 @@ def infer(
         entry: dict[str, Any] = {"status": "reported", **outcome.to_dict()}
         if sr_out is not None:
             report = build_measurement_report(
-                outcome, package.manifest, evaluated_headers(outcome, files),
+                outcome, package.manifest, outcome.evidence,
                 node_ae_title=settings.node.ae_title, sr_class=inference.sr_sop_class,  # type: ignore[arg-type]
                 product=inference.content_qualification == "PRODUCT",
             )  # fmt: skip

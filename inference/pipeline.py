@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -37,6 +37,8 @@ class SeriesCandidate:
     slice_thickness: float | None
     localizer: bool
     has_pixels: bool
+    headers: list[Dataset] = field(default_factory=list, repr=False)
+    """Header of each file (no pixel data): the report's evidence, read once."""
 
 
 @dataclass
@@ -61,9 +63,11 @@ class StudyResult:
     key_instance_uid: str
     slices: int
     timings_ms: dict[str, float] = field(default_factory=dict)
+    evidence: list[Dataset] = field(default_factory=list, repr=False)
+    """Headers of the evaluated series (for the report); not part of the stored result."""
 
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        return {f.name: getattr(self, f.name) for f in fields(self) if f.name != "evidence"}
 
 
 def files_by_study(root: Path) -> dict[str, list[Path]]:
@@ -79,12 +83,6 @@ def files_by_study(root: Path) -> dict[str, list[Path]]:
         if uid:
             studies.setdefault(uid, []).append(path)
     return studies
-
-
-def evaluated_headers(result: StudyResult, files: Sequence[Path]) -> list[Dataset]:
-    """The headers of the series the model read: the report's evidence."""
-    headers = [dcmread(path, stop_before_pixels=True) for path in files]
-    return [ds for ds in headers if str(ds.get("SeriesInstanceUID", "")) == result.series_uid]
 
 
 def describe_series(files: Sequence[Path]) -> list[SeriesCandidate]:
@@ -110,6 +108,7 @@ def describe_series(files: Sequence[Path]) -> list[SeriesCandidate]:
                 has_pixels="Rows" in ds and str(ds.get("Modality", "")) not in _NON_IMAGE_MODALITIES,
             )
         series[uid].files.append(path)
+        series[uid].headers.append(ds)
     return list(series.values())
 
 
@@ -186,6 +185,7 @@ def run_study(
         key_instance_uid=volume.sop_instance_uids[key],
         slices=len(probabilities),
         timings_ms={k: round(v, 1) for k, v in timings.items()},
+        evidence=chosen.headers,
     )
 
 

@@ -19,7 +19,7 @@ from pathlib import Path
 
 from config.settings import Settings
 from inference.model_package import load_package
-from inference.pipeline import NotApplicable, SeriesGeometryError, evaluated_headers, run_study
+from inference.pipeline import NotApplicable, SeriesGeometryError, run_study
 from inference.report import build_measurement_report
 from inference.training import resolve_device
 from storage.database import open_for_daemon
@@ -99,7 +99,7 @@ def _process(settings, package, device, claim: Claim, overview: QueueOverview, b
     report = build_measurement_report(
         outcome,
         manifest,
-        evaluated_headers(outcome, files),
+        outcome.evidence,
         node_ae_title=settings.node.ae_title,
         sr_class=inference.sr_sop_class,  # type: ignore[arg-type]
         product=inference.content_qualification == "PRODUCT",
