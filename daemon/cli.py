@@ -114,6 +114,7 @@ def serve(config_path: Path | None, log_level: str) -> None:
     """Run the node in the foreground (logs to stderr; stops cleanly on SIGTERM)."""
     from daemon.logs import configure_logging
     from daemon.service import serve as run
+    from inference.model_package import ModelPackageError
 
     settings = settings_from(config_path)
     configure_logging(log_level)
@@ -123,7 +124,7 @@ def serve(config_path: Path | None, log_level: str) -> None:
         )
     try:
         run(settings)
-    except (DataDirInUseError, SchemaTooNewError) as exc:
+    except (DataDirInUseError, SchemaTooNewError, ModelPackageError) as exc:
         fail(str(exc))
     except OSError as exc:
         fail(

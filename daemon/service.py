@@ -14,6 +14,7 @@ import logging
 import os
 import signal
 import threading
+from pathlib import Path
 from types import FrameType
 
 from apscheduler.schedulers.background import BackgroundScheduler
@@ -50,6 +51,13 @@ class Node:
 
     def start(self) -> None:
         node = self.settings.node
+        if self.settings.inference.workers:
+            # Refuse a missing or broken model now, with one line, rather than in a restart loop of workers.
+            from inference.model_package import DEMO_MODEL, read_manifest
+
+            model = self.settings.inference.model
+            manifest = read_manifest(DEMO_MODEL if model == "demo" else Path(model))
+            log.info("model name=%s version=%s threshold=%s", manifest.name, manifest.version, manifest.threshold)
         self._lock_fd = self.store.lock()
         leftovers = self.store.prepare()
         if leftovers:
@@ -104,11 +112,11 @@ class Node:
             self.workers.stop(self.settings.node.shutdown_grace_s)
         if self._heartbeat is not None:
             self._heartbeat.stopped()
-        if self.engine is not None:
-            self.engine.dispose()
         if self._lock_fd is not None:
             os.close(self._lock_fd)
-        log.info("node.stopped")
+        if self.engine is not None:
+            self.engine.dispose()
+            log.info("node.stopped")
 
 
 def serve(settings: Settings) -> None:

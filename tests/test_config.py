@@ -109,3 +109,12 @@ def test_a_missing_config_file_is_an_error(tmp_path: Path) -> None:
     result = run("serve", "--config", str(tmp_path / "nope.toml"))
     assert result.returncode == 2
     assert "nope.toml does not exist" in result.stderr
+
+
+def test_serve_refuses_a_missing_model_with_one_line(tmp_path: Path) -> None:
+    path = write(
+        tmp_path, f'[node]\ndata_dir = "{tmp_path / "data"}"\nport = 11999\n[inference]\nmodel = "/nowhere/lung.tnm"\n'
+    )
+    result = run("serve", "--config", str(path))
+    assert result.returncode == 1
+    assert result.stderr.strip() == "triagenode: model /nowhere/lung.tnm does not exist; check the path (or use 'demo')"
