@@ -16,13 +16,12 @@ import json
 import zipfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
-from torch import nn
+from inference.input_spec import InputSpec
 
-from inference.architectures import UnknownArchitectureError, build_network
-from inference.preprocessing import InputSpec
+if TYPE_CHECKING:
+    from torch import nn
 
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
@@ -96,6 +95,8 @@ class ModelPackage:
 
 def save_package(path: Path, manifest: Manifest, network: nn.Module) -> Manifest:
     """Write the package; the manifest's checksum is filled from the weights written."""
+    import torch
+
     buffer = io.BytesIO()
     torch.save({k: v.detach().cpu() for k, v in network.state_dict().items()}, buffer)
     weights = buffer.getvalue()
@@ -115,6 +116,10 @@ def read_manifest(path: Path) -> Manifest:
 
 def load_package(path: Path | str) -> ModelPackage:
     """Load and check a package; ``"demo"`` is the built-in demo model."""
+    import torch
+
+    from inference.architectures import UnknownArchitectureError, build_network
+
     path = DEMO_MODEL if str(path) == "demo" else Path(path)
     with _open(path) as archive:
         manifest = _manifest(path, archive)
