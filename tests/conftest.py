@@ -53,7 +53,7 @@ class NodeProcess:
         self.root = root
         root.mkdir(parents=True, exist_ok=True)
         self.data_dir = root / "data"
-        self.port = free_port()
+        self.port = int(node_settings.pop("port", 0)) or free_port()
         self.config_path = root / "triagenode.toml"
         self.log_path = root / "node.log"
         self.stable_seconds = node_settings.pop("stable_seconds", 1.0)
