@@ -1,7 +1,8 @@
 """The C-STORE statuses the node answers with, in one table (PS3.4 B.2.3, PS3.7 C).
 
-The conformance statement lists these; a peer's administrator can tell from
-the code alone what happened and whether a re-send can help.
+The conformance statement is generated from this table; a peer's
+administrator can tell from the code alone what happened and whether a
+re-send can help.
 """
 
 from __future__ import annotations
@@ -12,26 +13,34 @@ from pydicom import Dataset
 
 
 class StoreStatus(IntEnum):
-    """Status codes of the node's Storage SCP, with when each is sent."""
+    """Status codes of the node's Storage SCP; :data:`WHEN_SENT` says when each is sent."""
 
     SUCCESS = 0x0000
-    """On disk (fsync'd) and committed in the queue; also for a re-sent instance already stored."""
     OUT_OF_RESOURCES_DISK = 0xA700
-    """Free space on data_dir below min_free_disk_mb, or the disk filled while writing. Transient."""
     OUT_OF_RESOURCES_WRITE = 0xA701
-    """The instance could not be written (I/O error). Transient once the administrator fixes the disk."""
     OUT_OF_RESOURCES_QUEUE = 0xA702
-    """The queue database could not record the instance (locked too long, I/O error). Transient."""
     DATASET_MISMATCH = 0xA900
-    """SOP Class or Instance UID in the dataset differ from the C-STORE request. Permanent."""
     CANNOT_UNDERSTAND = 0xC000
-    """The dataset cannot be parsed or is truncated. Permanent."""
     MISSING_UID = 0xC001
-    """Study, Series, SOP Instance or SOP Class UID absent. Permanent."""
     INVALID_UID = 0xC002
-    """A UID that is not digits and dots of at most 64 characters. Permanent."""
     PROCESSING_FAILURE = 0x0110
-    """An unexpected error in the node; the node's log has the details."""
+
+
+WHEN_SENT: dict[StoreStatus, str] = {
+    StoreStatus.SUCCESS: "The instance is on disk (fsync'd) and committed in the queue; also for a re-sent "
+    "instance already stored (stored once).",
+    StoreStatus.OUT_OF_RESOURCES_DISK: "Free space on data_dir is below min_free_disk_mb (checked before writing), "
+    "or the disk filled while writing. Transient: re-send after space is freed.",
+    StoreStatus.OUT_OF_RESOURCES_WRITE: "The instance could not be written (I/O error). Transient once the "
+    "administrator has fixed the disk.",
+    StoreStatus.OUT_OF_RESOURCES_QUEUE: "The queue database could not record the instance. Transient.",
+    StoreStatus.DATASET_MISMATCH: "SOP Class or SOP Instance UID in the dataset differ from the C-STORE request. "
+    "Permanent.",
+    StoreStatus.CANNOT_UNDERSTAND: "The dataset cannot be parsed or is truncated. Permanent.",
+    StoreStatus.MISSING_UID: "Study, Series, SOP Instance or SOP Class UID absent. Permanent.",
+    StoreStatus.INVALID_UID: "A UID that is not digits and dots of at most 64 characters. Permanent.",
+    StoreStatus.PROCESSING_FAILURE: "An unexpected error in the node; its log says where. Re-send may help.",
+}
 
 
 def status_dataset(status: StoreStatus, comment: str | None = None) -> Dataset:
