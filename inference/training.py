@@ -20,7 +20,7 @@ import random
 import sys
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -334,9 +334,3 @@ def train(config: TrainingConfig, log: Callable[[str], None] = print) -> Manifes
     save_package(config.out, manifest, network)
     log(f"wrote {config.out} (best epoch {state['best_epoch']}, validation AUC {manifest.training['validation_auc']})")
     return manifest
-
-
-def config_summary(config: TrainingConfig) -> dict[str, Any]:
-    data = asdict(config)
-    data["input"] = config.input.to_dict()
-    return {k: str(v) if isinstance(v, Path) else v for k, v in data.items()}

@@ -14,11 +14,12 @@ import logging
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from enum import Enum
+from typing import Any
 
-from sqlalchemy import Engine, select, update
+from sqlalchemy import Engine, Select, select, update
 from sqlalchemy.orm import Session
 
-from storage.engine import writer
+from storage.engine import reader, writer
 from storage.models import Delivery, Study, StudyEvent, StudyState
 from storage.timeutil import utcnow
 
@@ -138,6 +139,18 @@ class StudyQueue:
     def __init__(self, engine: Engine) -> None:
         self._engine = engine
         self._sessions = writer(engine)
+        self._reads = reader(engine)
+
+    def _any(self, query: Select[Any]) -> bool:
+        """Whether a polling job has work, asked without the write lock.
+
+        The scheduler and idle workers poll every second or so; taking
+        ``BEGIN IMMEDIATE`` for an empty answer would make every C-STORE wait
+        behind them. The write transaction then re-selects, so a race only
+        costs an empty pass.
+        """
+        with self._reads() as session:
+            return session.execute(query.limit(1)).first() is not None
 
     def stored_path(self, sop_instance_uid: str) -> str | None:
         """The stored path of an instance already on the node, or None.
@@ -235,10 +248,11 @@ class StudyQueue:
         """Queue every ``receiving`` study with no instance for ``stable_seconds``."""
         now = now or utcnow()
         cutoff = now - timedelta(seconds=stable_seconds)
+        stable = select(Study).where(Study.state == S.RECEIVING, Study.last_instance_at <= cutoff)
+        if not self._any(stable):
+            return []
         with self._sessions.begin() as session:
-            studies = session.scalars(
-                select(Study).where(Study.state == S.RECEIVING, Study.last_instance_at <= cutoff)
-            ).all()
+            studies = session.scalars(stable).all()
             for study in studies:
                 transition(
                     session,
@@ -268,10 +282,11 @@ class StudyQueue:
     def claim(self, worker_id: str, lease_seconds: float, now: datetime | None = None) -> Claim | None:
         """Take the oldest ``queued`` study under a lease, or None when none waits."""
         now = now or utcnow()
+        waiting = select(Study).where(Study.state == S.QUEUED).order_by(Study.updated_at, Study.id)
+        if not self._any(waiting):
+            return None
         with self._sessions.begin() as session:
-            study = session.scalar(
-                select(Study).where(Study.state == S.QUEUED).order_by(Study.updated_at, Study.id).limit(1)
-            )
+            study = session.scalar(waiting.limit(1))
             if study is None:
                 return None
             study.processing_attempts += 1
@@ -316,12 +331,14 @@ class StudyQueue:
         recovers the leases of one worker the supervisor saw die.
         """
         now = now or utcnow()
+        query = select(Study).where(Study.state == S.PROCESSING)
+        if owner is not None:  # the supervisor saw this worker die: its leases end now
+            query = query.where(Study.lease_owner == owner)
+        elif not all_leases:
+            query = query.where(Study.lease_expires_at < now)
+        if not self._any(query):
+            return []
         with self._sessions.begin() as session:
-            query = select(Study).where(Study.state == S.PROCESSING)
-            if owner is not None:  # the supervisor saw this worker die: its leases end now
-                query = query.where(Study.lease_owner == owner)
-            elif not all_leases:
-                query = query.where(Study.lease_expires_at < now)
             studies = session.scalars(query).all()
             for study in studies:
                 owner = study.lease_owner
