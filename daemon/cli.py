@@ -604,8 +604,7 @@ def infer(
                 f"{entry['study_uid']}: {package.manifest.finding.meaning.lower()} {verdict}, probability "
                 f"{entry['probability']:.3f} (threshold {entry['threshold']:.3f}), "
                 f"key slice {entry['key_instance_uid']}, {entry['slices']} slices, "
-                f"{sum(entry['timings_ms'].values()):.0f} ms"
-                + (f"; report {entry['sr']['path']}" if "sr" in entry else "")
+                f"{entry['timings_ms']['total']:.0f} ms" + (f"; report {entry['sr']['path']}" if "sr" in entry else "")
             )
     if failed:
         sys.exit(EXIT_NO)

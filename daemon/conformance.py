@@ -46,9 +46,7 @@ def generated_tables() -> str:
     lines += [f"| {UID(uid).name} | `{uid}` |" for uid in ACCEPTED_TRANSFER_SYNTAXES]
     lines += ["", "### Storage SCU (reports): proposed presentation contexts", ""]
     lines += ["| SOP Class | UID | Role | Transfer Syntaxes |", "|---|---|---|---|"]
-    lines += [
-        f"| {UID(uid).name} | `{uid}` | SCU | {_syntaxes(REPORT_TRANSFER_SYNTAXES)} |" for uid in REPORT_CONTEXTS
-    ]
+    lines += [f"| {UID(uid).name} | `{uid}` | SCU | {_syntaxes(REPORT_TRANSFER_SYNTAXES)} |" for uid in REPORT_CONTEXTS]
     lines += ["", "### C-STORE response statuses of the Storage SCP", ""]
     lines += ["| Status | Name | Sent when |", "|---|---|---|"]
     for status in StoreStatus:

@@ -104,12 +104,15 @@ class Node:
         self._scheduler.start()
 
     def stop(self) -> None:
-        if self.receiver is not None:
-            self.receiver.stop(self.settings.node.shutdown_grace_s)
-        if self._scheduler is not None:
-            self._scheduler.shutdown(wait=True)
-        if self.workers is not None:
-            self.workers.stop(self.settings.node.shutdown_grace_s)
+        try:
+            if self.receiver is not None:
+                self.receiver.stop(self.settings.node.shutdown_grace_s)
+            if self._scheduler is not None:
+                self._scheduler.shutdown(wait=True)
+        finally:
+            # Workers are not daemonic (they own decoder processes): stop them whatever happened above.
+            if self.workers is not None:
+                self.workers.stop(self.settings.node.shutdown_grace_s)
         if self._heartbeat is not None:
             self._heartbeat.stopped()
         if self._lock_fd is not None:

@@ -56,8 +56,8 @@ class WorkerPool:
         slot.worker_id = f"worker{slot.index}-{uuid.uuid4().hex[:6]}"
         slot.busy_since = self._context.Value("d", 0.0)
         slot.process = self._context.Process(
-            target=worker_main, args=(self._settings, slot.worker_id, slot.busy_since), name=slot.worker_id, daemon=True
-        )
+            target=worker_main, args=(self._settings, slot.worker_id, slot.busy_since), name=slot.worker_id
+        )  # not daemonic: a worker starts its own decoder processes; stop() ends it, and it exits if we die
         slot.process.start()
         log.info("worker.started worker=%s pid=%s", slot.worker_id, slot.process.pid)
 

@@ -3,15 +3,21 @@
 A model must never see different pixels in production than in training, so
 the three share these functions, driven by the model's :class:`InputSpec`:
 
-1. :func:`read_series` decodes every instance (compressed transfer syntaxes
-   through pylibjpeg's plugins), applies the modality LUT (CT: Hounsfield
-   units) and orders the slices by Image Position Patient along the slice
-   normal, not by file name or Instance Number. Geometry that does not form
-   one volume is refused with the reason.
-2. :func:`prepare_volume` normalises (window or z-score), optionally
-   denoises, resamples to the model's pixel spacing and matrix, and stacks
-   neighbouring slices as channels (2.5D). All of it is whole-volume torch
-   arithmetic: no per-pixel Python.
+1. :func:`layout_series` orders the slices by Image Position Patient along
+   the slice normal, not by file name or Instance Number, from the headers
+   alone; geometry that does not form one volume is refused with the reason.
+   :func:`modality_values` decodes pixels (compressed transfer syntaxes
+   through pylibjpeg's plugins) and applies the modality LUT (CT: Hounsfield
+   units). :func:`read_series` does both for a folder of files.
+2. :func:`prepare_slices` normalises (window or z-score), optionally
+   denoises and resamples to the model's pixel spacing and matrix;
+   :func:`stack_neighbours` stacks neighbouring slices as channels (2.5D);
+   :func:`prepare_volume` does both for a whole volume. All of it is torch
+   arithmetic on many slices at once: no per-pixel Python.
+
+The node's workers run the same functions on runs of slices in decoder
+processes (:mod:`inference.loader`), so the model sees the same numbers there
+as in training and evaluation; a test holds them equal.
 """
 
 from __future__ import annotations
@@ -28,7 +34,19 @@ from pydicom.pixels import apply_modality_lut
 
 from inference.input_spec import InputSpec
 
-__all__ = ["InputSpec", "SeriesGeometryError", "Volume", "prepare_volume", "read_series", "volume_from_datasets"]
+__all__ = [
+    "InputSpec",
+    "SeriesGeometryError",
+    "SeriesLayout",
+    "Volume",
+    "layout_series",
+    "modality_values",
+    "prepare_slices",
+    "prepare_volume",
+    "read_series",
+    "stack_neighbours",
+    "volume_from_datasets",
+]
 
 
 class SeriesGeometryError(ValueError):
@@ -61,14 +79,35 @@ def read_series(paths: Iterable[Path]) -> Volume:
     return volume_from_datasets(datasets)
 
 
-def volume_from_datasets(datasets: Sequence[Dataset]) -> Volume:
-    first = datasets[0]
+@dataclass(frozen=True)
+class SeriesLayout:
+    """A series' geometry from its headers alone: the order of its slices and their spacing.
+
+    Worked out before any pixel is decoded, so that decoding can be split over
+    processes, each writing its slices straight to their place in the volume.
+    """
+
+    order: list[int]
+    """Index into the given headers of each slice, ordered along the slice normal."""
+    positions_mm: np.ndarray
+    pixel_spacing_mm: tuple[float, float]
+    slice_spacing_mm: float
+    rows: int
+    columns: int
+    sop_instance_uids: list[str]
+
+
+def layout_series(headers: Sequence[Dataset]) -> SeriesLayout:
+    """Order a series' instances along the slice normal, or raise :class:`SeriesGeometryError`."""
+    if not headers:
+        raise SeriesGeometryError("the series has no instances")
+    first = headers[0]
     for name in ("ImageOrientationPatient", "ImagePositionPatient", "PixelSpacing"):
-        missing = [ds.SOPInstanceUID for ds in datasets if name not in ds]
+        missing = [ds.SOPInstanceUID for ds in headers if name not in ds]
         if missing:
             raise SeriesGeometryError(f"{len(missing)} instance(s) lack {name}, e.g. {missing[0]}")
     orientation = np.asarray(first.ImageOrientationPatient, dtype=float)
-    for ds in datasets:
+    for ds in headers:
         if not np.allclose(np.asarray(ds.ImageOrientationPatient, dtype=float), orientation, atol=1e-3):
             raise SeriesGeometryError(f"instance {ds.SOPInstanceUID} has another Image Orientation (Patient)")
         if (ds.Rows, ds.Columns) != (first.Rows, first.Columns):
@@ -76,7 +115,7 @@ def volume_from_datasets(datasets: Sequence[Dataset]) -> Volume:
                 f"instance {ds.SOPInstanceUID} is {ds.Rows}x{ds.Columns}, not {first.Rows}x{first.Columns}"
             )
     normal = slice_normal(orientation)
-    positions = np.array([float(np.dot(normal, np.asarray(ds.ImagePositionPatient, dtype=float))) for ds in datasets])
+    positions = np.array([float(np.dot(normal, np.asarray(ds.ImagePositionPatient, dtype=float))) for ds in headers])
     order = np.argsort(positions, kind="stable")
     positions = positions[order]
     gaps = np.diff(positions)
@@ -91,28 +130,55 @@ def volume_from_datasets(datasets: Sequence[Dataset]) -> Volume:
                 f"slice spacing varies from {gaps.min():.2f} to {gaps.max():.2f} mm (missing slices or a gantry tilt)"
             )
     slice_spacing = float(np.median(gaps)) if len(gaps) else float(getattr(first, "SliceThickness", 1.0) or 1.0)
-    ordered = [datasets[i] for i in order]
-    values = np.empty((len(ordered), first.Rows, first.Columns), dtype=np.float32)
-    if all("ModalityLUTSequence" not in ds for ds in ordered):
-        # Rescale Slope/Intercept only (CT, most MR/PET): one vectorised multiply-add.
-        for k, ds in enumerate(ordered):
-            values[k] = ds.pixel_array
-        slopes = np.array([float(ds.get("RescaleSlope", 1) or 1) for ds in ordered], dtype=np.float32)
-        intercepts = np.array([float(ds.get("RescaleIntercept", 0) or 0) for ds in ordered], dtype=np.float32)
-        values *= slopes[:, None, None]
-        values += intercepts[:, None, None]
-    else:
-        for k, ds in enumerate(ordered):
-            values[k] = apply_modality_lut(ds.pixel_array, ds)
     spacing = tuple(float(v) for v in first.PixelSpacing)
+    return SeriesLayout(
+        order=[int(i) for i in order],
+        positions_mm=positions,
+        pixel_spacing_mm=(spacing[0], spacing[1]),
+        slice_spacing_mm=slice_spacing,
+        rows=int(first.Rows),
+        columns=int(first.Columns),
+        sop_instance_uids=[str(headers[i].SOPInstanceUID) for i in order],
+    )
+
+
+def modality_values(datasets: Sequence[Dataset], out: np.ndarray) -> None:
+    """Decode ``datasets`` into ``out`` (float32, one slice each) as modality values (HU for CT)."""
+    if all("ModalityLUTSequence" not in ds for ds in datasets):
+        # Rescale Slope/Intercept only (CT, most MR/PET): one vectorised multiply-add.
+        for k, ds in enumerate(datasets):
+            out[k] = ds.pixel_array
+        slopes = np.array([float(ds.get("RescaleSlope", 1) or 1) for ds in datasets], dtype=np.float32)
+        intercepts = np.array([float(ds.get("RescaleIntercept", 0) or 0) for ds in datasets], dtype=np.float32)
+        out *= slopes[:, None, None]
+        out += intercepts[:, None, None]
+    else:
+        for k, ds in enumerate(datasets):
+            out[k] = apply_modality_lut(ds.pixel_array, ds)
+
+
+def volume_from_datasets(datasets: Sequence[Dataset]) -> Volume:
+    layout = layout_series(datasets)
+    values = np.empty((len(datasets), layout.rows, layout.columns), dtype=np.float32)
+    modality_values([datasets[i] for i in layout.order], values)
     return Volume(
-        values, positions, (spacing[0], spacing[1]), slice_spacing, [str(ds.SOPInstanceUID) for ds in ordered]
+        values, layout.positions_mm, layout.pixel_spacing_mm, layout.slice_spacing_mm, layout.sop_instance_uids
     )
 
 
 def prepare_volume(volume: Volume, spec: InputSpec, device: torch.device | str = "cpu") -> torch.Tensor:
     """The model's input for every slice: float32, shape (slices, channels, matrix, matrix)."""
     x = torch.from_numpy(volume.values).to(device=device, dtype=torch.float32)
+    return stack_neighbours(prepare_slices(x, volume.pixel_spacing_mm, spec), spec.slice_context)
+
+
+def prepare_slices(values: torch.Tensor, pixel_spacing_mm: tuple[float, float], spec: InputSpec) -> torch.Tensor:
+    """Normalise, denoise and resample slices of modality values: (n, rows, columns) -> (n, 1, matrix, matrix).
+
+    Slice by slice, except z-score normalisation, which takes its mean and
+    deviation from all the slices given: give it the whole volume.
+    """
+    x = values.to(torch.float32)
     if spec.normalisation == "window":
         low, high = spec.window
         x = ((x - low) / (high - low)).clamp_(0.0, 1.0)
@@ -122,10 +188,7 @@ def prepare_volume(volume: Volume, spec: InputSpec, device: torch.device | str =
         raise ValueError(f"unknown normalisation {spec.normalisation!r}")
     x = x.unsqueeze(1)  # (slices, 1, rows, columns)
     x = _denoise(x, spec)
-    x = _resample(x, volume.pixel_spacing_mm, spec)
-    if spec.slice_context:
-        x = _stack_neighbours(x, spec.slice_context)
-    return x.contiguous()
+    return _resample(x, pixel_spacing_mm, spec).contiguous()
 
 
 def _denoise(x: torch.Tensor, spec: InputSpec) -> torch.Tensor:
@@ -176,8 +239,15 @@ def _crop_or_pad(x: torch.Tensor, matrix: int) -> torch.Tensor:
     return x[..., top : top + matrix, left : left + matrix]
 
 
-def _stack_neighbours(x: torch.Tensor, context: int) -> torch.Tensor:
-    """(slices, 1, H, W) -> (slices, 2*context+1, H, W), repeating the edge slices."""
+def stack_neighbours(x: torch.Tensor, context: int, start: int = 0, stop: int | None = None) -> torch.Tensor:
+    """(slices, 1, H, W) -> slices ``start:stop`` as (n, 2*context+1, H, W), repeating the edge slices.
+
+    A batch needs only its own slices and ``context`` on each side, so the
+    model can start on the first slices while later ones are still decoded.
+    """
     n = x.shape[0]
-    index = torch.arange(n, device=x.device)[:, None] + torch.arange(-context, context + 1, device=x.device)[None, :]
+    stop = n if stop is None else stop
+    if not context:
+        return x[start:stop]
+    index = torch.arange(start, stop, device=x.device)[:, None] + torch.arange(-context, context + 1, device=x.device)
     return x[index.clamp_(0, n - 1), 0]

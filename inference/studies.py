@@ -101,14 +101,18 @@ def slice_probabilities(
     """Probability of the finding (class 1) for each slice."""
     network.eval()
     device = torch.device(device)
-    out = []
-    for start in range(0, len(inputs), batch_size):
-        batch = inputs[start : start + batch_size].to(device, non_blocking=True)
-        batch = batch.contiguous(memory_format=torch.channels_last)
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
-            logits = network(batch)
-        out.append(torch.softmax(logits.float(), dim=1)[:, 1].cpu())
+    out = [batch_probabilities(network, inputs[start : start + batch_size], device)
+           for start in range(0, len(inputs), batch_size)]  # fmt: skip
     return torch.cat(out).numpy() if out else np.zeros(0, dtype=np.float32)
+
+
+@torch.inference_mode()
+def batch_probabilities(network: nn.Module, batch: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """One forward pass: channels-last input, bf16 autocast on CUDA; the probabilities back on the CPU."""
+    batch = batch.to(device, non_blocking=True).contiguous(memory_format=torch.channels_last)
+    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+        logits = network(batch)
+    return torch.softmax(logits.float(), dim=1)[:, 1].cpu()
 
 
 def aggregate(probabilities: np.ndarray, how: str = "max") -> float:

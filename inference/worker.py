@@ -17,8 +17,11 @@ import time
 from multiprocessing.sharedctypes import Synchronized
 from pathlib import Path
 
+import torch
+
 from config.settings import Settings
-from inference.model_package import load_package
+from inference.loader import SliceLoader, exit_when_orphaned
+from inference.model_package import ModelPackage, load_package
 from inference.pipeline import NotApplicable, SeriesGeometryError, run_study
 from inference.report import build_measurement_report
 from inference.training import resolve_device
@@ -42,6 +45,7 @@ def worker_main(
     from daemon.logs import configure_logging
 
     configure_logging()
+    exit_when_orphaned()
     stop = stop or threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the supervisor decides
@@ -49,15 +53,18 @@ def worker_main(
     package = load_package(inference.model)
     device = resolve_device(inference.device)
     package.network.to(device)
+    loader = SliceLoader(inference.decoders())
+    loader.start()
     engine = open_for_daemon(settings.node.database_path)
     queue, book, overview = StudyQueue(engine), ReportBook(engine), QueueOverview(engine)
     destinations = [d.name for d in settings.destinations]
     log.info(
-        "worker.ready worker=%s model=%s version=%s device=%s",
+        "worker.ready worker=%s model=%s version=%s device=%s decoders=%d",
         worker_id,
         package.manifest.name,
         package.manifest.version,
         device,
+        loader.processes,
     )
     while not stop.is_set():
         claim = queue.claim(worker_id, LEASE_SECONDS)
@@ -68,7 +75,7 @@ def worker_main(
         renewer = _LeaseRenewer(queue, claim)
         renewer.start()
         try:
-            _process(settings, package, device, claim, overview, book, destinations)
+            _process(settings, package, device, loader, claim, overview, book, destinations)
         except SeriesGeometryError as exc:
             queue.finish(claim, StudyState.FAILED, f"the series cannot be read as one volume: {exc}")
         except Exception as exc:  # noqa: BLE001 - the study fails with the reason; the worker goes on
@@ -77,15 +84,25 @@ def worker_main(
         finally:
             renewer.stop()
             busy_since.value = 0.0
+    loader.close()
     engine.dispose()
     log.info("worker.stopped worker=%s", worker_id)
 
 
-def _process(settings, package, device, claim: Claim, overview: QueueOverview, book: ReportBook, destinations) -> None:  # noqa: ANN001
+def _process(
+    settings: Settings,
+    package: ModelPackage,
+    device: torch.device,
+    loader: SliceLoader,
+    claim: Claim,
+    overview: QueueOverview,
+    book: ReportBook,
+    destinations: list[str],
+) -> None:
     data_dir = settings.node.data_dir
     inference = settings.inference
     files = overview.instance_files(claim.study_uid, data_dir)
-    outcome = run_study(package, claim.study_uid, files, device, inference.batch_size)
+    outcome = run_study(package, claim.study_uid, files, device, inference.batch_size, loader)
     manifest = package.manifest
     if isinstance(outcome, NotApplicable):
         book.record_result(

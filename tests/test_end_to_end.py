@@ -141,19 +141,34 @@ def _worker_pids(node: NodeProcess) -> list[int]:
     return [int(line.split("pid=")[1].split()[0]) for line in node.log().splitlines() if "worker.started" in line]
 
 
+def _children(pid: int) -> set[int]:
+    children = set()
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[1]) == pid:
+            children.add(int(stat.parent.name))
+    return children
+
+
 def test_a_worker_killed_mid_study_is_replaced_and_the_study_is_processed_once(make_node, tmp_path: Path) -> None:
     import os
     import signal
 
     study = write_phantom_study(tmp_path / "big", seed=78, index=1, positive=True, slices=300, matrix=256)
     assert study.directory is not None
-    node = make_node(inference={"workers": 1, "device": "cpu"})
+    node = make_node(inference={"workers": 1, "device": "cpu", "decode_processes": 2})
     wait_until(lambda: "worker.ready" in node.log(), 60, "the worker loaded its model")
     files = sorted(study.directory.glob("*.dcm"))
     assert send(node.port, files) == [0] * len(files)
     wait_until(lambda: (s := node.study(study.study_uid)) and s["state"] == "processing", 60, "processing", 0.02)
     victim = _worker_pids(node)[-1]
+    decoders = _children(victim) - {victim}
+    assert len(decoders) >= 2, "the worker decodes in its own processes"
     os.kill(victim, signal.SIGKILL)
+    wait_until(lambda: not any(Path(f"/proc/{pid}").exists() for pid in decoders), 15, "its decoders exit too")
 
     details = node.wait_for_state(study.study_uid, "reported", timeout=120)
     reasons = [e["reason"] for e in details["events"]]

@@ -100,6 +100,38 @@ def test_preprocessing_window_resample_and_context(phantoms: Path) -> None:
     assert abs(float(z.mean())) < 0.1
 
 
+@pytest.mark.parametrize(
+    "spec",
+    [
+        InputSpec(matrix=64, slice_context=1),
+        InputSpec(matrix=200, pixel_spacing_mm=2.0, denoise="median", slice_context=2),
+        InputSpec(normalisation="zscore", denoise="gaussian", matrix=96),
+    ],
+    ids=["window-2.5d", "spacing-median", "zscore"],
+)
+def test_the_node_sees_exactly_what_training_sees_with_or_without_decoder_processes(
+    phantoms: Path, spec: InputSpec
+) -> None:
+    """Workers decode runs of slices in other processes and batch them as they come; not one value may differ."""
+    from inference.loader import DecodeTimings, SliceLoader
+    from inference.preprocessing import layout_series
+
+    files = sorted((phantoms / "study_00003").glob("*.dcm"))
+    random.Random(3).shuffle(files)
+    expected = prepare_volume(read_series(files), spec)
+    layout = layout_series([dcmread(path, stop_before_pixels=True) for path in files])
+    ordered = [files[i] for i in layout.order]
+    shared_before = set(Path("/dev/shm").glob("psm_*"))
+    for processes in (0, 2):
+        timings = DecodeTimings()
+        with SliceLoader(processes) as loader:
+            batches = list(loader.batches(ordered, layout, spec, 5, timings))
+        assert [len(b) for b in batches] == [5, 5, 5, 5, 4]
+        assert torch.equal(torch.cat(batches), expected), f"{processes} decoder processes"
+        assert timings.decode_ms > 0 and timings.preprocess_ms > 0
+    assert set(Path("/dev/shm").glob("psm_*")) == shared_before, "the shared volumes are unlinked"
+
+
 def test_compressed_pixel_data_decodes_through_pylibjpeg() -> None:
     volume = read_series([Path(get_testdata_file("MR_small_jp2klossless.dcm"))])
     plain = read_series([Path(get_testdata_file("MR_small.dcm"))])

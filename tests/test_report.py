@@ -43,7 +43,9 @@ def test_infer_prints_a_result_per_study_and_writes_reports(studies: Path, tmp_p
         assert entry["status"] == "reported" and entry["model"] == "triagenode-demo-lung-nodule"
         assert 0.0 <= entry["probability"] <= 1.0 and entry["slices"] == 32
         assert entry["finding"] == (entry["probability"] >= entry["threshold"])
-        assert set(entry["timings_ms"]) == {"select", "decode", "preprocess", "model"}
+        timings = entry["timings_ms"]
+        assert set(timings) == {"select", "decode", "preprocess", "input_wait", "model", "total"}
+        assert timings["total"] >= timings["select"] + timings["model"]
         sr = dcmread(entry["sr"]["path"])
         assert sr.StudyInstanceUID == entry["study_uid"]
         assert sr.SOPClassUID == "1.2.840.10008.5.1.4.1.1.88.34"

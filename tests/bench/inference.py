@@ -4,7 +4,8 @@
     .venv/bin/python tests/bench/inference.py --arch densenet121 --input-matrix 512 --device cuda
 
 The pipeline is what a worker runs per study: series selection, decode,
-modality LUT, preprocessing, the model in batches, aggregation. The forward
+modality LUT, preprocessing (in the worker's decoder processes, overlapping
+the model), the model in batches, aggregation. The forward
 rate is the network alone on preprocessed input already on the device.
 Target: the pipeline reaches at least 90% of the forward rate. ``--arch``
 measures an untrained network of the registry instead of a package (e.g.
@@ -22,7 +23,9 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+from config.settings import InferenceSettings  # noqa: E402
 from inference.architectures import build_network  # noqa: E402
+from inference.loader import SliceLoader  # noqa: E402
 from inference.model_package import Manifest, ModelPackage, load_package  # noqa: E402
 from inference.phantom import write_phantom_study  # noqa: E402
 from inference.pipeline import run_study  # noqa: E402
@@ -41,8 +44,10 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--device", default="auto")
     parser.add_argument("--repeat", type=int, default=3)
+    parser.add_argument("--decoders", type=int, default=-1, help="decoder processes (-1: the node's auto choice)")
     args = parser.parse_args()
     device = resolve_device(args.device)
+    decoders = InferenceSettings(decode_processes=args.decoders).decoders()
     if args.arch:
         spec = InputSpec(matrix=args.input_matrix, slice_context=1)
         package = ModelPackage(Manifest(name=args.arch, version="bench", architecture=args.arch, input=spec),
@@ -51,7 +56,7 @@ def main() -> None:
         package = load_package(args.model)
     package.network.to(device).to(memory_format=torch.channels_last)
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU, {torch.get_num_threads()} threads"
-    with tempfile.TemporaryDirectory() as tmp:
+    with tempfile.TemporaryDirectory() as tmp, SliceLoader(decoders) as loader:
         study = write_phantom_study(Path(tmp), seed=0, index=0, positive=True, slices=args.slices, matrix=args.matrix)
         files = sorted(study.directory.glob("*.dcm"))  # type: ignore[union-attr]
         inputs = prepare_volume(read_series(files), package.manifest.input).to(device)
@@ -66,10 +71,10 @@ def main() -> None:
                 torch.cuda.synchronize()
             forward.append(len(files) / (time.perf_counter() - started))
             started = time.perf_counter()
-            result = run_study(package, study.study_uid, files, device, args.batch_size)
+            result = run_study(package, study.study_uid, files, device, args.batch_size, loader)
             pipeline.append(len(files) / (time.perf_counter() - started))
     print(f"device: {name}; model {package.manifest.name} at {package.manifest.input.matrix}px; "
-          f"study {args.slices} slices of {args.matrix}x{args.matrix}")  # fmt: skip
+          f"study {args.slices} slices of {args.matrix}x{args.matrix}; {decoders} decoder processes")  # fmt: skip
     print(f"pure forward      {max(forward):8.0f} slices/s")
     print(f"whole pipeline    {max(pipeline):8.0f} slices/s  ({max(pipeline) / max(forward):.0%} of forward)")
     print(f"one study         {args.slices / max(pipeline):8.2f} s   stages (ms): {result.timings_ms}")  # type: ignore[union-attr]
