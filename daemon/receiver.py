@@ -12,8 +12,10 @@ rename into ``studies/`` stays on one filesystem.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import logging
+import struct
 import tempfile
 import threading
 import time
@@ -139,14 +141,20 @@ class StorageReceiver:
     def _on_connection_open(self, event: evt.Event) -> None:
         with self._lock:
             self._tallies[id(event.assoc)] = _AssociationTally(peer_ip=str(event.address[0]))
+        _limit_pdu_length(event.assoc, str(event.address[0]))
 
     def _on_connection_close(self, event: evt.Event) -> None:
         with self._lock:
             tally = self._tallies.pop(id(event.assoc), None)
+        partial = _discard_partial_dataset(event.assoc)
         if tally is None or tally.outcome == "rejected":
             return
-        log.info(
-            "association.%s peer_ae=%s peer_ip=%s instances=%d duplicates=%d refused=%d bytes=%d duration_s=%.2f",
+        if partial is not None or event.assoc.is_aborted:
+            tally.outcome = "aborted"
+        log.log(
+            logging.WARNING if partial is not None else logging.INFO,
+            "association.%s peer_ae=%s peer_ip=%s instances=%d duplicates=%d refused=%d bytes=%d duration_s=%.2f"
+            + (f" partial_dataset_discarded_bytes={partial}" if partial is not None else ""),
             tally.outcome,
             _peer_ae(event.assoc),
             tally.peer_ip,
@@ -291,6 +299,66 @@ class StorageReceiver:
         if allowed and requestor.ae_title.strip() not in {aet.strip() for aet in allowed}:
             return "calling AE title not in allowed_calling_aets"
         return f"more than max_associations={self._node.max_associations} at once, or no acceptable context"
+
+
+def _discard_partial_dataset(association: Association) -> int | None:
+    """Delete the spool file of a dataset still arriving when the association ended; its size, or None.
+
+    pynetdicom leaves that file behind when a peer aborts or disconnects
+    mid-dataset. Nothing of it was acknowledged, so it goes now, not at the
+    next restart. (pynetdicom resets its DIMSE message once a dataset is
+    complete, so a file still attached to it is a partial one.)
+    """
+    message = getattr(getattr(association, "dimse", None), "message", None)
+    partial = getattr(message, "_data_set_file", None)
+    if partial is None:
+        return None
+    path = Path(partial.name)
+    try:
+        partial.close()
+        size = path.stat().st_size
+        path.unlink()
+    except OSError:
+        return 0
+    return size
+
+
+_P_DATA_TF = 0x04
+
+
+def _limit_pdu_length(association: Association, peer_ip: str) -> None:
+    """Abort an association whose peer sends a P-DATA-TF longer than the maximum the node announced.
+
+    pynetdicom reads a PDU whole, whatever length its header claims, before
+    looking at it; this check reads the 6-byte header first (PS3.8 9.3.1), so
+    a broken or hostile peer cannot make the node buffer more than
+    ``MAX_PDU_SIZE``. The peer gets an A-ABORT (source: service provider,
+    reason: invalid PDU parameter value), then the connection closes.
+    """
+    transport = association.dul.socket
+    if transport is None:
+        return
+    receive = transport.recv
+
+    def recv(nr_bytes: int) -> bytearray:
+        data = receive(nr_bytes)
+        if nr_bytes == 6 and len(data) == 6:
+            pdu_type, _, length = struct.unpack(">BBL", data)
+            if pdu_type == _P_DATA_TF and length > MAX_PDU_SIZE:
+                log.warning(
+                    "association.pdu_too_long peer_ae=%s peer_ip=%s pdu_length=%d max_pdu_length=%d: aborting",
+                    _peer_ae(association), peer_ip, length, MAX_PDU_SIZE,
+                )  # fmt: skip
+                with contextlib.suppress(OSError):
+                    transport.socket.sendall(_A_ABORT_INVALID_PDU_PARAMETER)  # type: ignore[union-attr]
+                raise ConnectionAbortedError(f"P-DATA-TF of {length} bytes exceeds {MAX_PDU_SIZE}")
+        return data
+
+    transport.recv = recv  # type: ignore[method-assign]
+
+
+_A_ABORT_INVALID_PDU_PARAMETER = struct.pack(">BBLBBBB", 0x07, 0, 4, 0, 0, 2, 6)
+"""A-ABORT PDU, source 2 (service provider), reason 6 (invalid PDU parameter value); PS3.8 9.3.8."""
 
 
 def _peer_ae(association: Association) -> str:
