@@ -6,8 +6,9 @@ Nothing else in the node imports TOML. The rules an administrator relies on:
   exists, otherwise the embedded defaults with ``data_dir`` under the user's
   home, so that a newcomer runs without root.
 * ``TRIAGENODE_<SECTION>__<KEY>`` overrides any key (``TRIAGENODE_NODE__PORT``);
-  destinations by index: ``TRIAGENODE_DESTINATIONS__0__PORT``. Lists in the
-  environment are comma-separated.
+  destinations by index: ``TRIAGENODE_DESTINATIONS__0__PORT``. The next index
+  after the file's destinations, with all four keys (name, ae_title, host,
+  port), adds a destination. Lists in the environment are comma-separated.
 * An unknown key, a wrong type or an impossible value raises
   :class:`ConfigError`, whose text is one line naming the key and the file.
 """
@@ -209,6 +210,7 @@ def _origin_of(key: str, environ: Mapping[str, str], source: str) -> str:
 def _apply_environment(settings: Settings, environ: Mapping[str, str]) -> Settings:
     sections = {name: getattr(settings, name) for name in _SECTIONS}
     destinations = list(settings.destinations)
+    new: dict[int, dict[str, tuple[str, str]]] = {}
     for name, text in sorted(environ.items()):
         if not name.startswith(ENV_PREFIX) or "__" not in name:
             continue
@@ -222,15 +224,33 @@ def _apply_environment(settings: Settings, environ: Mapping[str, str]) -> Settin
             sections[parts[0]] = dataclasses.replace(section, **{parts[1]: value})
         elif parts[0] == "destinations" and len(parts) == 3 and parts[1].isdigit():
             index = int(parts[1])
-            if index >= len(destinations):
-                raise SettingError(name, f"there is no destination {index}; define it in the file first")
             hints = typing.get_type_hints(Destination)
             if parts[2] not in hints:
                 raise SettingError(name, f"unknown key; known keys: {', '.join(hints)}")
             key = f"destinations[{index}].{parts[2]}"
+            if index >= len(destinations):
+                new.setdefault(index, {})[parts[2]] = (name, text)
+                continue
             destinations[index] = dataclasses.replace(
                 destinations[index], **{parts[2]: _parse_env_value(key, hints[parts[2]], text)}
             )
         else:
             raise SettingError(name, "not a setting; use TRIAGENODE_<SECTION>__<KEY>, e.g. TRIAGENODE_NODE__PORT")
+    for index in sorted(new):
+        destinations.append(_destination_from_environment(index, len(destinations), new[index]))
     return dataclasses.replace(settings, destinations=tuple(destinations), **sections)
+
+
+def _destination_from_environment(index: int, expected: int, values: dict[str, tuple[str, str]]) -> Destination:
+    """A destination defined by the environment alone (a container, a quick test): all four keys, next index."""
+    first = next(iter(values.values()))[0]
+    if index != expected:
+        raise SettingError(first, f"destination {index} would leave a gap; the next destination is {expected}")
+    hints = typing.get_type_hints(Destination)
+    missing = [key for key in hints if key not in values]
+    if missing:
+        needed = ", ".join(f"{ENV_PREFIX}DESTINATIONS__{index}__{key.upper()}" for key in missing)
+        raise SettingError(first, f"a destination defined in the environment also needs {needed}")
+    return Destination(
+        **{key: _parse_env_value(f"destinations[{index}].{key}", hints[key], text) for key, (_, text) in values.items()}
+    )

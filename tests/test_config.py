@@ -86,6 +86,22 @@ def test_environment_overrides_every_section(tmp_path: Path) -> None:
     assert shown["source"] == str(path)
 
 
+def test_the_environment_can_add_a_destination_after_the_files(tmp_path: Path) -> None:
+    path = write(tmp_path, '[[destinations]]\nname = "pacs"\nae_title = "PACS"\nhost = "h"\nport = 4242\n')
+    added = {"NAME": "archive", "AE_TITLE": "ARCHIVE", "HOST": "10.0.0.9", "PORT": "104"}
+    env = {f"TRIAGENODE_DESTINATIONS__1__{key}": value for key, value in added.items()}
+    result = run("config", "show", "--json", "--config", str(path), env=env)
+    assert result.returncode == 0, result.stderr
+    assert json.loads(result.stdout)["destinations"][1] == {"name": "archive", "ae_title": "ARCHIVE",
+                                                            "host": "10.0.0.9", "port": 104}  # fmt: skip
+    env.pop("TRIAGENODE_DESTINATIONS__1__HOST")
+    result = run("config", "show", "--config", str(path), env=env)
+    assert result.returncode == 2 and "also needs TRIAGENODE_DESTINATIONS__1__HOST" in result.stderr
+    gap = {k.replace("__1__", "__2__"): v for k, v in env.items()}
+    result = run("config", "show", "--config", str(path), env=gap)
+    assert result.returncode == 2 and "destination 2 would leave a gap; the next destination is 1" in result.stderr
+
+
 def test_a_bad_environment_value_names_the_variable(tmp_path: Path) -> None:
     path = write(tmp_path, "")
     result = run("config", "show", "--config", str(path), env={"TRIAGENODE_NODE__PORT": "0"})
