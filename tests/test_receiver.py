@@ -280,6 +280,7 @@ DCMTK_SYNTAXES = [
     ("-xy", "SC_rgb_jpeg_dcmtk.dcm", "1.2.840.10008.1.2.4.50"),
     ("-xv", "MR_small_jp2klossless.dcm", "1.2.840.10008.1.2.4.90"),
     ("-xw", "JPEG2000.dcm", "1.2.840.10008.1.2.4.91"),
+    ("-xs", "JPEG-LL.dcm", "1.2.840.10008.1.2.4.70"),
     ("-xt", "MR_small_jpeg_ls_lossless.dcm", "1.2.840.10008.1.2.4.80"),
     ("-xr", "MR_small_RLE.dcm", "1.2.840.10008.1.2.5"),
 ]
