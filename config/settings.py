@@ -126,6 +126,8 @@ class InferenceSettings:
     """comprehensive3d, or comprehensive for archives that refuse Comprehensive 3D SR."""
     content_qualification: str = "RESEARCH"
     """RESEARCH, or PRODUCT once the site has validated the model."""
+    report_not_applicable: bool = False
+    """Also send an SR (finding Indeterminate, with the reason) for studies the model cannot read."""
 
     def validate(self) -> None:
         if not self.model:

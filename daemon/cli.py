@@ -554,7 +554,7 @@ def infer(
     """
     from inference.model_package import ModelPackageError, load_package
     from inference.pipeline import NotApplicable, SeriesGeometryError, files_by_study, run_study
-    from inference.report import build_measurement_report
+    from inference.report import report_for
     from inference.training import TrainingError, resolve_device
 
     settings = settings_from(config_path)
@@ -578,15 +578,11 @@ def infer(
             failed = True
             continue
         if isinstance(outcome, NotApplicable):
-            results.append({"study_uid": study_uid, "status": "not applicable", "reason": outcome.reason})
-            continue
-        entry: dict[str, Any] = {"status": "reported", **outcome.to_dict()}
-        if sr_out is not None:
-            report = build_measurement_report(
-                outcome, package.manifest, outcome.evidence,
-                node_ae_title=settings.node.ae_title, sr_class=inference.sr_sop_class,  # type: ignore[arg-type]
-                product=inference.content_qualification == "PRODUCT",
-            )  # fmt: skip
+            entry: dict[str, Any] = {"study_uid": study_uid, "status": "not applicable", "reason": outcome.reason}
+        else:
+            entry = {"status": "reported", **outcome.to_dict()}
+        report = report_for(outcome, package.manifest, inference, settings.node.ae_title) if sr_out else None
+        if sr_out is not None and report is not None:
             target = sr_out / f"{study_uid}.dcm" if len(studies) > 1 or sr_out.is_dir() else sr_out
             target.parent.mkdir(parents=True, exist_ok=True)
             report.save_as(target, enforce_file_format=True)
@@ -596,15 +592,16 @@ def infer(
         print_json(results)
     else:
         for entry in results:
+            written = f"; report {entry['sr']['path']}" if "sr" in entry else ""
             if entry["status"] != "reported":
-                click.echo(f"{entry['study_uid']}: {entry['status']}: {entry['reason']}")
+                click.echo(f"{entry['study_uid']}: {entry['status']}: {entry['reason']}{written}")
                 continue
             verdict = "PRESENT" if entry["finding"] else "absent"
             click.echo(
                 f"{entry['study_uid']}: {package.manifest.finding.meaning.lower()} {verdict}, probability "
                 f"{entry['probability']:.3f} (threshold {entry['threshold']:.3f}), "
                 f"key slice {entry['key_instance_uid']}, {entry['slices']} slices, "
-                f"{entry['timings_ms']['total']:.0f} ms" + (f"; report {entry['sr']['path']}" if "sr" in entry else "")
+                f"{entry['timings_ms']['total']:.0f} ms{written}"
             )
     if failed:
         sys.exit(EXIT_NO)

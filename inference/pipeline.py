@@ -50,6 +50,8 @@ class NotApplicable:
 
     study_uid: str
     reason: str
+    evidence: list[Dataset] = field(default_factory=list, repr=False)
+    """Headers of every instance of the study, for a report that says so (when the site wants one)."""
 
 
 @dataclass
@@ -154,8 +156,10 @@ def run_study(
     """
     manifest = package.manifest
     started = time.perf_counter()
-    chosen = select_series(study_uid, describe_series(files), manifest.input)
+    candidates = describe_series(files)
+    chosen = select_series(study_uid, candidates, manifest.input)
     if isinstance(chosen, NotApplicable):
+        chosen.evidence = [header for candidate in candidates for header in candidate.headers]
         return chosen
     layout = layout_series(chosen.headers)
     selected = time.perf_counter()

@@ -23,7 +23,7 @@ from config.settings import Settings
 from inference.loader import SliceLoader, exit_when_orphaned
 from inference.model_package import ModelPackage, load_package
 from inference.pipeline import NotApplicable, SeriesGeometryError, run_study
-from inference.report import build_measurement_report
+from inference.report import report_for
 from inference.training import resolve_device
 from storage.database import open_for_daemon
 from storage.filestore import FileStore
@@ -104,30 +104,29 @@ def _process(
     files = overview.instance_files(claim.study_uid, data_dir)
     outcome = run_study(package, claim.study_uid, files, device, inference.batch_size, loader)
     manifest = package.manifest
-    if isinstance(outcome, NotApplicable):
-        book.record_result(
-            claim,
-            {"applicable": False, "reason": outcome.reason, "model": manifest.name, "model_version": manifest.version},
-            destinations,
-        )
-        log.info("study.not_applicable study_uid=%s reason=%r", claim.study_uid, outcome.reason)
-        return
     started = time.perf_counter()
-    report = build_measurement_report(
-        outcome,
-        manifest,
-        outcome.evidence,
-        node_ae_title=settings.node.ae_title,
-        sr_class=inference.sr_sop_class,  # type: ignore[arg-type]
-        product=inference.content_qualification == "PRODUCT",
-    )
-    store = FileStore(data_dir)
-    relative = Path("reports") / claim.study_uid / f"{report.SOPInstanceUID}.dcm"
-    spooled = store.spool_dir / f"{report.SOPInstanceUID}.sr"
-    report.save_as(spooled, enforce_file_format=True)
-    store.commit_file(spooled, relative)
+    report = report_for(outcome, manifest, inference, settings.node.ae_title)
+    sr: tuple[str | None, str | None] = (None, None)
+    if report is not None:
+        store = FileStore(data_dir)
+        relative = Path("reports") / claim.study_uid / f"{report.SOPInstanceUID}.dcm"
+        spooled = store.spool_dir / f"{report.SOPInstanceUID}.sr"
+        report.save_as(spooled, enforce_file_format=True)
+        store.commit_file(spooled, relative)
+        sr = (str(relative), str(report.SOPInstanceUID))
+    if isinstance(outcome, NotApplicable):
+        result = {
+            "applicable": False,
+            "reason": outcome.reason,
+            "model": manifest.name,
+            "model_version": manifest.version,
+        }
+        recorded = book.record_result(claim, result, destinations, *sr)
+        log.info("study.not_applicable study_uid=%s reason=%r report=%s recorded=%s", claim.study_uid, outcome.reason,
+                 report is not None, recorded)  # fmt: skip
+        return
     outcome.timings_ms["report"] = round((time.perf_counter() - started) * 1000, 1)
-    recorded = book.record_result(claim, outcome.to_dict(), destinations, str(relative), str(report.SOPInstanceUID))
+    recorded = book.record_result(claim, outcome.to_dict(), destinations, *sr)
     log.info(
         "study.result study_uid=%s finding=%s probability=%.4f recorded=%s timings_ms=%s",
         claim.study_uid,

@@ -10,12 +10,14 @@ from pathlib import Path
 
 import pytest
 from pydicom import Dataset, dcmread
+from pydicom.uid import generate_uid
 from pynetdicom import AE, evt
 from pynetdicom.sop_class import Comprehensive3DSRStorage, ComprehensiveSRStorage
 
 from inference.phantom import write_phantom_study
 
 from conftest import NODE_AE, TRIAGENODE, NodeProcess, free_port, send, wait_until
+from dicom_factory import ct_slice
 
 
 class RecordingPacs:
@@ -102,6 +104,28 @@ def test_a_study_comes_back_as_a_structured_report(make_node, phantom_study: Pat
         assert offline["key_instance_uid"] == result["key_instance_uid"]
         shown = node.cli_json("queue", "show", study_uid)
         assert shown["result"]["probability"] == result["probability"]
+    finally:
+        pacs.stop()
+
+
+def test_with_report_not_applicable_a_localiser_only_study_gets_an_indeterminate_report(make_node) -> None:
+    pacs = RecordingPacs(free_port()).start()
+    try:
+        node = make_node(
+            inference={"workers": 1, "device": "cpu", "report_not_applicable": True},
+            destinations=[{"name": "pacs", "ae_title": "PACS", "host": "127.0.0.1", "port": pacs.port}],
+        )
+        study_uid, series_uid = generate_uid(), generate_uid()
+        scouts = [ct_slice(study_uid, series_uid, index) for index in range(2)]
+        for ds in scouts:
+            ds.ImageType = ["ORIGINAL", "PRIMARY", "LOCALIZER"]
+        assert send(node.port, scouts) == [0, 0]
+        details = node.wait_for_state(study_uid, "sent", timeout=120)
+        assert details["result"]["applicable"] is False and "a localiser" in details["result"]["reason"]
+        wait_until(lambda: len(pacs.received) == 1, 10, "one SR at the destination")
+        [sr] = pacs.received
+        assert sr.StudyInstanceUID == study_uid and "not assessed" in sr.SeriesDescription
+        assert sr.SOPInstanceUID == details["result"]["sr_sop_instance_uid"]
     finally:
         pacs.stop()
 

@@ -100,11 +100,54 @@ def test_a_study_without_a_suitable_series_is_not_applicable(tmp_path: Path) -> 
     short = [ct_slice(study_uid, short_uid, i) for i in range(4)]
     for index, ds in enumerate(localizer + short):
         ds.save_as(tmp_path / f"{index}.dcm", enforce_file_format=True)
-    result = infer(str(tmp_path), "--json")
+    result = infer(str(tmp_path), "--json", "--sr-out", str(tmp_path / "none.dcm"))
     assert result.returncode == 0, result.stderr
     [entry] = json.loads(result.stdout)
     assert entry["status"] == "not applicable"
     assert "a localiser" in entry["reason"] and "series of 4 slices (needs 16)" in entry["reason"]
+    assert "sr" not in entry and not (tmp_path / "none.dcm").exists(), "no report unless the site asks for one"
+
+
+@needs_dicom3tools
+@needs_dcmtk
+def test_a_site_can_have_a_report_for_a_study_the_model_cannot_read(tmp_path: Path) -> None:
+    study_uid, localizer_uid = generate_uid(), generate_uid()
+    studies = tmp_path / "study"
+    studies.mkdir()
+    for index in range(3):
+        ds = ct_slice(study_uid, localizer_uid, index)
+        ds.ImageType = ["ORIGINAL", "PRIMARY", "LOCALIZER"]
+        ds.save_as(studies / f"{index}.dcm", enforce_file_format=True)
+    config = tmp_path / "node.toml"
+    config.write_text("[inference]\nreport_not_applicable = true\n")
+    target = tmp_path / "report.dcm"
+    result = infer(str(studies), "--json", "--config", str(config), "--sr-out", str(target))
+    assert result.returncode == 0, result.stderr
+    [entry] = json.loads(result.stdout)
+    assert entry["status"] == "not applicable" and entry["sr"]["path"] == str(target)
+
+    checked = subprocess.run(["dciodvfy", str(target)], capture_output=True, text=True, timeout=60)
+    errors = [line for line in (checked.stdout + checked.stderr).splitlines() if line.startswith("Error")]
+    assert errors == [], "\n".join(errors)
+    dumped = subprocess.run(["dsrdump", str(target)], capture_output=True, text=True, timeout=60)
+    assert dumped.returncode == 0 and "E:" not in dumped.stderr
+    assert '(82334004,SCT,"Indeterminate")' in dumped.stdout and "Certainty of Finding" not in dumped.stdout
+    assert '<contains TEXT:(,,"Comment")="Not assessed: ' in dumped.stdout
+    report = dcmread(target)
+
+    def texts(items: object) -> list[str]:
+        found = []
+        for item in items or []:  # type: ignore[attr-defined]
+            found += [item.TextValue] if "TextValue" in item else []
+            found += texts(item.get("ContentSequence"))
+        return found
+
+    assert "Not assessed: no CT image series the model can read (a localiser)" in texts(report.ContentSequence)
+    assert report.StudyInstanceUID == study_uid and "not assessed" in report.SeriesDescription
+    [evidence] = report.CurrentRequestedProcedureEvidenceSequence
+    assert evidence.ReferencedSeriesSequence[0].SeriesInstanceUID == localizer_uid
+    again = infer(str(studies), "--json", "--config", str(config), "--sr-out", str(tmp_path / "again.dcm"))
+    assert json.loads(again.stdout)[0]["sr"]["sop_instance_uid"] == report.SOPInstanceUID, "the same report again"
 
 
 @pytest.mark.parametrize("syntax", ["1.2.840.10008.1.2.4.90", "1.2.840.10008.1.2.4.80"])  # JPEG 2000 / JPEG-LS lossless
