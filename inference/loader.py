@@ -158,7 +158,8 @@ class SliceLoader:
         slicewise = spec.normalisation == "window"
         shape = (n, 1, spec.matrix, spec.matrix) if slicewise else (n, layout.rows, layout.columns)
         shm = SharedMemory(create=True, size=max(1, math.prod(shape) * 4))
-        pending: list[tuple[tuple, Future | None]] = []
+        # (slices ready once this run is in, the run's arguments, its future when a decoder process has it)
+        pending: list[tuple[int, tuple, Future | None]] = []
         volume: torch.Tensor | None = None
         prepared: torch.Tensor | None = None
         try:
@@ -166,13 +167,14 @@ class SliceLoader:
             for start in range(0, n, RUN_SLICES):
                 paths = list(files[start : start + RUN_SLICES])
                 run = (shm.name, shape, start, paths, layout.pixel_spacing_mm, task_spec)
-                pending.append((run, self._pool.submit(decode_run, *run) if self._pool is not None else None))
+                future = self._pool.submit(decode_run, *run) if self._pool is not None else None
+                pending.append((start + len(paths), run, future))
             volume = torch.from_numpy(np.ndarray(shape, dtype=np.float32, buffer=shm.buf))
             if slicewise:
                 prepared = volume
             context = spec.slice_context
-            ready = emitted = 0
-            for run, future in pending:
+            emitted = 0
+            for ready, run, future in pending:
                 waited = time.perf_counter()
                 if future is None:
                     decode_ms, preprocess_ms = decode_run(*run)
@@ -181,7 +183,6 @@ class SliceLoader:
                     timings.wait_ms += (time.perf_counter() - waited) * 1000
                 timings.decode_ms += decode_ms
                 timings.preprocess_ms += preprocess_ms
-                ready = run[2] + len(run[3])
                 if prepared is None:
                     if ready < n:
                         continue
@@ -190,12 +191,13 @@ class SliceLoader:
                     timings.preprocess_ms += (time.perf_counter() - mark) * 1000
                 while emitted < n and (ready == n or emitted + batch_size + context <= ready):
                     stop = min(n, emitted + batch_size)
-                    batch = stack_neighbours(prepared, context, emitted, stop).clone()
+                    batch = stack_neighbours(prepared, context, emitted, stop)
+                    batch = batch if context else batch.clone()  # without context it is a view of the shared volume
                     yield batch.pin_memory() if pin_memory else batch
                     emitted = stop
         finally:
             volume = prepared = None  # views of the shared memory must go before it is closed
-            for _, future in pending:
+            for _, _, future in pending:
                 if future is not None and not future.cancel():
                     try:
                         future.result()  # a running decoder still writes into the shared volume
