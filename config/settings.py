@@ -119,8 +119,8 @@ class InferenceSettings:
     """Worker processes; 0 receives and queues only (no inference)."""
     batch_size: int = 32
     decode_processes: int = -1
-    """Processes per worker that decode and preprocess slices ahead of the model; 0 decodes in the
-    worker itself; -1 (auto) leaves that to :meth:`decoders`."""
+    """Processes per worker that decode and preprocess slices ahead of the model; 0 decodes in a
+    thread of the worker itself; -1 (auto) leaves that to :meth:`decoders`."""
     study_timeout_s: int = 600
     sr_sop_class: str = "comprehensive3d"
     """comprehensive3d, or comprehensive for archives that refuse Comprehensive 3D SR."""
@@ -146,7 +146,7 @@ class InferenceSettings:
     def decoders(self, cpu_count: int | None = None) -> int:
         """Decoder processes per worker: as configured, or for auto the worker's share of the cores less one.
 
-        With two cores or fewer per worker, auto decodes in the worker: the
+        With two cores or fewer per worker, auto decodes in a thread of the worker: the
         model's own threads already use those cores, and extra processes only
         contended with them (measured on 2 cores: 0.8-1.2 s per 300-slice CT
         with 0, 1 or 2 decoders alike).

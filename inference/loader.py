@@ -15,6 +15,10 @@ pass. Z-score normalisation needs the whole volume's statistics: then the
 decoders write modality values and the worker prepares the volume once all
 are in.
 
+With no decoder processes (a machine with two cores or fewer per worker),
+one thread of the worker decodes ahead of the model instead: pydicom holds
+the GIL, but the forward pass releases it, so the two still overlap.
+
 A decoder process exits when its worker dies (it polls its parent), so a
 worker killed by the supervisor leaves no orphans behind.
 """
@@ -27,11 +31,12 @@ import os
 import threading
 import time
 from collections.abc import Iterator, Sequence
-from concurrent.futures import Future, ProcessPoolExecutor
+from concurrent.futures import Executor, Future, ProcessPoolExecutor, ThreadPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass
 from multiprocessing.shared_memory import SharedMemory
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -111,14 +116,17 @@ def decode_run(
 
 
 class SliceLoader:
-    """A worker's decoder processes; ``processes=0`` decodes in the calling process, run by run."""
+    """A worker's decoder processes; ``processes=0`` decodes in one thread of the calling process instead."""
 
     def __init__(self, processes: int) -> None:
         self.processes = processes
-        self._pool: ProcessPoolExecutor | None = None
+        self._pool: Executor | None = None
 
     def start(self) -> None:
         """Start the decoder processes now, so that the first study does not wait for them."""
+        if not self.processes and self._pool is None:
+            # One thread ahead of the model: pydicom holds the GIL, but torch's forward pass releases it.
+            self._pool = ThreadPoolExecutor(1, thread_name_prefix="decoder")
         if self.processes and self._pool is None:
             self._pool = ProcessPoolExecutor(
                 self.processes, mp_context=multiprocessing.get_context("spawn"), initializer=_decoder_init
@@ -158,8 +166,8 @@ class SliceLoader:
         slicewise = spec.normalisation == "window"
         shape = (n, 1, spec.matrix, spec.matrix) if slicewise else (n, layout.rows, layout.columns)
         shm = SharedMemory(create=True, size=max(1, math.prod(shape) * 4))
-        # (slices ready once this run is in, the run's arguments, its future when a decoder process has it)
-        pending: list[tuple[int, tuple, Future | None]] = []
+        # (slices ready once this run is in, the run's future)
+        pending: list[tuple[int, Future]] = []
         volume: torch.Tensor | None = None
         prepared: torch.Tensor | None = None
         try:
@@ -167,20 +175,16 @@ class SliceLoader:
             for start in range(0, n, RUN_SLICES):
                 paths = list(files[start : start + RUN_SLICES])
                 run = (shm.name, shape, start, paths, layout.pixel_spacing_mm, task_spec)
-                future = self._pool.submit(decode_run, *run) if self._pool is not None else None
-                pending.append((start + len(paths), run, future))
+                pending.append((start + len(paths), self._submit(decode_run, *run)))
             volume = torch.from_numpy(np.ndarray(shape, dtype=np.float32, buffer=shm.buf))
             if slicewise:
                 prepared = volume
             context = spec.slice_context
             emitted = 0
-            for ready, run, future in pending:
+            for ready, future in pending:
                 waited = time.perf_counter()
-                if future is None:
-                    decode_ms, preprocess_ms = decode_run(*run)
-                else:
-                    decode_ms, preprocess_ms = self._result(future)
-                    timings.wait_ms += (time.perf_counter() - waited) * 1000
+                decode_ms, preprocess_ms = self._result(future)
+                timings.wait_ms += (time.perf_counter() - waited) * 1000
                 timings.decode_ms += decode_ms
                 timings.preprocess_ms += preprocess_ms
                 if prepared is None:
@@ -197,14 +201,18 @@ class SliceLoader:
                     emitted = stop
         finally:
             volume = prepared = None  # views of the shared memory must go before it is closed
-            for _, _, future in pending:
-                if future is not None and not future.cancel():
+            for _, future in pending:
+                if not future.cancel():
                     try:
                         future.result()  # a running decoder still writes into the shared volume
                     except Exception:  # noqa: BLE001, S110 - already reported to the consumer, or moot
                         pass
             shm.close()
             shm.unlink()
+
+    def _submit(self, *task: Any) -> Future:
+        assert self._pool is not None, "start() first"
+        return self._pool.submit(*task)
 
     def _result(self, future: Future) -> tuple[float, float]:
         try:

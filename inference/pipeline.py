@@ -152,7 +152,7 @@ def run_study(
     """Run the model on one study's files; raises SeriesGeometryError for a series that is not one volume.
 
     ``loader`` holds the worker's decoder processes; without one, slices are
-    decoded in this process, run by run between the model's batches.
+    decoded by a thread of this process, ahead of the model.
     """
     manifest = package.manifest
     started = time.perf_counter()
@@ -164,15 +164,21 @@ def run_study(
     layout = layout_series(chosen.headers)
     selected = time.perf_counter()
     device = torch.device(device)
+    owned = loader is None
     loader = loader or SliceLoader(0)
     loading = DecodeTimings()
     ordered = [chosen.files[i] for i in layout.order]
     parts, model_s = [], 0.0
     package.network.eval()
-    for batch in loader.batches(ordered, layout, manifest.input, batch_size, loading, pin_memory=device.type == "cuda"):
-        mark = time.perf_counter()
-        parts.append(batch_probabilities(package.network, batch, device))
-        model_s += time.perf_counter() - mark
+    try:
+        pin = device.type == "cuda"
+        for batch in loader.batches(ordered, layout, manifest.input, batch_size, loading, pin_memory=pin):
+            mark = time.perf_counter()
+            parts.append(batch_probabilities(package.network, batch, device))
+            model_s += time.perf_counter() - mark
+    finally:
+        if owned:
+            loader.close()
     probabilities = torch.cat(parts).numpy()
     probability = aggregate(probabilities, manifest.aggregation)
     key = int(np.argmax(probabilities))
