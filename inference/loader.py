@@ -32,7 +32,6 @@ import threading
 import time
 from collections.abc import Iterator, Sequence
 from concurrent.futures import Executor, Future, ProcessPoolExecutor, ThreadPoolExecutor
-from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass
 from multiprocessing.shared_memory import SharedMemory
 from pathlib import Path
@@ -123,7 +122,14 @@ class SliceLoader:
         self._pool: Executor | None = None
 
     def start(self) -> None:
-        """Start the decoder processes now, so that the first study does not wait for them."""
+        """Start the decoder processes now, so that the first study does not wait for them.
+
+        A pool one of whose processes died (killed for memory, say) cannot be
+        used again; it is replaced here, before the next study.
+        """
+        if self._pool is not None and getattr(self._pool, "_broken", False):
+            self._pool.shutdown(wait=False, cancel_futures=True)
+            self._pool = None
         if not self.processes and self._pool is None:
             # One thread ahead of the model: pydicom holds the GIL, but torch's forward pass releases it.
             self._pool = ThreadPoolExecutor(1, thread_name_prefix="decoder")
@@ -183,7 +189,7 @@ class SliceLoader:
             emitted = 0
             for ready, future in pending:
                 waited = time.perf_counter()
-                decode_ms, preprocess_ms = self._result(future)
+                decode_ms, preprocess_ms = future.result()
                 timings.wait_ms += (time.perf_counter() - waited) * 1000
                 timings.decode_ms += decode_ms
                 timings.preprocess_ms += preprocess_ms
@@ -213,16 +219,6 @@ class SliceLoader:
     def _submit(self, *task: Any) -> Future:
         assert self._pool is not None, "start() first"
         return self._pool.submit(*task)
-
-    def _result(self, future: Future) -> tuple[float, float]:
-        try:
-            return future.result()
-        except BrokenProcessPool:
-            # A decoder died (out of memory, killed): start a fresh pool for the next study.
-            pool, self._pool = self._pool, None
-            if pool is not None:
-                pool.shutdown(wait=False, cancel_futures=True)
-            raise
 
 
 __all__ = ["DecodeTimings", "SliceLoader", "decode_run", "exit_when_orphaned"]

@@ -10,16 +10,19 @@ can kill it after ``study_timeout_s``.
 
 from __future__ import annotations
 
+import faulthandler
 import logging
 import signal
 import threading
 import time
+from concurrent.futures.process import BrokenProcessPool
 from multiprocessing.sharedctypes import Synchronized
 from pathlib import Path
 
 import torch
 
 from config.settings import Settings
+from daemon.supervisor import MAX_PROCESSING_ATTEMPTS
 from inference.loader import SliceLoader, exit_when_orphaned
 from inference.model_package import ModelPackage, load_package
 from inference.pipeline import NotApplicable, SeriesGeometryError, run_study
@@ -45,6 +48,7 @@ def worker_main(
     from daemon.logs import configure_logging
 
     configure_logging()
+    faulthandler.register(signal.SIGUSR1, all_threads=True)  # `kill -USR1 <pid>`: every thread's stack to the log
     exit_when_orphaned()
     stop = stop or threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
@@ -78,6 +82,18 @@ def worker_main(
             _process(settings, package, device, loader, claim, overview, book, destinations)
         except SeriesGeometryError as exc:
             queue.finish(claim, StudyState.FAILED, f"the series cannot be read as one volume: {exc}")
+        except BrokenProcessPool:
+            # A decoder died (most likely killed for memory): like a worker crash, the study gets another try.
+            again = claim.attempt < MAX_PROCESSING_ATTEMPTS
+            log.error(
+                "worker.decoder_died worker=%s study_uid=%s attempt=%d", worker_id, claim.study_uid, claim.attempt
+            )
+            queue.finish(
+                claim,
+                StudyState.QUEUED if again else StudyState.FAILED,
+                f"a decoder process died on attempt {claim.attempt} of {MAX_PROCESSING_ATTEMPTS} (out of memory? "
+                + ("see the node's log); back in the queue" if again else "see the node's log); giving up"),
+            )
         except Exception as exc:  # noqa: BLE001 - the study fails with the reason; the worker goes on
             log.exception("worker.error worker=%s study_uid=%s", worker_id, claim.study_uid)
             queue.finish(claim, StudyState.FAILED, f"worker error: {type(exc).__name__}; see the node's log")

@@ -204,6 +204,30 @@ def test_a_worker_killed_mid_study_is_replaced_and_the_study_is_processed_once(m
     assert "worker.died" in node.log()
 
 
+def test_a_decoder_killed_mid_study_is_replaced_and_the_study_is_reported_once(make_node, tmp_path: Path) -> None:
+    import os
+    import signal
+
+    study = write_phantom_study(tmp_path / "big", seed=79, index=1, positive=True, slices=200, matrix=512)
+    assert study.directory is not None
+    node = make_node(inference={"workers": 1, "device": "cpu", "decode_processes": 2})
+    wait_until(lambda: "worker.ready" in node.log(), 60, "the worker loaded its model")
+    files = sorted(study.directory.glob("*.dcm"))
+    assert send(node.port, files) == [0] * len(files)
+    wait_until(lambda: (s := node.study(study.study_uid)) and s["state"] == "processing", 60, "processing", 0.02)
+    worker = _worker_pids(node)[-1]
+    decoders = _children(worker)
+    os.kill(min(decoders), signal.SIGKILL)
+
+    details = node.wait_for_state(study.study_uid, "reported", timeout=120)
+    assert [e["to"] for e in details["events"]].count("reported") == 1 and details["result"]["slices"] == 200
+    if details["processing_attempts"] == 2:  # it died while decoding this study, not before
+        assert any("a decoder process died on attempt 1 of 3" in e["reason"] for e in details["events"])
+    assert _worker_pids(node) == [worker], "the worker itself lives on"
+    fresh = _children(worker)
+    assert len(fresh) == 2 and not fresh & decoders, "with two fresh decoders"
+
+
 def test_a_node_killed_before_delivery_delivers_after_restart(make_node, phantom_study: Path) -> None:
     import signal
 

@@ -133,6 +133,31 @@ def test_the_node_sees_exactly_what_training_sees_with_or_without_decoder_proces
     assert not left, f"the shared volumes are unlinked, not {left}"
 
 
+def test_a_decoder_that_dies_fails_that_series_and_the_next_gets_fresh_decoders(tmp_path: Path) -> None:
+    import os
+    import signal
+    from concurrent.futures.process import BrokenProcessPool
+
+    from inference.loader import DecodeTimings, SliceLoader
+    from inference.phantom import write_phantom_study
+    from inference.preprocessing import layout_series
+
+    study = write_phantom_study(tmp_path, seed=8, index=0, positive=False, slices=320, matrix=256)
+    files = sorted(study.directory.glob("*.dcm"))  # type: ignore[union-attr] # 20 runs: most still pending
+    layout = layout_series([dcmread(path, stop_before_pixels=True) for path in files])
+    ordered = [files[i] for i in layout.order]
+    with SliceLoader(2) as loader:
+        decoders = set(loader._pool._processes)  # type: ignore[union-attr] # noqa: SLF001
+        batches = loader.batches(ordered, layout, InputSpec(), 4, DecodeTimings())
+        next(batches)
+        os.kill(min(decoders), signal.SIGKILL)
+        with pytest.raises(BrokenProcessPool):
+            list(batches)
+        again = torch.cat(list(loader.batches(ordered, layout, InputSpec(), 4, DecodeTimings())))
+        assert not set(loader._pool._processes) & decoders  # type: ignore[union-attr] # noqa: SLF001
+    assert torch.equal(again, prepare_volume(read_series(files), InputSpec()))
+
+
 def test_compressed_pixel_data_decodes_through_pylibjpeg() -> None:
     volume = read_series([Path(get_testdata_file("MR_small_jp2klossless.dcm"))])
     plain = read_series([Path(get_testdata_file("MR_small.dcm"))])
