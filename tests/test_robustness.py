@@ -66,7 +66,11 @@ def test_the_pydicom_corpus_is_stored_or_refused_and_the_node_keeps_serving(node
         assert _dataset_bytes(stored[uid]) == _dataset_bytes(source), f"{source.name} was not stored intact"
     assert not any((node.data_dir / "spool").iterdir()), "no temporary file may be left"
     assert tally["0x0000 SUCCESS"] > 100 and sum(v for k, v in tally.items() if k.startswith("0xC")) >= 2
-    assert "0xC211" not in node.log()
+    log = node.log()
+    assert "0xC211" not in log
+    refused = sum(v for k, v in tally.items() if k.startswith("0x") and not k.startswith("0x0000"))
+    explained = [line for line in log.splitlines() if "store.refused" in line and "reason=" in line]
+    assert len(explained) == refused, "every refusal has a log line that says why"
 
     study = write_study(tmp_path / "after", slices=3)
     assert send(node.port, study.files) == [0, 0, 0], "the node still serves a normal study"
