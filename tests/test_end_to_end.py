@@ -177,24 +177,29 @@ def _children(pid: int) -> set[int]:
     return children
 
 
-def test_a_worker_killed_mid_study_is_replaced_and_the_study_is_processed_once(make_node, tmp_path: Path) -> None:
-    import os
-    import signal
-
-    study = write_phantom_study(tmp_path / "big", seed=78, index=1, positive=True, slices=300, matrix=256)
+def _node_busy_with_a_study(make_node, tmp_path: Path, **phantom: int) -> tuple[NodeProcess, str, int]:  # noqa: ANN001
+    """A node (one CPU worker, two decoders) processing a phantom study: (node, study UID, worker pid)."""
+    study = write_phantom_study(tmp_path / "big", index=1, positive=True, **phantom)
     assert study.directory is not None
     node = make_node(inference={"workers": 1, "device": "cpu", "decode_processes": 2})
     wait_until(lambda: "worker.ready" in node.log(), 60, "the worker loaded its model")
     files = sorted(study.directory.glob("*.dcm"))
     assert send(node.port, files) == [0] * len(files)
     wait_until(lambda: (s := node.study(study.study_uid)) and s["state"] == "processing", 60, "processing", 0.02)
-    victim = _worker_pids(node)[-1]
+    return node, study.study_uid, _worker_pids(node)[-1]
+
+
+def test_a_worker_killed_mid_study_is_replaced_and_the_study_is_processed_once(make_node, tmp_path: Path) -> None:
+    import os
+    import signal
+
+    node, study_uid, victim = _node_busy_with_a_study(make_node, tmp_path, seed=78, slices=300, matrix=256)
     decoders = _children(victim) - {victim}
     assert len(decoders) >= 2, "the worker decodes in its own processes"
     os.kill(victim, signal.SIGKILL)
     wait_until(lambda: not any(Path(f"/proc/{pid}").exists() for pid in decoders), 15, "its decoders exit too")
 
-    details = node.wait_for_state(study.study_uid, "reported", timeout=120)
+    details = node.wait_for_state(study_uid, "reported", timeout=120)
     reasons = [e["reason"] for e in details["events"]]
     assert any("its worker died" in reason for reason in reasons), reasons
     assert [e["to"] for e in details["events"]].count("reported") == 1
@@ -208,18 +213,11 @@ def test_a_decoder_killed_mid_study_is_replaced_and_the_study_is_reported_once(m
     import os
     import signal
 
-    study = write_phantom_study(tmp_path / "big", seed=79, index=1, positive=True, slices=200, matrix=512)
-    assert study.directory is not None
-    node = make_node(inference={"workers": 1, "device": "cpu", "decode_processes": 2})
-    wait_until(lambda: "worker.ready" in node.log(), 60, "the worker loaded its model")
-    files = sorted(study.directory.glob("*.dcm"))
-    assert send(node.port, files) == [0] * len(files)
-    wait_until(lambda: (s := node.study(study.study_uid)) and s["state"] == "processing", 60, "processing", 0.02)
-    worker = _worker_pids(node)[-1]
+    node, study_uid, worker = _node_busy_with_a_study(make_node, tmp_path, seed=79, slices=200, matrix=512)
     decoders = _children(worker)
     os.kill(min(decoders), signal.SIGKILL)
 
-    details = node.wait_for_state(study.study_uid, "reported", timeout=120)
+    details = node.wait_for_state(study_uid, "reported", timeout=120)
     assert [e["to"] for e in details["events"]].count("reported") == 1 and details["result"]["slices"] == 200
     if details["processing_attempts"] == 2:  # it died while decoding this study, not before
         assert any("a decoder process died on attempt 1 of 3" in e["reason"] for e in details["events"])
