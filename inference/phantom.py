@@ -186,6 +186,7 @@ def _slice_dataset(seed: int, index: int, study_uid: str, series_uid: str, k: in
     ds.StudyID = str(index)
     ds.SeriesNumber = 2
     ds.InstanceNumber = k + 1
+    ds.AcquisitionNumber = 1  # Type 2 in the CT Image module: one acquisition per phantom series
     ds.ImagePositionPatient = [-FIELD_OF_VIEW_MM / 2 + pixel / 2, -FIELD_OF_VIEW_MM / 2 + pixel / 2, round(z, 3)]
     ds.ImageOrientationPatient = [1, 0, 0, 0, 1, 0]
     ds.FrameOfReferenceUID = _uid(seed, index, "for")
