@@ -1,21 +1,36 @@
-"""Sending reports to the destinations: a C-STORE SCU with exponential backoff and jitter.
+"""Sending reports to the destinations: a C-STORE SCU per destination, with exponential backoff and jitter.
 
-A scheduler job takes the deliveries that are due from the database, sends
-each report, and records success or the failure with the next attempt's
-time (initial_backoff_s doubling per attempt, +-20% jitter, capped at
-max_backoff_s). After max_attempts the study is ``failed`` with the last
-error; ``triagenode queue retry`` sends again. The schedule lives in the
-database, so a restart keeps every pending delivery.
+Destinations are independent. Each configured destination has its own
+:class:`DestinationSender`, a thread that sends that destination's reports one
+at a time, so a destination that is down or hangs (30 s per attempt) holds up
+only its own queue, never another's, and one destination never has two
+sends at once. The scheduler's job (:meth:`ReportDelivery.run_due`, every
+second) asks the database which destinations have due deliveries and hands
+each idle sender its own.
+
+A failed attempt is recorded with the next attempt's time (initial_backoff_s
+doubling per attempt, +-20% jitter, capped at max_backoff_s). After
+max_attempts that delivery gives up; the study is ``failed`` only once no
+other delivery is pending (see :func:`storage.reports.summarise`).
+``triagenode queue retry`` and ``triagenode queue resend`` send again. The
+schedule lives in the database, so a restart keeps every pending delivery.
+
+This module runs in the receiver's process: it must not import torch (nor
+:mod:`inference.report`, which does); :func:`report_in_class` imports it
+only where it is called, in the CLI.
 """
 
 from __future__ import annotations
 
 import logging
 import random
+import threading
+import time
+from collections.abc import Sequence
 from datetime import datetime, timedelta
 from pathlib import Path
 
-from pydicom import dcmread
+from pydicom import Dataset, dcmread
 from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
 from pynetdicom import AE
 from pynetdicom.sop_class import Comprehensive3DSRStorage, ComprehensiveSRStorage
@@ -29,6 +44,11 @@ log = logging.getLogger("triagenode.delivery")
 REPORT_CONTEXTS = (Comprehensive3DSRStorage, ComprehensiveSRStorage)
 REPORT_TRANSFER_SYNTAXES = (ExplicitVRLittleEndian, ImplicitVRLittleEndian)
 TIMEOUT_S = 30
+BATCH = 20
+"""Deliveries handed to a sender at once; it asks again when it is done with them."""
+
+SR_CLASS_UIDS = {"comprehensive3d": str(Comprehensive3DSRStorage), "comprehensive": str(ComprehensiveSRStorage)}
+"""``[inference] sr_sop_class`` -> SOP Class UID."""
 
 
 class DeliveryError(RuntimeError):
@@ -41,6 +61,16 @@ def backoff(attempt: int, settings: DeliverySettings, rng: random.Random) -> flo
     return min(settings.max_backoff_s, base * rng.uniform(0.8, 1.2))
 
 
+def peer(destination: Destination) -> str:
+    """``AE@host:port``, the way ``triagenode echo`` takes a peer."""
+    return f"{destination.ae_title}@{destination.host}:{destination.port}"
+
+
+def describe_destinations(settings: Settings) -> str:
+    """One log-friendly value naming where reports go (``name=AE@host:port,...`` or ``none``)."""
+    return ",".join(f"{d.name}={peer(d)}" for d in settings.destinations) or "none"
+
+
 def send_report(path: Path, destination: Destination, calling_ae: str) -> None:
     """C-STORE one report; raises :class:`DeliveryError` unless the destination answers Success."""
     ae = AE(ae_title=calling_ae)
@@ -49,13 +79,16 @@ def send_report(path: Path, destination: Destination, calling_ae: str) -> None:
         ae.add_requested_context(sop_class, list(REPORT_TRANSFER_SYNTAXES))
     association = ae.associate(destination.host, destination.port, ae_title=destination.ae_title)
     if association.is_rejected:
-        raise DeliveryError(f"association rejected by {destination.ae_title}@{destination.host}:{destination.port}")
+        raise DeliveryError(f"association rejected by {peer(destination)}")
     if not association.is_established:
-        raise DeliveryError(f"no association with {destination.ae_title}@{destination.host}:{destination.port}")
+        raise DeliveryError(f"no association with {peer(destination)}")
     try:
         status = association.send_c_store(dcmread(path))
     except ValueError as exc:  # no accepted context for the SR class
-        raise DeliveryError(f"{destination.ae_title} accepts no presentation context for the report ({exc})") from exc
+        raise DeliveryError(
+            f"{destination.ae_title} accepts no presentation context for the report ({exc}); "
+            "if it refuses 3D SR, set [inference] sr_sop_class = \"comprehensive\" and `triagenode queue resend`"
+        ) from exc
     finally:
         if association.is_established:
             association.release()
@@ -65,44 +98,183 @@ def send_report(path: Path, destination: Destination, calling_ae: str) -> None:
         raise DeliveryError(f"C-STORE status 0x{status.Status:04X}")
 
 
-class ReportDelivery:
-    """The scheduler's delivery job."""
+def report_in_class(stored: Dataset, sr_class: str) -> Dataset | None:
+    """The stored report rebuilt in ``sr_class`` (``[inference] sr_sop_class``), or None when it already is.
 
-    def __init__(self, settings: Settings, book: ReportBook) -> None:
-        self._settings = settings
-        self._book = book
-        self._destinations = {d.name: d for d in settings.destinations}
-        self._rng = random.Random()
+    Changing the SR class (for an archive that refuses 3D SR) must help the
+    reports already made. The conversion itself is
+    :func:`inference.report.convert_report`; it is imported here, at the call,
+    because :mod:`inference.report` brings torch in, which the receiver's
+    process must not load (only the CLI calls this).
+    """
+    wanted = SR_CLASS_UIDS[sr_class]
+    if str(stored.SOPClassUID) == wanted:
+        return None
+    from inference import report
 
-    def run_due(self, now: datetime | None = None) -> int:
-        """Attempt every due delivery once; returns how many were attempted."""
-        due = self._book.due(now or utcnow())
-        for delivery in due:
-            self._attempt(delivery)
-        return len(due)
+    convert = getattr(report, "convert_report", None)
+    if convert is None:  # pragma: no cover - until inference.report has it
+        raise RuntimeError("this node cannot convert a stored report to another SR class (no convert_report)")
+    converted: Dataset = convert(stored, sr_class)
+    return converted
+
+
+class DestinationSender:
+    """Sends one destination's reports, one at a time, in its own thread.
+
+    A destination that hangs blocks this thread and nothing else; while it
+    is busy the scheduler hands it nothing more, so its backlog waits in the
+    database, where a restart finds it.
+    """
+
+    def __init__(self, destination: Destination, settings: Settings, book: ReportBook, rng: random.Random) -> None:
+        self.destination = destination
+        self._settings, self._book, self._rng = settings, book, rng
+        self._lock = threading.Lock()
+        self._work: list[DueDelivery] = []
+        self._busy = False
+        self._wake = threading.Event()
+        self._stopping = threading.Event()
+        self._thread = threading.Thread(target=self._run, name=f"delivery-{destination.name}", daemon=True)
+
+    @property
+    def idle(self) -> bool:
+        with self._lock:
+            return not self._busy
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def offer(self, deliveries: Sequence[DueDelivery]) -> bool:
+        """Hand over due deliveries; False (nothing taken) while the sender is still busy."""
+        with self._lock:
+            if self._busy or self._stopping.is_set():
+                return False
+            self._work = list(deliveries)
+            self._busy = True
+        self._wake.set()
+        return True
+
+    def stop(self, timeout: float) -> bool:
+        """Ask the thread to stop after its current send; True when it has."""
+        self._stopping.set()
+        self._wake.set()
+        if self._thread.is_alive():
+            self._thread.join(timeout)
+        return not self._thread.is_alive()
+
+    def _run(self) -> None:
+        while True:
+            self._wake.wait()
+            self._wake.clear()
+            if self._stopping.is_set():
+                return
+            with self._lock:
+                work, self._work = self._work, []
+            try:
+                for delivery in work:
+                    if self._stopping.is_set():
+                        return
+                    self._attempt(delivery)
+            except Exception:  # a database error, say: the deliveries stay pending and come back
+                log.exception("delivery.error destination=%s", self.destination.name)
+            finally:
+                with self._lock:
+                    self._busy = False
 
     def _attempt(self, delivery: DueDelivery) -> None:
-        destination = self._destinations.get(delivery.destination)
         path = self._settings.node.data_dir / delivery.sr_path
         try:
-            if destination is None:
-                raise DeliveryError(f"destination {delivery.destination!r} is no longer configured")
-            send_report(path, destination, self._settings.node.ae_title)
+            send_report(path, self.destination, self._settings.node.ae_title)
         except (DeliveryError, OSError) as exc:
-            attempt = delivery.attempts + 1
-            wait = backoff(attempt, self._settings.delivery, self._rng)
-            last = self._book.failed_attempt(
-                delivery.id, str(exc), utcnow() + timedelta(seconds=wait), self._settings.delivery.max_attempts
-            )
-            log.warning(
-                "delivery.failed study_uid=%s destination=%s attempt=%d error=%r %s",
-                delivery.study_uid,
-                delivery.destination,
-                attempt,
-                str(exc),
-                "gave_up=true" if last else f"retry_in_s={wait:.0f}",
-            )
+            record_failure(self._book, self._settings.delivery, self._rng, delivery, str(exc))
             return
         self._book.succeeded(delivery.id)
         log.info("delivery.sent study_uid=%s destination=%s attempt=%d", delivery.study_uid, delivery.destination,
                  delivery.attempts + 1)  # fmt: skip
+
+
+def record_failure(
+    book: ReportBook, settings: DeliverySettings, rng: random.Random, delivery: DueDelivery, error: str,
+    max_attempts: int | None = None,
+) -> None:  # fmt: skip
+    """Record a failed attempt with its backoff and log it."""
+    attempt = delivery.attempts + 1
+    wait = backoff(attempt, settings, rng)
+    last = book.failed_attempt(
+        delivery.id, error, utcnow() + timedelta(seconds=wait), settings.max_attempts if max_attempts is None else max_attempts
+    )
+    log.warning(
+        "delivery.failed study_uid=%s destination=%s attempt=%d error=%r %s",
+        delivery.study_uid,
+        delivery.destination,
+        attempt,
+        error,
+        "gave_up=true" if last else f"retry_in_s={wait:.0f}",
+    )
+
+
+class ReportDelivery:
+    """The scheduler's delivery job: hands due deliveries to each destination's sender.
+
+    ``run_due`` is called every second by one scheduler thread and returns at
+    once; the sends happen in the senders' threads.
+    """
+
+    def __init__(self, settings: Settings, book: ReportBook) -> None:
+        self._settings = settings
+        self._book = book
+        self._rng = random.Random()
+        self.senders = {d.name: DestinationSender(d, settings, book, self._rng) for d in settings.destinations}
+        self._started = False
+        self._start_lock = threading.Lock()
+
+    def start(self) -> None:
+        """Start the senders' threads (``run_due`` does it on its first call)."""
+        with self._start_lock:
+            if not self._started:
+                for sender in self.senders.values():
+                    sender.start()
+                self._started = True
+
+    def run_due(self, now: datetime | None = None) -> int:
+        """Hand every idle destination its due deliveries; returns how many were handed over."""
+        self.start()
+        now = now or utcnow()
+        waiting = self._book.due_destinations(now)
+        if not waiting:
+            return 0
+        handed = 0
+        if waiting - self.senders.keys():
+            handed += self._give_up_unconfigured(now)
+        for name, sender in self.senders.items():
+            if name not in waiting or not sender.idle:
+                continue
+            due = self._book.due(now, BATCH, destination=name)
+            if due and sender.offer(due):
+                handed += len(due)
+        return handed
+
+    def idle(self) -> bool:
+        """Whether no sender has work in hand (tests and shutdown use it)."""
+        return all(sender.idle for sender in self.senders.values())
+
+    def stop(self, timeout: float = 5.0) -> None:
+        """Let each sender finish its current send (up to ``timeout`` in all); a hung one is left behind."""
+        for sender in self.senders.values():
+            sender.stop(0)
+        deadline = time.monotonic() + timeout
+        for sender in self.senders.values():
+            sender.stop(max(0.0, deadline - time.monotonic()))
+
+    def _give_up_unconfigured(self, now: datetime) -> int:
+        """Deliveries to a destination removed from the config fail at once, with a line saying so."""
+        due = self._book.due(now, BATCH, exclude=list(self.senders))
+        for delivery in due:
+            record_failure(
+                self._book, self._settings.delivery, self._rng, delivery,
+                f"destination {delivery.destination!r} is no longer configured; "
+                "`triagenode queue resend` sends the report to the configured ones",
+                max_attempts=0,
+            )  # fmt: skip
+        return len(due)

@@ -5,26 +5,78 @@ one pending delivery per destination and the move to ``reported`` are one
 transaction, so a crash leaves either nothing (the lease expires, the study
 is processed again) or everything. Deliveries carry their own retry
 schedule in the database, so a restart keeps every pending one.
+
+Destinations are independent: a delivery is due whenever it is pending and
+its study still stands by its report (``reported``, ``sent`` or ``failed``;
+not re-opened, not cancelled), whatever another destination did. The
+study's state only summarises its deliveries (:func:`summarise`): ``sent``
+when every one is sent, ``failed`` when one gave up and none is pending any
+more, ``reported`` while any is pending.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+from collections.abc import Collection, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
 from sqlalchemy import Engine, func, select
+from sqlalchemy.orm import Session
 
 from storage.engine import reader, writer
 from storage.models import Delivery, Study, StudyEvent, StudyResult, StudyState
-from storage.queue import Claim, transition
+from storage.queue import ALLOWED_TRANSITIONS, Claim, TransitionError, UnknownStudyError, transition
 from storage.timeutil import iso, utcnow
 
 log = logging.getLogger("triagenode.reports")
 
 PENDING, SENT, FAILED = "pending", "sent", "failed"
+
+DELIVERABLE = frozenset({StudyState.REPORTED, StudyState.SENT, StudyState.FAILED})
+"""Study states whose report stands: their pending deliveries are due. A re-opened
+(``receiving``/``queued``/``processing``) study will get a new report, a cancelled one none."""
+
+
+class NoReportError(LookupError):
+    """The study has no report to send (not processed yet, or the model could not read it)."""
+
+
+def summarise(session: Session, study: Study, now: datetime, reason: str | None = None) -> None:
+    """Bring a study's state in line with its deliveries, in the caller's transaction.
+
+    ``reported`` while any delivery is pending, ``failed`` when one gave up
+    and none is pending, ``sent`` when all are sent. Only a study whose report
+    stands is touched; a change the state machine does not allow (``sent``
+    back to ``reported``) is left out, and the deliveries still say what
+    happens.
+    """
+    if study.state not in DELIVERABLE:
+        return
+    counts = dict(
+        session.execute(
+            select(Delivery.state, func.count()).where(Delivery.study_id == study.id).group_by(Delivery.state)
+        ).all()
+    )
+    if not counts:
+        return
+    if counts.get(PENDING):
+        target, why = StudyState.REPORTED, reason or "the report is on its way"
+    elif counts.get(FAILED):
+        failed = session.scalars(
+            select(Delivery.destination).where(Delivery.study_id == study.id, Delivery.state == FAILED)
+        ).all()
+        target = StudyState.FAILED
+        why = reason or (
+            f"report not delivered to {', '.join(failed)}; "
+            "`triagenode queue retry` or `triagenode queue resend` sends again"
+        )
+    else:
+        target, why = StudyState.SENT, reason or "every destination has the report"
+    if target != study.state and target in ALLOWED_TRANSITIONS[StudyState(study.state)]:
+        transition(session, study, target, why, now)
 
 
 @dataclass(frozen=True)
@@ -34,6 +86,16 @@ class DueDelivery:
     destination: str
     sr_path: str
     attempts: int
+
+
+@dataclass(frozen=True)
+class DestinationCounts:
+    """How many deliveries one destination has in each state (``status``)."""
+
+    destination: str
+    pending: int = 0
+    failed: int = 0
+    sent: int = 0
 
 
 class ReportBook:
@@ -97,23 +159,65 @@ class ReportBook:
             transition(session, study, StudyState.REPORTED, reason, now)
             return True
 
-    def due(self, now: datetime | None = None, limit: int = 20) -> list[DueDelivery]:
+    def due(
+        self,
+        now: datetime | None = None,
+        limit: int = 20,
+        destination: str | None = None,
+        exclude: Collection[str] = (),
+    ) -> list[DueDelivery]:
+        """Pending deliveries whose time has come, oldest first.
+
+        ``destination`` keeps one destination's (each is sent by its own
+        thread); ``exclude`` leaves out the named ones. Another destination's
+        failure or the study's ``failed`` state holds nothing back.
+        """
         now = now or utcnow()
+        query = (
+            select(Delivery.id, Study.study_uid, Delivery.destination, StudyResult.sr_path, Delivery.attempts)
+            .join(Study, Study.id == Delivery.study_id)
+            .join(StudyResult, StudyResult.study_id == Delivery.study_id)
+            .where(
+                Delivery.state == PENDING,
+                Delivery.next_attempt_at <= now,
+                Study.state.in_([state.value for state in DELIVERABLE]),
+                StudyResult.sr_path.is_not(None),
+            )
+            .order_by(Delivery.next_attempt_at, Delivery.id)
+            .limit(limit)
+        )
+        if destination is not None:
+            query = query.where(Delivery.destination == destination)
+        if exclude:
+            query = query.where(Delivery.destination.not_in(list(exclude)))
         with self._read() as session:
-            rows = session.execute(
-                select(Delivery.id, Study.study_uid, Delivery.destination, StudyResult.sr_path, Delivery.attempts)
-                .join(Study, Study.id == Delivery.study_id)
-                .join(StudyResult, StudyResult.study_id == Delivery.study_id)
-                .where(Delivery.state == PENDING, Delivery.next_attempt_at <= now, Study.state == StudyState.REPORTED)
-                .order_by(Delivery.next_attempt_at)
-                .limit(limit)
-            ).all()
+            rows = session.execute(query).all()
         return [DueDelivery(*row) for row in rows]
 
-    def succeeded(self, delivery_id: int, now: datetime | None = None) -> None:
+    def due_destinations(self, now: datetime | None = None) -> set[str]:
+        """The destinations that have at least one due delivery (one cheap read per scheduler tick)."""
+        now = now or utcnow()
+        with self._read() as session:
+            return set(
+                session.scalars(
+                    select(Delivery.destination)
+                    .join(Study, Study.id == Delivery.study_id)
+                    .where(
+                        Delivery.state == PENDING,
+                        Delivery.next_attempt_at <= now,
+                        Study.state.in_([state.value for state in DELIVERABLE]),
+                    )
+                    .distinct()
+                ).all()
+            )
+
+    def succeeded(self, delivery_id: int, now: datetime | None = None) -> bool:
+        """Record a delivered report; False when the delivery was no longer pending (reset meanwhile)."""
         now = now or utcnow()
         with self._write.begin() as session:
             delivery = session.get_one(Delivery, delivery_id)
+            if delivery.state != PENDING:
+                return False
             delivery.state, delivery.sent_at, delivery.last_error = SENT, now, None
             delivery.attempts += 1
             study = session.get_one(Study, delivery.study_id)
@@ -122,19 +226,22 @@ class ReportBook:
                            reason=f"report delivered to {delivery.destination}")
             )  # fmt: skip
             session.flush()
-            open_count = session.scalar(
-                select(func.count()).where(Delivery.study_id == study.id, Delivery.state != SENT)
-            )
-            if open_count == 0 and study.state == StudyState.REPORTED:
-                transition(session, study, StudyState.SENT, "every destination has the report", now)
+            summarise(session, study, now)
+            return True
 
     def failed_attempt(
         self, delivery_id: int, error: str, next_attempt_at: datetime, max_attempts: int, now: datetime | None = None
     ) -> bool:
-        """Record a failed attempt; True when it was the last one (the study is then ``failed``)."""
+        """Record a failed attempt; True when it was the last one (that delivery is then ``failed``).
+
+        The study becomes ``failed`` only once no other delivery is pending:
+        another destination's retries go on regardless.
+        """
         now = now or utcnow()
         with self._write.begin() as session:
             delivery = session.get_one(Delivery, delivery_id)
+            if delivery.state != PENDING:
+                return False
             delivery.attempts += 1
             delivery.last_error = error[:500]
             if delivery.attempts < max_attempts:
@@ -142,16 +249,98 @@ class ReportBook:
                 return False
             delivery.state = FAILED
             study = session.get_one(Study, delivery.study_id)
-            if study.state == StudyState.REPORTED:
-                transition(
-                    session,
-                    study,
-                    StudyState.FAILED,
-                    f"report not delivered to {delivery.destination} after {delivery.attempts} attempts "
-                    f"(last: {error}); `triagenode queue retry` sends again",
-                    now,
-                )
+            session.add(
+                StudyEvent(study=study, at=now, from_state=study.state, to_state=study.state,
+                           reason=f"gave up delivering the report to {delivery.destination} after "
+                                  f"{delivery.attempts} attempts (last: {error[:200]})")
+            )  # fmt: skip
+            session.flush()
+            summarise(session, study, now)
             return True
+
+    def report_of(self, study_uid: str) -> tuple[str, str, str | None]:
+        """(state, stored SR path relative to data_dir, its SOP Instance UID) of a study that has a report.
+
+        Raises :class:`UnknownStudyError` or :class:`NoReportError` with a line for the administrator.
+        """
+        with self._read() as session:
+            study = session.scalar(select(Study).where(Study.study_uid == study_uid))
+            if study is None:
+                raise UnknownStudyError(f"no study {study_uid} on this node; `triagenode queue ls` lists them")
+            row = session.scalar(select(StudyResult).where(StudyResult.study_id == study.id))
+            if row is None or row.sr_path is None:
+                why = (
+                    "it has not been processed yet"
+                    if row is None
+                    else "the model could not read it and [inference] report_not_applicable is off"
+                )
+                raise NoReportError(f"study {study_uid} has no report to send ({why})")
+            return study.state, row.sr_path, row.sr_sop_instance_uid
+
+    def replace_report(self, study_uid: str, sr_path: str, sr_sop_instance_uid: str, reason: str,
+                       now: datetime | None = None) -> None:  # fmt: skip
+        """Point a study's result at a rebuilt report (another SR class); the old file stays."""
+        now = now or utcnow()
+        with self._write.begin() as session:
+            study = session.scalar(select(Study).where(Study.study_uid == study_uid))
+            if study is None:
+                raise UnknownStudyError(f"no study {study_uid} on this node; `triagenode queue ls` lists them")
+            row = session.scalar(select(StudyResult).where(StudyResult.study_id == study.id))
+            if row is None:
+                raise NoReportError(f"study {study_uid} has no report to send (it has not been processed yet)")
+            row.sr_path, row.sr_sop_instance_uid = sr_path, sr_sop_instance_uid
+            session.add(StudyEvent(study=study, at=now, from_state=study.state, to_state=study.state, reason=reason))
+
+    def resend(self, study_uid: str, destinations: Sequence[str], now: datetime | None = None) -> list[str]:
+        """Schedule a study's report for ``destinations`` again, now; returns their names.
+
+        For a ``reported``, ``sent`` or ``failed`` study with a report: a PACS
+        added later, or one that lost the report. Each named delivery starts
+        afresh (pending, no attempts), whatever its state was.
+        """
+        now = now or utcnow()
+        with self._write.begin() as session:
+            study = session.scalar(select(Study).where(Study.study_uid == study_uid))
+            if study is None:
+                raise UnknownStudyError(f"no study {study_uid} on this node; `triagenode queue ls` lists them")
+            if study.state not in DELIVERABLE:
+                raise TransitionError(
+                    f"study {study_uid} is {study.state}; only reported, sent or failed studies have a report to "
+                    "re-send" + ("; `triagenode queue retry` processes it again" if study.state == "cancelled" else "")
+                )
+            row = session.scalar(select(StudyResult).where(StudyResult.study_id == study.id))
+            if row is None or row.sr_path is None:
+                raise NoReportError(
+                    f"study {study_uid} has no report to send "
+                    "(the model could not read it and [inference] report_not_applicable is off)"
+                )
+            existing = {d.destination: d for d in session.scalars(select(Delivery).where(Delivery.study_id == study.id))}
+            for name in destinations:
+                delivery = existing.get(name) or Delivery(study_id=study.id, destination=name)
+                delivery.state, delivery.attempts, delivery.next_attempt_at = PENDING, 0, now
+                delivery.last_error = delivery.sent_at = None
+                session.add(delivery)
+            session.add(
+                StudyEvent(study=study, at=now, from_state=study.state, to_state=study.state,
+                           reason=f"report to be sent again to {', '.join(destinations)} (requested by an administrator)")
+            )  # fmt: skip
+            session.flush()
+            summarise(session, study, now, "report to be sent again (requested by an administrator)")
+            return list(destinations)
+
+    def destination_counts(self) -> dict[str, DestinationCounts]:
+        """Deliveries per destination and state, for ``status``."""
+        with self._read() as session:
+            rows = session.execute(
+                select(Delivery.destination, Delivery.state, func.count()).group_by(Delivery.destination, Delivery.state)
+            ).all()
+        out: dict[str, dict[str, int]] = {}
+        for name, state, count in rows:
+            out.setdefault(name, {})[state] = count
+        return {
+            name: DestinationCounts(name, c.get(PENDING, 0), c.get(FAILED, 0), c.get(SENT, 0))
+            for name, c in out.items()
+        }
 
     def details(self, study_id: int) -> tuple[dict[str, Any] | None, list[dict[str, Any]]]:
         """The ``result`` and ``deliveries`` that ``queue show`` prints."""
