@@ -65,7 +65,7 @@ def test_install_script_in_a_scratch_root_is_idempotent(tmp_path: Path) -> None:
 def test_the_example_config_sends_nowhere_until_its_destination_is_uncommented(tmp_path: Path) -> None:
     """Left unedited, no report retries against a PACS that is not there; uncommented, the example is valid."""
     example = REPO / "deploy/triagenode.example.toml"
-    assert load_settings(example, environ={}).destinations == []
+    assert not load_settings(example, environ={}).destinations
     uncommented = tmp_path / "triagenode.toml"
     uncommented.write_text(
         "\n".join(line[1:] if line == "#[[destinations]]" or line.startswith(("#name", "#ae_title", "#host", "#port"))
