@@ -3,16 +3,35 @@
 One Comprehensive 3D SR (or Comprehensive SR, for archives that refuse 3D
 SR) in the source study, in a new series whose description a PACS rule can
 match. Its content: a device observer (the node) and the algorithm (the
-model's name and version); one measurement group for the study with the
-finding as a qualitative evaluation, Present or Absent (SCT 52101004 /
-272519000), the probability as a NUM "Certainty of Finding" (DCM 111012,
-unit 1), the key slice in the image library, and the evaluated series as
-evidence. Completion COMPLETE, verification UNVERIFIED, content
-qualification RESEARCH unless the site says PRODUCT.
+model's name and version); the procedure reported (LOINC 24627-2 "CT Chest"
+for a CT model of a chest finding site); one measurement group for the study
+with the finding as a qualitative evaluation, Present or Absent (SCT 52101004
+/ 272519000), the probability as a NUM "Certainty of Finding" (DCM 111012,
+unit 1), the model's operating threshold as a NUM "Threshold Value" (DCM
+122411, unit 1), a sentence that says all of it in words ("Lung nodule:
+present (model probability 0.9988, at or above the operating threshold
+0.7427; ...)"), the key
+slice in the image library, and the evaluated series as evidence. Completion
+COMPLETE, verification UNVERIFIED, content qualification RESEARCH unless the
+site says PRODUCT. Containers are SEPARATE, not CONTINUOUS, so that renderers
+(DCMTK ``dsr2html``, PACS SR viewers) label every item with its concept name
+instead of running the values together as prose.
 
-Its SOP Instance UID is derived from the study, the model version and the
-result, so a retried send or a re-run never creates a second, different
-report for the same result.
+**Identity.** Its SOP Instance UID is a digest of the document's content
+(:func:`content_uid`): the SR class, patient and study, every evaluated
+instance, the key slice, the finding, probability, threshold, model and
+version, the node. Only the creation times and the Predecessor Documents
+Sequence are left out. So a retried send or a re-run of the same study gives
+the same UID again, and anything different (a late slice, the other SR
+class, another model version) a new one, which names the report it replaces
+in its Predecessor Documents Sequence (0040,A360).
+
+**Character sets.** The SR keeps the images' Specific Character Set when
+highdicom takes it as it is (none, ``ISO_IR 100``, ``ISO_IR 192``, ...).
+Otherwise (``\\ISO 2022 IR 87`` with an empty first value at Japanese sites,
+``\\ISO 2022 IR 149`` at Korean ones, which highdicom refuses) the evidence's
+text is decoded with pydicom's own character-set handling and the SR is
+written in UTF-8 (``ISO_IR 192``), so the patient's name arrives intact.
 
 A study the model cannot read (no suitable series) gets no report, unless
 the site sets ``report_not_applicable``: then an SR of the same shape says
@@ -22,39 +41,124 @@ waiting for a report for every study is not left waiting.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import copy
+import hashlib
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from datetime import datetime
+from pathlib import Path
 from typing import Literal
 
 import highdicom as hd
-from pydicom import Dataset
+from pydicom import Dataset, dcmread
+from pydicom.errors import InvalidDicomError
+from pydicom.filebase import DicomBytesIO
+from pydicom.filewriter import write_dataset
 from pydicom.sr.codedict import codes
 from pydicom.sr.coding import Code
-from pydicom.uid import generate_uid
+from pydicom.uid import Comprehensive3DSRStorage, ComprehensiveSRStorage, generate_uid
+from pydicom.valuerep import DA, TM
 
 from config.settings import InferenceSettings
-from inference.model_package import Manifest
+from inference.model_package import CodedConcept, Manifest
 from inference.pipeline import NotApplicable, StudyResult
 
 SrClass = Literal["comprehensive3d", "comprehensive"]
+SR_CLASS_UIDS: dict[str, str] = {"comprehensive3d": Comprehensive3DSRStorage, "comprehensive": ComprehensiveSRStorage}
+"""``[inference].sr_sop_class`` -> SOP Class UID."""
 MANUFACTURER = "Triage Node project"
 SERIES_NUMBER = 9901
+CHARACTER_SET = "ISO_IR 192"
+"""UTF-8: the SR's character set when the images' own cannot be kept (see the module docstring)."""
+CT_CHEST = Code("24627-2", "LN", "CT Chest")
+"""Procedure reported (CID 100) for a CT model whose finding site lies in the chest."""
+CHEST_SITES = frozenset({"39607008", "51185008", "302551006"})
+"""SNOMED CT finding sites read on a chest CT: lung, thorax, entire thorax."""
+THRESHOLD_VALUE = codes.DCM.ThresholdValue  # (122411, DCM, "Threshold Value")
+_STANDALONE_CHARACTER_SETS = frozenset(
+    v.value for v in hd.enum.SpecificCharacterSetValues if not v.value.startswith("ISO 2022")
+)
+"""Single-valued Specific Character Sets that highdicom accepts as they are."""
+
+_NOT_CONTENT = frozenset(
+    {
+        "SOPInstanceUID",  # what is being computed
+        "InstanceCreationDate",
+        "InstanceCreationTime",
+        "ContentDate",
+        "ContentTime",
+        "SeriesDate",
+        "SeriesTime",
+        "PredecessorDocumentsSequence",  # history, not content: a re-run of the same result stays the same document
+    }
+)
 
 
-def _code(concept) -> Code:  # noqa: ANN001 - model_package.CodedConcept
-    return Code(concept.value, concept.scheme, concept.meaning)
+@dataclass(frozen=True)
+class Predecessor:
+    """An earlier SR of the same study that a new report replaces (Predecessor Documents Sequence, 0040,A360)."""
+
+    study_uid: str
+    series_uid: str
+    sop_class_uid: str
+    sop_instance_uid: str
+    predecessors: tuple[Predecessor, ...] = ()
+    """The earlier SR's own predecessors: the new report keeps them when it turns out to be that same document
+    (same content, same UID), so that a re-run never loses the history nor references itself."""
+
+    @classmethod
+    def of(cls, sr: Dataset) -> Predecessor:
+        """The predecessor that an SR data set (a stored report, read back) makes."""
+        earlier = tuple(
+            cls(str(study.StudyInstanceUID), str(series.SeriesInstanceUID), str(ref.ReferencedSOPClassUID),
+                str(ref.ReferencedSOPInstanceUID))
+            for study in sr.get("PredecessorDocumentsSequence", [])
+            for series in study.get("ReferencedSeriesSequence", [])
+            for ref in series.get("ReferencedSOPSequence", [])
+        )  # fmt: skip
+        return cls(str(sr.StudyInstanceUID), str(sr.SeriesInstanceUID), str(sr.SOPClassUID), str(sr.SOPInstanceUID),
+                   earlier)  # fmt: skip
 
 
-def report_uids(result: StudyResult | NotApplicable, manifest: Manifest | None = None) -> tuple[str, str]:
-    """(series UID, SOP Instance UID): the same study, model version and result give the same report."""
-    if isinstance(result, NotApplicable):
-        assert manifest is not None, "a not-applicable outcome names no model; give the manifest"
-        model, version, identity = manifest.name, manifest.version, ["not applicable", result.reason]
-    else:
-        model, version = result.model, result.model_version
-        identity = [result.series_uid, f"{result.probability:.6f}", str(result.finding)]
-    series = generate_uid(entropy_srcs=["triagenode-sr-series", result.study_uid, model, version])
-    instance = generate_uid(entropy_srcs=["triagenode-sr", result.study_uid, model, version, *identity])
-    return str(series), str(instance)
+def read_predecessor(path: Path) -> Predecessor | None:
+    """The stored report at ``path`` as a predecessor; None when the file is gone or is not an SR.
+
+    A missing earlier report must not stop the new one: it then simply names no predecessor.
+    """
+    try:
+        sr = dcmread(
+            path,
+            specific_tags=["StudyInstanceUID", "SeriesInstanceUID", "SOPClassUID", "SOPInstanceUID",
+                           "PredecessorDocumentsSequence"],
+        )  # fmt: skip
+        return Predecessor.of(sr)
+    except (OSError, InvalidDicomError, AttributeError, ValueError):
+        return None
+
+
+def report_series_uid(study_uid: str, model: str, version: str) -> str:
+    """The report series of a study for one model version: every report of theirs goes into one series."""
+    return str(generate_uid(entropy_srcs=["triagenode-sr-series", study_uid, model, version]))
+
+
+def content_uid(sr: Dataset) -> str:
+    """The SOP Instance UID an SR's content gives: a digest of every attribute but the creation times
+    (instance, series, content, contribution), its own UID and its predecessors (see the module
+    docstring), so same content, same UID."""
+    content = Dataset()
+    for element in sr:
+        if element.keyword not in _NOT_CONTENT:
+            content.add(element)
+    if "ContributingEquipmentSequence" in content:  # highdicom names itself with the time it ran
+        equipment = copy.deepcopy(content.ContributingEquipmentSequence)
+        for item in equipment:
+            item.pop("ContributionDateTime", None)
+        content.ContributingEquipmentSequence = equipment
+    buffer = DicomBytesIO()
+    buffer.is_little_endian, buffer.is_implicit_VR = True, False
+    write_dataset(buffer, content)
+    digest = hashlib.sha256(buffer.getvalue()).hexdigest()
+    return str(generate_uid(entropy_srcs=["triagenode-sr", digest]))
 
 
 def build_measurement_report(
@@ -65,8 +169,14 @@ def build_measurement_report(
     node_ae_title: str,
     sr_class: SrClass = "comprehensive3d",
     product: bool = False,
+    predecessor: Predecessor | None = None,
+    now: datetime | None = None,
 ) -> hd.sr.Comprehensive3DSR | hd.sr.ComprehensiveSR:
-    """The SR for one study result; ``evaluated_series`` are the headers of the series the model read."""
+    """The SR for one study result; ``evaluated_series`` are the headers of the series the model read.
+
+    ``predecessor`` is the study's earlier report, if any: the new one names it as the document it
+    replaces (unless both are the same document). ``now`` sets the Series and Content Date/Time.
+    """
     if not evaluated_series:
         raise ValueError("the report needs the evaluated series' headers as evidence")
     key = [ds for ds in evaluated_series if str(ds.SOPInstanceUID) == result.key_instance_uid] or [evaluated_series[0]]
@@ -82,12 +192,14 @@ def build_measurement_report(
                 value=result.probability,
                 unit=codes.UCUM.NoUnits,
                 algorithm_id=algorithm,
-            )
+            ),
+            hd.sr.Measurement(name=THRESHOLD_VALUE, value=result.threshold, unit=codes.UCUM.NoUnits),
         ],
         source_images=[hd.sr.SourceImageForMeasurementGroup.from_source_image(key[0])],
     )
+    _add_comment(group, _verdict(manifest, result))
     return _document(
-        manifest, group, evaluated_series, key, report_uids(result), node_ae_title, sr_class, product,
+        manifest, group, evaluated_series, key, result.study_uid, node_ae_title, sr_class, product, predecessor, now,
         f"AI triage: {manifest.finding.meaning.lower()} (not for diagnosis)",
     )  # fmt: skip
 
@@ -100,6 +212,8 @@ def build_not_applicable_report(
     node_ae_title: str,
     sr_class: SrClass = "comprehensive3d",
     product: bool = False,
+    predecessor: Predecessor | None = None,
+    now: datetime | None = None,
 ) -> hd.sr.Comprehensive3DSR | hd.sr.ComprehensiveSR:
     """The SR for a study the model could not read, for sites that want a report for every study.
 
@@ -111,27 +225,29 @@ def build_not_applicable_report(
     if not study_headers:
         raise ValueError("the report needs the study's headers as evidence")
     group = _group(outcome.study_uid, manifest, _algorithm(manifest), codes.SCT.Indeterminate)
-    group[0].ContentSequence.append(
-        hd.sr.TextContentItem(
-            name=codes.DCM.Comment,
-            value=f"Not assessed: {outcome.reason}"[:1024],
-            relationship_type=hd.sr.RelationshipTypeValues.CONTAINS,
-        )
-    )
+    _add_comment(group, f"Not assessed: {outcome.reason}")
     return _document(
-        manifest, group, study_headers, None, report_uids(outcome, manifest), node_ae_title, sr_class, product,
+        manifest, group, study_headers, None, outcome.study_uid, node_ae_title, sr_class, product, predecessor, now,
         f"AI triage: {manifest.finding.meaning.lower()} not assessed",
     )  # fmt: skip
 
 
 def report_for(
-    outcome: StudyResult | NotApplicable, manifest: Manifest, inference: InferenceSettings, node_ae_title: str
+    outcome: StudyResult | NotApplicable,
+    manifest: Manifest,
+    inference: InferenceSettings,
+    node_ae_title: str,
+    predecessor: Predecessor | None = None,
 ) -> hd.sr.Comprehensive3DSR | hd.sr.ComprehensiveSR | None:
-    """The SR the node sends for an outcome, as the site configured it; None when it sends none."""
+    """The SR the node sends for an outcome, as the site configured it; None when it sends none.
+
+    ``predecessor``: the study's earlier report (see :func:`read_predecessor`), which the new one replaces.
+    """
     options = {
         "node_ae_title": node_ae_title,
         "sr_class": inference.sr_sop_class,
         "product": inference.content_qualification == "PRODUCT",
+        "predecessor": predecessor,
     }
     if isinstance(outcome, StudyResult):
         return build_measurement_report(outcome, manifest, outcome.evidence, **options)  # type: ignore[arg-type]
@@ -140,9 +256,79 @@ def report_for(
     return None
 
 
+def convert_report(stored: Dataset, sr_class: SrClass, now: datetime | None = None) -> Dataset:
+    """The stored report ``stored`` re-created as an SR of class ``sr_class``, ready to save and send.
+
+    For ``triagenode queue resend`` after ``[inference].sr_sop_class`` changed (an archive that
+    refuses Comprehensive 3D SR gets a Comprehensive SR, or back): the same content, patient,
+    study, series, evidence, Series and Content Date/Time; a new Instance Creation Date/Time; a new
+    SOP Instance UID, deterministic (:func:`content_uid`, which includes the class, so converting the
+    same report twice gives the same UID, and building the same result directly in that class
+    gives it too); the stored report as its predecessor (Predecessor Documents Sequence).
+
+    A report already of class ``sr_class`` comes back unchanged (a copy). Raises ValueError for a
+    data set that is not a Comprehensive (3D) SR, or for content that the target class cannot hold
+    (SCOORD3D items in a Comprehensive SR).
+    """
+    if sr_class not in SR_CLASS_UIDS:
+        raise ValueError(f"unknown SR class {sr_class!r}; expected one of {', '.join(SR_CLASS_UIDS)}")
+    if str(stored.get("SOPClassUID", "")) not in SR_CLASS_UIDS.values() or "ContentSequence" not in stored:
+        raise ValueError(f"not a Comprehensive (3D) SR: SOP Class UID {stored.get('SOPClassUID', 'missing')}")
+    target = SR_CLASS_UIDS[sr_class]
+    if stored.SOPClassUID == target:
+        return copy.deepcopy(stored)
+    if sr_class == "comprehensive" and any(item.ValueType == "SCOORD3D" for item in _items(stored.ContentSequence)):
+        raise ValueError("the report holds 3D coordinates (SCOORD3D), which a Comprehensive SR cannot carry")
+    now = now or datetime.now()
+    converted = copy.deepcopy(stored)
+    converted.SOPClassUID = target
+    converted.InstanceCreationDate, converted.InstanceCreationTime = DA(now.date()), TM(now.time())
+    _seal(converted, Predecessor.of(stored))
+    document = hd.sr.ComprehensiveSR if sr_class == "comprehensive" else hd.sr.Comprehensive3DSR
+    return document.from_dataset(converted, copy=False)
+
+
 def _algorithm(manifest: Manifest) -> hd.sr.AlgorithmIdentification:
     return hd.sr.AlgorithmIdentification(
         name=manifest.name, version=manifest.version, family=codes.cid7162.ArtificialIntelligence
+    )
+
+
+def _code(concept: CodedConcept) -> Code:
+    return Code(concept.value, concept.scheme, concept.meaning)
+
+
+def _finding_label(manifest: Manifest) -> str:
+    """"Lung nodule": the finding with its site, as a radiologist names it."""
+    finding = manifest.finding.meaning
+    if manifest.finding_site is None:
+        return finding
+    return f"{manifest.finding_site.meaning} {finding[:1].lower()}{finding[1:]}"
+
+
+def _verdict(manifest: Manifest, result: StudyResult) -> str:
+    """The result in words: what, present or absent, and the number against the threshold it was read at.
+
+    In plain ASCII words ("at or above", "below"), so the sentence reads the same in any character set.
+    """
+    digits = 4
+    while digits < 6 and round(result.probability, digits) == round(result.threshold, digits):
+        digits += 1  # never print "0.7427, below the operating threshold 0.7427"
+    relation = "at or above" if result.finding else "below"
+    return (
+        f"{_finding_label(manifest)}: {'present' if result.finding else 'absent'} (model probability "
+        f"{result.probability:.{digits}f}, {relation} the operating threshold {result.threshold:.{digits}f}; "
+        f"model {manifest.name} {manifest.version}; not for diagnosis)"
+    )
+
+
+def _add_comment(group: hd.sr.MeasurementsAndQualitativeEvaluations, text: str) -> None:
+    """A TEXT item (DCM 121106 "Comment") in the measurement group (TID 1501 row 12: a qualitative
+    evaluation in text form), so that the report reads as a sentence wherever it is shown."""
+    group[0].ContentSequence.append(
+        hd.sr.TextContentItem(
+            name=codes.DCM.Comment, value=text[:1024], relationship_type=hd.sr.RelationshipTypeValues.CONTAINS
+        )
     )
 
 
@@ -170,15 +356,113 @@ def _group(
     )
 
 
+def _procedure(manifest: Manifest) -> Code:
+    """Procedure reported (TID 1500, CID 100): what the model reads."""
+    if manifest.input.modality != "CT":
+        return codes.DCM.Imaging
+    site = manifest.finding_site
+    if site is not None and site.scheme == "SCT" and site.value in CHEST_SITES:
+        return CT_CHEST
+    return codes.LN.CTUnspecifiedBodyRegion
+
+
+def _evidence(evidence: Sequence[Dataset], own_text: Iterable[str]) -> list[Dataset]:
+    """The evidence in a fixed order (by series, then SOP Instance UID: the order files arrived in is no
+    part of the content), its first header (highdicom copies patient and study from it) in a character
+    set the SR can declare.
+
+    The images' own character set is kept when it is one value highdicom takes as it is (none, ISO_IR
+    100, ISO_IR 192, ...) and the node's own text fits it. Otherwise (code extensions such as
+    ``\\ISO 2022 IR 87`` or ``\\ISO 2022 IR 149`` with an empty first value, which highdicom refuses, or a
+    model name beyond ASCII) the header is decoded with pydicom's own character-set handling and
+    declared UTF-8, so pydicom re-encodes the patient's name intact.
+    """
+    ordered = sorted(evidence, key=lambda ds: (str(ds.get("SeriesInstanceUID", "")), str(ds.SOPInstanceUID)))
+    declared = ordered[0].get("SpecificCharacterSet")
+    listed = [] if declared is None else [declared] if isinstance(declared, str) else list(declared)
+    values = [str(value).strip() for value in listed]
+    if all(text.isascii() for text in own_text) and (
+        not any(values) or (len(values) == 1 and values[0] in _STANDALONE_CHARACTER_SETS)
+    ):
+        return ordered
+    first = copy.deepcopy(ordered[0])
+    first.decode()  # every text element becomes str, decoded as its character set says
+    first.SpecificCharacterSet = CHARACTER_SET
+    return [first, *ordered[1:]]
+
+
+def _own_text(content: Sequence[Dataset], *more: str) -> list[str]:
+    """The text the node writes itself: text values and code meanings of the content tree, and ``more``."""
+    texts = list(more)
+    for item in _items(content):
+        texts += [str(item.TextValue)] if "TextValue" in item else []
+        for key in ("ConceptNameCodeSequence", "ConceptCodeSequence", "MeasurementUnitsCodeSequence"):
+            texts += [str(code.get("CodeMeaning", "")) for code in item.get(key, [])]
+    return texts
+
+
+def _items(items: Iterable[Dataset]) -> Iterable[Dataset]:
+    """Every content item of a tree, depth first."""
+    for item in items:
+        yield item
+        yield from _items(item.get("ContentSequence", []))
+
+
+def _references(predecessors: Iterable[Predecessor]) -> list[Dataset]:
+    """A Predecessor Documents Sequence (SOP Instance Reference Macro: study > series > instance)."""
+    studies: dict[str, dict[str, list[Predecessor]]] = {}
+    for p in predecessors:
+        series = studies.setdefault(p.study_uid, {}).setdefault(p.series_uid, [])
+        if all(p.sop_instance_uid != q.sop_instance_uid for q in series):
+            series.append(p)
+    items = []
+    for study_uid, by_series in studies.items():
+        study = Dataset()
+        study.StudyInstanceUID = study_uid
+        study.ReferencedSeriesSequence = []
+        for series_uid, documents in by_series.items():
+            series = Dataset()
+            series.SeriesInstanceUID = series_uid
+            series.ReferencedSOPSequence = []
+            for document in documents:
+                reference = Dataset()
+                reference.ReferencedSOPClassUID = document.sop_class_uid
+                reference.ReferencedSOPInstanceUID = document.sop_instance_uid
+                series.ReferencedSOPSequence.append(reference)
+            study.ReferencedSeriesSequence.append(series)
+        items.append(study)
+    return items
+
+
+def _seal(sr: Dataset, predecessor: Predecessor | None) -> None:
+    """Give a finished SR its content UID, and its predecessor unless that is the very same document."""
+    uid = content_uid(sr)
+    sr.SOPInstanceUID = uid
+    sr.file_meta.MediaStorageSOPInstanceUID = uid
+    sr.file_meta.MediaStorageSOPClassUID = sr.SOPClassUID
+    if predecessor is None:
+        earlier: tuple[Predecessor, ...] = ()
+    elif predecessor.sop_instance_uid == uid:
+        earlier = tuple(p for p in predecessor.predecessors if p.sop_instance_uid != uid)
+    else:
+        earlier = (predecessor,)
+    if earlier:
+        sr.PredecessorDocumentsSequence = _references(earlier)
+    elif "PredecessorDocumentsSequence" in sr:
+        del sr.PredecessorDocumentsSequence
+
+
 def _document(  # noqa: PLR0913 - one place that turns the content into the SR document
     manifest: Manifest,
     group: hd.sr.MeasurementsAndQualitativeEvaluations,
     evidence: Sequence[Dataset],
     referenced_images: list[Dataset] | None,
-    uids: tuple[str, str],
+    study_uid: str,
     node_ae_title: str,
     sr_class: SrClass,
     product: bool,
+    predecessor: Predecessor | None,
+    now: datetime | None,
     series_description: str,
 ) -> hd.sr.Comprehensive3DSR | hd.sr.ComprehensiveSR:
     observer = hd.sr.ObservationContext(
@@ -194,19 +478,23 @@ def _document(  # noqa: PLR0913 - one place that turns the content into the SR d
     )
     content = hd.sr.MeasurementReport(
         observation_context=observer,
-        procedure_reported=codes.LN.CTUnspecifiedBodyRegion if manifest.input.modality == "CT" else codes.DCM.Imaging,
+        procedure_reported=_procedure(manifest),
         imaging_measurements=[group],
         title=codes.DCM.ImagingMeasurementReport,
         referenced_images=referenced_images,
     )
-    series_uid, instance_uid = uids
+    for item in _items(content):
+        if item.ValueType == "CONTAINER":
+            item.ContinuityOfContent = "SEPARATE"  # each item under its concept name, not run together as prose
+    now = now or datetime.now()
+    evidence = _evidence(evidence, _own_text(content, series_description, manifest.name, manifest.version))
     document = hd.sr.Comprehensive3DSR if sr_class == "comprehensive3d" else hd.sr.ComprehensiveSR
     sr = document(
-        evidence=list(evidence),
+        evidence=evidence,
         content=content,
-        series_instance_uid=series_uid,
+        series_instance_uid=report_series_uid(study_uid, manifest.name, manifest.version),
         series_number=SERIES_NUMBER,
-        sop_instance_uid=instance_uid,
+        sop_instance_uid=generate_uid(),  # replaced by the content's UID below
         instance_number=1,
         manufacturer=MANUFACTURER,
         manufacturer_model_name=manifest.name[:64],
@@ -215,6 +503,12 @@ def _document(  # noqa: PLR0913 - one place that turns the content into the SR d
         is_complete=True,
         is_final=False,
         is_verified=False,
+        specific_character_set=evidence[0].get("SpecificCharacterSet"),
+        series_date=now.date(),
+        series_time=now.time(),
+        content_date=now.date(),
+        content_time=now.time(),
     )
     sr.ContentQualification = "PRODUCT" if product else "RESEARCH"
+    _seal(sr, predecessor)
     return sr
