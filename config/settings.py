@@ -104,7 +104,7 @@ class StudySettings:
 
     def validate(self) -> None:
         if self.stable_seconds <= 0:
-            raise SettingError("study.stable_seconds", f"{self.stable_seconds} must be above 0")
+            raise SettingError("study.stable_seconds", f"{self.stable_seconds:g} must be above 0 (seconds without a new instance)")
 
 
 @dataclass(frozen=True)

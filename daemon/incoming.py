@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from pydicom import Dataset, dcmread
+from pydicom.charset import convert_encodings
 from pydicom.errors import InvalidDicomError
 from pydicom.filereader import data_element_generator
 from pydicom.uid import UID, DeflatedExplicitVRLittleEndian
@@ -80,11 +81,13 @@ def read_incoming(
     """
     try:
         ds = _read_top_level(path, UID(transfer_syntax))
+        # UIDs are read whole: one cut to 64 characters would pass the check
+        # below, and two studies differing after character 64 would merge.
         uids = {
-            "Study Instance UID": _text(ds, "StudyInstanceUID"),
-            "Series Instance UID": _text(ds, "SeriesInstanceUID"),
-            "SOP Instance UID": _text(ds, "SOPInstanceUID"),
-            "SOP Class UID": _text(ds, "SOPClassUID"),
+            "Study Instance UID": _text(ds, "StudyInstanceUID", None),
+            "Series Instance UID": _text(ds, "SeriesInstanceUID", None),
+            "SOP Instance UID": _text(ds, "SOPInstanceUID", None),
+            "SOP Class UID": _text(ds, "SOPClassUID", None),
         }
         header = IncomingHeader(
             study_uid=uids["Study Instance UID"] or "",
@@ -142,12 +145,17 @@ def _read_top_level(path: Path, syntax: UID) -> Dataset:
         if fp.tell() > size:
             raise RefusedDatasetError(StoreStatus.CANNOT_UNDERSTAND, "dataset truncated inside an element")
     ds = Dataset(elements)
-    ds.set_original_encoding(syntax.is_implicit_VR, syntax.is_little_endian, ds.get("SpecificCharacterSet"))
+    # Text values decode with pydicom's own handling of Specific Character Set
+    # (ISO_IR 192, ISO 2022 with an empty first value, ...), not a codec alias.
+    charset = ds.get("SpecificCharacterSet")
+    ds.set_original_encoding(
+        syntax.is_implicit_VR, syntax.is_little_endian, convert_encodings(charset) if charset else None
+    )
     return ds
 
 
-def _text(ds: Dataset, keyword: str, limit: int = 64) -> str | None:
-    """The first value as a stripped string; None when absent or empty."""
+def _text(ds: Dataset, keyword: str, limit: int | None = 64) -> str | None:
+    """The first value as a stripped string (at most ``limit`` characters); None when absent or empty."""
     value = ds.get(keyword)
     if value is None or value == "":
         return None

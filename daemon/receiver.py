@@ -6,8 +6,18 @@ Every failure on the way gets a status from :mod:`daemon.statuses`; no
 exception reaches pynetdicom (which would answer 0xC211 on its own).
 
 Datasets stream to ``data_dir/spool`` as they arrive (pynetdicom's chunked
-receive), so a 500 MB tomosynthesis never sits whole in memory, and the
-rename into ``studies/`` stays on one filesystem.
+receive, guarded by :mod:`daemon.spool` against filling the disk), so a
+500 MB tomosynthesis never sits whole in memory, and the rename into
+``studies/`` stays on one filesystem. The spool file keeps its unique name
+until the instance's row has committed; only then is it renamed into place,
+so a handler that fails never touches a file another handler answered
+Success for.
+
+An association only counts against ``max_associations`` once its peer has
+sent an A-ASSOCIATE-RQ: a port check (a TCP connection opened and closed
+without a PDU) ends at once, and a connection that says nothing is closed
+after ``REQUEST_TIMEOUT_S`` (the ARTIM timer), so monitoring never locks
+real senders out.
 """
 
 from __future__ import annotations
@@ -16,12 +26,12 @@ import contextlib
 import errno
 import logging
 import struct
-import tempfile
 import threading
 import time
 import traceback
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import NoReturn
 
 from pydicom import Dataset
 from pynetdicom import AE, _config, evt
@@ -37,6 +47,7 @@ from daemon.contexts import (
     VERIFICATION_TRANSFER_SYNTAXES,
 )
 from daemon.incoming import RefusedDatasetError, read_incoming
+from daemon.spool import install_spool, refusal_of
 from daemon.statuses import StoreStatus, status_dataset
 from storage.filestore import FileStore
 from storage.queue import ReceivedInstance, Registration, StudyQueue
@@ -46,6 +57,20 @@ log = logging.getLogger("triagenode.receiver")
 MAX_PDU_SIZE = 4 * 1024 * 1024
 """Largest PDU the node accepts: big enough that a CT slice comes in one PDU, small enough to bound memory."""
 
+REQUEST_TIMEOUT_S = 5
+"""How long a new connection may stay silent before its A-ASSOCIATE-RQ (the ARTIM timer, PS3.8 9.1.5)."""
+
+ACSE_TIMEOUT_S = 30
+"""How long an established association waits for an A-RELEASE response and the like."""
+
+STREAMING_GAP_S = 1.0
+"""An association whose last C-STORE was answered this recently is streaming a study: a stop lets it go on
+within shutdown_grace_s. One silent for longer is idle and ended at once."""
+
+UNREQUESTED_CONNECTIONS = 64
+"""Connections beyond ``max_associations`` that may wait for their request at once (port checks, slow
+peers); pynetdicom's own limit, set to ``max_associations`` plus this, only bounds threads."""
+
 
 @dataclass
 class _AssociationTally:
@@ -53,6 +78,12 @@ class _AssociationTally:
 
     peer_ip: str
     started: float = field(default_factory=time.monotonic)
+    requested: bool = False
+    """The peer sent its A-ASSOCIATE-RQ and was not refused: it counts against ``max_associations``."""
+    storing: bool = False
+    """A C-STORE handler of this association is running (a stop waits for it)."""
+    last_store_at: float = 0.0
+    """When its last C-STORE was answered (monotonic): a peer streaming a study is still in transfer."""
     stored: int = 0
     duplicates: int = 0
     refused: int = 0
@@ -81,9 +112,12 @@ class StorageReceiver:
 
     def _build_ae(self) -> AE:
         ae = AE(ae_title=self._node.ae_title)
-        ae.maximum_associations = self._node.max_associations
+        # The node counts requested associations itself (_on_requested); pynetdicom
+        # counts every connection, silent ones included, so its limit only bounds threads.
+        ae.maximum_associations = self._node.max_associations + UNREQUESTED_CONNECTIONS
         ae.maximum_pdu_size = MAX_PDU_SIZE
         ae.network_timeout = self._node.network_timeout_s
+        ae.acse_timeout = ACSE_TIMEOUT_S
         ae.require_called_aet = True
         ae.require_calling_aet = list(self._node.allowed_calling_aets)
         ae.add_supported_context(VERIFICATION_SOP_CLASS, list(VERIFICATION_TRANSFER_SYNTAXES))
@@ -93,13 +127,14 @@ class StorageReceiver:
 
     def start(self) -> None:
         """Listen on the configured address; returns once the port accepts connections."""
-        # pynetdicom streams each dataset into tempfile's directory; point it at
-        # the spool, on the store's filesystem, so the final rename is atomic.
+        # pynetdicom streams each dataset into a spool file, on the store's
+        # filesystem so that the final rename is atomic.
         _config.STORE_RECV_CHUNKED_DATASET = True
-        tempfile.tempdir = str(self._store.spool_dir)
+        install_spool(self._store.spool_dir, self._min_free_bytes, self._store.free_bytes)
         handlers = [
             (evt.EVT_CONN_OPEN, self._on_connection_open),
             (evt.EVT_CONN_CLOSE, self._on_connection_close),
+            (evt.EVT_REQUESTED, self._on_requested),
             (evt.EVT_REJECTED, self._on_rejected),
             (evt.EVT_ABORTED, self._on_aborted),
             (evt.EVT_C_ECHO, self._on_echo),
@@ -116,37 +151,92 @@ class StorageReceiver:
         )
 
     def stop(self, grace_s: float) -> int:
-        """Stop accepting, let open associations finish for up to ``grace_s``, abort the rest.
+        """Stop accepting, end idle associations at once, give a C-STORE in progress up to ``grace_s``.
 
-        Returns how many associations had to be aborted.
+        An association with no DIMSE message in progress (a modality keeping
+        its association open between studies, a port check that never sent a
+        request) is ended at once: nothing of it is unanswered. Only one in
+        transfer (data arriving, its handler storing, or a peer streaming a
+        study: its last C-STORE answered within ``STREAMING_GAP_S``) gets the
+        grace period; what is left after it is aborted. Returns how many
+        associations had to be aborted mid-transfer.
         """
         if self._server is None:
             return 0
         server, self._server = self._server, None
         server.shutdown()
         deadline = time.monotonic() + grace_s
-        while server.active_associations and time.monotonic() < deadline:
+        ended: set[int] = set()
+        while True:
+            busy = []
+            for association in server.active_associations:
+                if self._in_transfer(association):
+                    busy.append(association)
+                elif id(association) not in ended:
+                    _end_idle(association)
+                    ended.add(id(association))
+            if not busy or time.monotonic() >= deadline:
+                break
             time.sleep(0.05)
-        remaining = server.active_associations
-        for association in remaining:
+        ended_idle = len(ended)
+        for association in busy:
             association.abort()
-        if remaining:
-            log.warning("receiver.stopped aborted_associations=%d grace_s=%g", len(remaining), grace_s)
+        if busy:
+            log.warning("receiver.stopped aborted_transfers=%d grace_s=%g ended_idle=%d", len(busy), grace_s,
+                        ended_idle)  # fmt: skip
         else:
-            log.info("receiver.stopped")
-        return len(remaining)
+            log.info("receiver.stopped ended_idle=%d", ended_idle)
+        return len(busy)
+
+    def _in_transfer(self, association: Association) -> bool:
+        """Whether a DIMSE message is arriving on ``association``, its C-STORE handler runs, or it streams."""
+        tally = self._tally(association)
+        if tally is not None and (tally.storing or time.monotonic() - tally.last_store_at < STREAMING_GAP_S):
+            return True
+        return getattr(getattr(association, "dimse", None), "message", None) is not None
 
     # Handlers: each runs in the association's own thread.
 
     def _on_connection_open(self, event: evt.Event) -> None:
         with self._lock:
             self._tallies[id(event.assoc)] = _AssociationTally(peer_ip=str(event.address[0]))
-        _limit_pdu_length(event.assoc, str(event.address[0]))
+        # Until its A-ASSOCIATE-RQ arrives, a connection gets the short ARTIM timeout.
+        event.assoc.acse_timeout = REQUEST_TIMEOUT_S
+        _guard_incoming_pdus(event.assoc, str(event.address[0]))
+
+    def _on_requested(self, event: evt.Event) -> None:
+        """Count the association against ``max_associations`` now that its peer has asked for one."""
+        association = event.assoc
+        association.acse_timeout = ACSE_TIMEOUT_S
+        with self._lock:
+            tally = self._tallies.get(id(association))
+            requested = sum(1 for other in self._tallies.values() if other.requested)
+            over = requested >= self._node.max_associations
+            if tally is not None and not over:
+                tally.requested = True
+        if not over:
+            return
+        # Transient, presentation related, local limit exceeded (PS3.8 9.3.4): the peer retries later.
+        association.acse.send_reject(0x02, 0x03, 0x02)
+        if tally is not None:
+            tally.outcome = "rejected"
+        log.warning(
+            "association.refused peer_ae=%s peer_ip=%s called_ae=%s reason=%r",
+            _peer_ae(association),
+            tally.peer_ip if tally else "?",
+            _called_ae(association),
+            f"{requested} associations open, max_associations={self._node.max_associations}; the peer may retry",
+        )
 
     def _on_connection_close(self, event: evt.Event) -> None:
         with self._lock:
             tally = self._tallies.pop(id(event.assoc), None)
         partial = _discard_partial_dataset(event.assoc)
+        if event.assoc.requestor.primitive is None:
+            # Closed before any A-ASSOCIATE-RQ (a port check): wake the association's
+            # thread, which otherwise waits out its request timeout, and log nothing.
+            event.assoc.dul.to_user_queue.put(None)
+            return
         if tally is None or tally.outcome == "rejected":
             return
         if partial is not None or event.assoc.is_aborted:
@@ -169,12 +259,11 @@ class StorageReceiver:
         tally = self._tally(event.assoc)
         if tally is not None:
             tally.outcome = "rejected"
-        requestor = event.assoc.requestor
         log.warning(
             "association.refused peer_ae=%s peer_ip=%s called_ae=%s reason=%r",
             _peer_ae(event.assoc),
-            requestor.address,
-            requestor.primitive.called_ae_title if requestor.primitive else "?",
+            event.assoc.requestor.address,
+            _called_ae(event.assoc),
             self._rejection_reason(event.assoc),
         )
 
@@ -190,6 +279,8 @@ class StorageReceiver:
         tally = self._tally(event.assoc)
         request = event.request
         sop_instance = str(request.AffectedSOPInstanceUID or "")
+        if tally is not None:
+            tally.storing = True
         try:
             status, detail, size = self._store_instance(event)
         except Exception as exc:  # noqa: BLE001 - the peer must get a deliberate status, never 0xC211
@@ -205,7 +296,14 @@ class StorageReceiver:
                 where.lineno,
             )
             status, detail, size = StoreStatus.PROCESSING_FAILURE, "internal error; see the node's log", 0
+        finally:
+            # The time this handler waited (on the disk, on the database) is the
+            # node's, not the peer's: it must not count as the peer's silence
+            # against network_timeout_s, or the node would abort its own association.
+            event.assoc.dul._idle_timer.restart()
         if tally is not None:
+            tally.storing = False
+            tally.last_store_at = time.monotonic()
             if status == StoreStatus.SUCCESS:
                 tally.bytes += size
                 if detail == "duplicate":
@@ -228,7 +326,16 @@ class StorageReceiver:
     # The work behind the C-STORE handler.
 
     def _store_instance(self, event: evt.Event) -> tuple[StoreStatus, str, int]:
-        """Store one instance; returns (status, detail for the log and Error Comment, bytes)."""
+        """Store one instance; returns (status, detail for the log and Error Comment, bytes).
+
+        The spool file is this handler's alone until its row commits: it is
+        made durable under its unique spool name, recorded, and only then
+        renamed into place. A failure before the rename leaves the store as
+        it was (pynetdicom deletes the spool file after the handler).
+        """
+        refused = refusal_of(event.request)
+        if refused is not None:
+            return StoreStatus.OUT_OF_RESOURCES_DISK, refused, 0
         if self._store.free_bytes() < self._min_free_bytes:
             return (
                 StoreStatus.OUT_OF_RESOURCES_DISK,
@@ -244,19 +351,18 @@ class StorageReceiver:
                 str(request.AffectedSOPClassUID or ""),
                 str(request.AffectedSOPInstanceUID or ""),
             )
-        except RefusedDatasetError as refused:
-            return refused.status, refused.detail, 0
+        except RefusedDatasetError as refused_dataset:
+            return refused_dataset.status, refused_dataset.detail, 0
         size = spool.stat().st_size
-        if self._queue.stored_path(header.sop_instance_uid) is not None:
+        stored = self._queue.stored_path(header.sop_instance_uid)
+        if stored is not None and self._store.holds(stored):
             return StoreStatus.SUCCESS, "duplicate", size
         relative = self._store.relative_path(header.study_uid, header.series_uid, header.sop_instance_uid)
         try:
-            self._store.commit_file(spool, relative)
+            self._store.make_durable(spool)
+            self._store.make_room(relative)
         except OSError as exc:
-            if exc.errno in (errno.ENOSPC, errno.EDQUOT):
-                return StoreStatus.OUT_OF_RESOURCES_DISK, "disk full while writing; free space on the node", 0
-            log.error("store.write_failed path=%s errno=%s", relative, errno.errorcode.get(exc.errno or 0, exc.errno))
-            return StoreStatus.OUT_OF_RESOURCES_WRITE, "cannot write the instance; see the node's log", 0
+            return self._write_failure(exc, relative)
         received = ReceivedInstance(
             study_uid=header.study_uid,
             series_uid=header.series_uid,
@@ -271,20 +377,43 @@ class StorageReceiver:
             study_description=header.study_description,
             series_number=header.series_number,
             series_description=header.series_description,
+            reopens=not self._is_own_report(header.study_uid, header.sop_instance_uid),
         )
         try:
             registration = self._queue.record_instance(received)
         except SQLAlchemyError as exc:
-            self._store.discard(relative)
             log.error("store.queue_failed study_uid=%s error=%s", header.study_uid, type(exc).__name__)
             return StoreStatus.OUT_OF_RESOURCES_QUEUE, "the queue database is unavailable; see the node's log", 0
         if registration is Registration.DUPLICATE:
-            # Another association stored the same instance a moment ago; keep
-            # its file unless ours landed somewhere else.
-            if self._queue.stored_path(header.sop_instance_uid) != str(relative):
-                self._store.discard(relative)
-            return StoreStatus.SUCCESS, "duplicate", size
+            # Another association recorded the same instance meanwhile. Its file is
+            # the stored one; ours only fills in when that file is not there (yet,
+            # or no more: a crash between a row and its rename).
+            stored = self._queue.stored_path(header.sop_instance_uid)
+            if stored is not None and self._store.holds(stored):
+                return StoreStatus.SUCCESS, "duplicate", size
+            relative = Path(stored) if stored is not None else relative
+        try:
+            self._store.place(spool, relative)
+        except OSError as exc:
+            # The row stays, pointing at no file: a re-send is not taken for a
+            # duplicate (see above) and fills it in.
+            return self._write_failure(exc, relative)
         return StoreStatus.SUCCESS, registration.value, size
+
+    def _write_failure(self, exc: OSError, relative: Path) -> tuple[StoreStatus, str, int]:
+        if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+            return StoreStatus.OUT_OF_RESOURCES_DISK, "disk full while writing; free space on the node", 0
+        log.error("store.write_failed path=%s errno=%s", relative, errno.errorcode.get(exc.errno or 0, exc.errno))
+        return StoreStatus.OUT_OF_RESOURCES_WRITE, "cannot write the instance; see the node's log", 0
+
+    def _is_own_report(self, study_uid: str, sop_instance_uid: str) -> bool:
+        """Whether an instance is a report this node made (a PACS routed it back to the node).
+
+        The node keeps every report it made under ``reports/<study>/<sop>.dcm``;
+        such an instance is stored, but does not re-open its study, which would
+        run the model again and send one more report.
+        """
+        return (self._store.data_dir / "reports" / study_uid / f"{sop_instance_uid}.dcm").is_file()
 
     def _tally(self, association: Association) -> _AssociationTally | None:
         with self._lock:
@@ -292,7 +421,7 @@ class StorageReceiver:
 
     def _rejection_reason(self, association: Association) -> str:
         requestor = association.requestor
-        called = (requestor.primitive.called_ae_title if requestor.primitive else "").strip()
+        called = _called_ae(association)
         if called != self._node.ae_title.strip():
             return f"called AE title {called!r} is not this node's ({self._node.ae_title})"
         allowed = self._node.allowed_calling_aets
@@ -323,42 +452,123 @@ def _discard_partial_dataset(association: Association) -> int | None:
     return size
 
 
+_A_ASSOCIATE_RQ = 0x01
 _P_DATA_TF = 0x04
+_AE_FIELDS = ((4, "called"), (20, "calling"))
+"""Offsets of the Called and Calling AE Title fields in an A-ASSOCIATE-RQ after its 6-byte header (PS3.8 9.3.2)."""
 
 
-def _limit_pdu_length(association: Association, peer_ip: str) -> None:
-    """Abort an association whose peer sends a P-DATA-TF longer than the maximum the node announced.
+class _RefusedConnection(ConnectionAbortedError):
+    """The node ended a connection on purpose, and has logged why: pynetdicom need not add a traceback."""
 
-    pynetdicom reads a PDU whole, whatever length its header claims, before
-    looking at it; this check reads the 6-byte header first (PS3.8 9.3.1), so
-    a broken or hostile peer cannot make the node buffer more than
-    ``MAX_PDU_SIZE``. The peer gets an A-ABORT (source: service provider,
-    reason: invalid PDU parameter value), then the connection closes.
+
+_refusing = threading.local()
+
+
+class _QuietForRefusals(logging.Filter):
+    """Drop pynetdicom's "connection closed" error and traceback for a connection the node refused itself."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not getattr(_refusing, "active", False)
+
+
+logging.getLogger("pynetdicom.dul").addFilter(_QuietForRefusals())
+
+
+def _refuse_connection(transport: object, pdu: bytes, why: str) -> NoReturn:
+    with contextlib.suppress(OSError):
+        transport.socket.sendall(pdu)  # type: ignore[attr-defined]
+    _refusing.active = True
+    raise _RefusedConnection(why)
+
+
+def _guard_incoming_pdus(association: Association, peer_ip: str) -> None:
+    """Check each PDU's header, and an A-ASSOCIATE-RQ's AE titles, before pynetdicom reads the PDU.
+
+    * A P-DATA-TF longer than the maximum the node announced gets an
+      A-ABORT (source: service provider, reason: invalid PDU parameter
+      value) before it is read: pynetdicom reads a PDU whole, whatever length
+      its header claims, so a broken or hostile peer could otherwise make the
+      node buffer any amount.
+    * AE titles padded with NUL bytes (pynetdicom2 sends them; DCMTK,
+      PixelMed, Odil, dcmjs-dimse and CTN accept them) are read as those
+      peers read them: up to the first NUL, padded with spaces.
+    * Any other AE title that is not one (control characters, a backslash,
+      non-ASCII, all spaces) gets an A-ASSOCIATE-RJ with a refusal log line,
+      instead of a library exception that drops the connection.
     """
     transport = association.dul.socket
     if transport is None:
         return
     receive = transport.recv
+    next_is_request: list[bool] = [False]
 
     def recv(nr_bytes: int) -> bytearray:
         data = receive(nr_bytes)
+        if next_is_request[0]:
+            next_is_request[0] = False
+            return _normalised_request(data, association, peer_ip, transport)
         if nr_bytes == 6 and len(data) == 6:
             pdu_type, _, length = struct.unpack(">BBL", data)
-            if pdu_type == _P_DATA_TF and length > MAX_PDU_SIZE:
+            if pdu_type == _A_ASSOCIATE_RQ:
+                next_is_request[0] = True
+            elif pdu_type == _P_DATA_TF and length > MAX_PDU_SIZE:
                 log.warning(
                     "association.pdu_too_long peer_ae=%s peer_ip=%s pdu_length=%d max_pdu_length=%d: aborting",
                     _peer_ae(association), peer_ip, length, MAX_PDU_SIZE,
                 )  # fmt: skip
-                with contextlib.suppress(OSError):
-                    transport.socket.sendall(_A_ABORT_INVALID_PDU_PARAMETER)  # type: ignore[union-attr]
-                raise ConnectionAbortedError(f"P-DATA-TF of {length} bytes exceeds {MAX_PDU_SIZE}")
+                _refuse_connection(
+                    transport, _A_ABORT_INVALID_PDU_PARAMETER, f"P-DATA-TF of {length} bytes exceeds {MAX_PDU_SIZE}"
+                )
         return data
 
     transport.recv = recv  # type: ignore[method-assign]
 
 
+def _normalised_request(body: bytearray, association: Association, peer_ip: str, transport: object) -> bytearray:
+    """The A-ASSOCIATE-RQ body with NUL-padded AE titles space-padded; refuses one with an invalid AE title."""
+    for offset, role in _AE_FIELDS:
+        raw = bytes(body[offset : offset + 16])
+        if len(raw) < 16:
+            return body  # too short to be a request: pynetdicom refuses it as an invalid PDU
+        title = raw.split(b"\x00", 1)[0].ljust(16, b" ")
+        body[offset : offset + 16] = title
+        text = title.decode("latin-1").strip()
+        if not text or not title.isascii() or "\\" in text or any(ord(c) < 0x20 or ord(c) == 0x7F for c in text):
+            log.warning(
+                "association.refused peer_ae=%s peer_ip=%s called_ae=%s reason=%r",
+                raw.decode("latin-1") if role == "calling" else "?",
+                peer_ip,
+                raw.decode("latin-1") if role == "called" else "?",
+                f"the {role} AE title is not a valid AE title (PS3.5 6.2)",
+            )
+            # Rejected permanent, source: service user, reason: calling (3) or called (7) AE title not recognised.
+            _refuse_connection(
+                transport,
+                struct.pack(">BBLBBBB", 0x03, 0, 4, 0, 0x01, 0x01, 0x03 if role == "calling" else 0x07),
+                f"invalid {role} AE title",
+            )
+    return body
+
+
 _A_ABORT_INVALID_PDU_PARAMETER = struct.pack(">BBLBBBB", 0x07, 0, 4, 0, 0, 2, 6)
 """A-ABORT PDU, source 2 (service provider), reason 6 (invalid PDU parameter value); PS3.8 9.3.8."""
+
+
+def _end_idle(association: Association) -> None:
+    """End an association with no DIMSE message in progress, without waiting for it."""
+    if association.is_established:
+        association.abort(block=False)
+    elif association.requestor.primitive is None and association.dul.socket is not None:
+        # Still waiting for its request (a port check): close the connection and
+        # wake the association's thread, which ends on its own.
+        association.dul.socket.close()
+        association.dul.to_user_queue.put(None)
+
+
+def _called_ae(association: Association) -> str:
+    primitive = association.requestor.primitive
+    return (primitive.called_ae_title if primitive else "").strip() or "?"
 
 
 def _peer_ae(association: Association) -> str:

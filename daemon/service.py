@@ -4,8 +4,11 @@ Start-up order matters for "a restart loses nothing": the spool is emptied
 (only unanswered transfers can be there), the database is migrated, leases
 of the previous run are released and the stability clocks of studies still
 ``receiving`` restart, and only then does the port open. Shutdown runs the
-other way: the port closes, open associations get ``shutdown_grace_s`` to
-finish, the scheduler stops, the database closes.
+other way: workers are told to finish their study and claim no other (and
+are no longer restarted), the port closes, idle associations end at once
+while a C-STORE in progress gets ``shutdown_grace_s``, the scheduler stops,
+the workers are waited for, the database closes. A stop never fails on a
+full disk or a locked database: what cannot be recorded then is logged.
 """
 
 from __future__ import annotations
@@ -19,16 +22,17 @@ from types import FrameType
 
 from apscheduler.schedulers.background import BackgroundScheduler
 from sqlalchemy import Engine
+from sqlalchemy.exc import SQLAlchemyError
 
 from config.settings import Settings
 from daemon.delivery import ReportDelivery
 from daemon.receiver import StorageReceiver
-from daemon.supervisor import MAX_PROCESSING_ATTEMPTS, WorkerPool
+from daemon.supervisor import WorkerPool
 from daemon.systemd import notify
 from storage.database import open_for_daemon
 from storage.filestore import FileStore
 from storage.heartbeat import HEARTBEAT_INTERVAL_S, Heartbeat
-from storage.queue import StudyQueue
+from storage.queue import MAX_PROCESSING_ATTEMPTS, StudyQueue
 from storage.reports import ReportBook
 
 log = logging.getLogger("triagenode.service")
@@ -73,6 +77,11 @@ class Node:
             resumed,
             len(recovered),
         )
+        for destination in self.settings.destinations:
+            log.info("destination name=%s ae_title=%s host=%s port=%d", destination.name, destination.ae_title,
+                     destination.host, destination.port)  # fmt: skip
+        if not self.settings.destinations:
+            log.info("destination none: reports stay on the node (add [[destinations]] to send them)")
         self.receiver = StorageReceiver(node, queue, self.store)
         self.receiver.start()
         self._heartbeat = Heartbeat(self.engine)
@@ -105,6 +114,8 @@ class Node:
 
     def stop(self) -> None:
         try:
+            if self.workers is not None:
+                self.workers.begin_stop()
             if self.receiver is not None:
                 self.receiver.stop(self.settings.node.shutdown_grace_s)
             if self._scheduler is not None:
@@ -114,7 +125,11 @@ class Node:
             if self.workers is not None:
                 self.workers.stop(self.settings.node.shutdown_grace_s)
         if self._heartbeat is not None:
-            self._heartbeat.stopped()
+            try:
+                self._heartbeat.stopped()
+            except SQLAlchemyError as exc:  # a full disk or a locked database must not turn a stop into a crash
+                log.warning("node.stop_not_recorded error=%s: `triagenode status` reads the lock instead",
+                            type(exc).__name__)  # fmt: skip
         if self._lock_fd is not None:
             os.close(self._lock_fd)
         if self.engine is not None:
@@ -137,7 +152,7 @@ def serve(settings: Settings) -> None:
         node.start()
         assert node.receiver is not None
         notify("READY=1", f"STATUS=listening on port {node.receiver.port} as {settings.node.ae_title}")
-        while not stop_requested.wait(1.0):
+        while not stop_requested.wait(0.2):
             pass
         notify("STOPPING=1")
     finally:

@@ -4,7 +4,13 @@ Workers are spawned (never forked after CUDA), one per slot. Every second
 the supervisor checks them: a worker that died is restarted and its lease
 released at once (the queue's attempt count stops a crash loop); a worker
 busy with one study for longer than ``study_timeout_s`` is killed, which
-counts as one failed attempt for that study.
+counts as one interrupted attempt for that study. Busy time is measured on
+the monotonic clock, so a step of the wall clock never kills a healthy worker.
+
+Once the node begins to stop (:meth:`WorkerPool.begin_stop`), no worker is
+restarted and every worker is asked to finish its study and claim no other;
+a worker that the stop's SIGTERM ended (systemd signals the whole control
+group at once) is a normal stop, not a death.
 """
 
 from __future__ import annotations
@@ -13,6 +19,7 @@ import logging
 import multiprocessing
 import os
 import signal
+import threading
 import time
 import uuid
 from dataclasses import dataclass, field
@@ -24,7 +31,6 @@ from storage.queue import StudyQueue
 
 log = logging.getLogger("triagenode.supervisor")
 
-MAX_PROCESSING_ATTEMPTS = 3
 RESTART_DELAY_S = 2.0
 
 
@@ -45,6 +51,8 @@ class WorkerPool:
         self._context = multiprocessing.get_context("spawn")
         self._slots = [_Slot(index) for index in range(settings.inference.workers)]
         self._stopping = False
+        self._lock = threading.Lock()
+        """Held by :meth:`check` and :meth:`begin_stop`, so no restart can slip in after a stop began."""
 
     def start(self) -> None:
         for slot in self._slots:
@@ -63,15 +71,18 @@ class WorkerPool:
 
     def check(self) -> None:
         """Restart dead workers, kill hung ones (a scheduler job, every second)."""
-        if self._stopping:
-            return
+        with self._lock:
+            if not self._stopping:
+                self._check()
+
+    def _check(self) -> None:
         timeout = self._settings.inference.study_timeout_s
         for slot in self._slots:
             process = slot.process
             if process is None:
                 continue
             busy = slot.busy_since.value if slot.busy_since is not None else 0.0
-            if process.is_alive() and busy and time.time() - busy > timeout:
+            if process.is_alive() and busy and time.monotonic() - busy > timeout:
                 log.error("worker.timeout worker=%s pid=%s study_timeout_s=%d: killing it", slot.worker_id,
                           process.pid, timeout)  # fmt: skip
                 os.kill(process.pid, signal.SIGKILL)  # type: ignore[arg-type]
@@ -80,7 +91,7 @@ class WorkerPool:
                 continue
             if slot.not_before == 0.0:
                 log.error("worker.died worker=%s pid=%s exitcode=%s", slot.worker_id, process.pid, process.exitcode)
-                returned = self._queue.recover_expired_leases(MAX_PROCESSING_ATTEMPTS, owner=slot.worker_id)
+                returned = self._queue.recover_expired_leases(owner=slot.worker_id)
                 for study_uid in returned:
                     log.warning("study.lease_released study_uid=%s worker=%s", study_uid, slot.worker_id)
                 slot.not_before = time.monotonic() + RESTART_DELAY_S * min(2**slot.restarts, 30)
@@ -89,15 +100,28 @@ class WorkerPool:
                 slot.not_before = 0.0
                 self._spawn(slot)
 
-    def stop(self, grace_s: float) -> None:
-        self._stopping = True
+    def begin_stop(self) -> None:
+        """No more restarts; ask every worker (SIGTERM) to finish its study and claim no other."""
+        with self._lock:
+            self._stopping = True
         for slot in self._slots:
             if slot.process is not None and slot.process.is_alive():
                 slot.process.terminate()
+
+    def stop(self, grace_s: float) -> None:
+        """Wait up to ``grace_s`` for the workers to finish their studies, then kill what is left.
+
+        A study cut short this way keeps its lease; the next start gives it back to the queue.
+        """
+        self.begin_stop()
         deadline = time.monotonic() + grace_s
         for slot in self._slots:
             if slot.process is not None:
                 slot.process.join(max(0.0, deadline - time.monotonic()))
                 if slot.process.is_alive():
+                    log.warning("worker.killed worker=%s pid=%s reason='still busy after shutdown_grace_s=%g'",
+                                slot.worker_id, slot.process.pid, grace_s)  # fmt: skip
                     slot.process.kill()
                     slot.process.join(5)
+                else:
+                    log.info("worker.exited worker=%s exitcode=%s", slot.worker_id, slot.process.exitcode)

@@ -22,11 +22,10 @@ from pathlib import Path
 import torch
 
 from config.settings import Settings
-from daemon.supervisor import MAX_PROCESSING_ATTEMPTS
 from inference.loader import SliceLoader, exit_when_orphaned
 from inference.model_package import ModelPackage, load_package
 from inference.pipeline import NotApplicable, SeriesGeometryError, run_study
-from inference.report import report_for
+from inference.report import read_predecessor, report_for
 from inference.training import resolve_device
 from storage.database import open_for_daemon
 from storage.filestore import FileStore
@@ -75,7 +74,7 @@ def worker_main(
         if claim is None:
             stop.wait(IDLE_POLL_S)
             continue
-        busy_since.value = time.time()
+        busy_since.value = time.monotonic()  # the supervisor measures on the same (system-wide) clock
         renewer = _LeaseRenewer(queue, claim)
         renewer.start()
         try:
@@ -84,16 +83,10 @@ def worker_main(
             queue.finish(claim, StudyState.FAILED, f"the series cannot be read as one volume: {exc}")
         except BrokenProcessPool:
             # A decoder died (most likely killed for memory): like a worker crash, the study gets another try.
-            again = claim.attempt < MAX_PROCESSING_ATTEMPTS
             log.error(
                 "worker.decoder_died worker=%s study_uid=%s attempt=%d", worker_id, claim.study_uid, claim.attempt
             )
-            queue.finish(
-                claim,
-                StudyState.QUEUED if again else StudyState.FAILED,
-                f"a decoder process died on attempt {claim.attempt} of {MAX_PROCESSING_ATTEMPTS} (out of memory? "
-                + ("see the node's log); back in the queue" if again else "see the node's log); giving up"),
-            )
+            queue.interrupted(claim, "a decoder process died (out of memory?)")
         except Exception as exc:  # noqa: BLE001 - the study fails with the reason; the worker goes on
             log.exception("worker.error worker=%s study_uid=%s", worker_id, claim.study_uid)
             queue.finish(claim, StudyState.FAILED, f"worker error: {type(exc).__name__}; see the node's log")
@@ -121,7 +114,9 @@ def _process(
     outcome = run_study(package, claim.study_uid, files, device, inference.batch_size, loader)
     manifest = package.manifest
     started = time.perf_counter()
-    report = report_for(outcome, manifest, inference, settings.node.ae_title)
+    previous = book.previous_report(claim.study_uid)  # a re-opened study's new report names the one it replaces
+    predecessor = read_predecessor(data_dir / previous.sr_path) if previous is not None else None
+    report = report_for(outcome, manifest, inference, settings.node.ae_title, predecessor)
     sr: tuple[str | None, str | None] = (None, None)
     if report is not None:
         store = FileStore(data_dir)

@@ -7,9 +7,11 @@ Layout under ``data_dir``::
 
 A path is only ever built from UIDs that passed :func:`is_valid_uid` (digits
 and dots, at most 64 characters), so nothing a peer sends can name a file
-outside the store. An instance is durable when :meth:`FileStore.commit_file`
-returns: the file's data is fsync'd, it is renamed into place, and the
-directories that changed are fsync'd.
+outside the store. An instance is durable when :meth:`FileStore.place`
+returns after :meth:`FileStore.make_durable`: the file's data is fsync'd, it
+is renamed into place, and the directories that changed are fsync'd. Nothing
+here deletes a file at its final path: a file another handler answered
+Success for is never removed by a failure path.
 """
 
 from __future__ import annotations
@@ -41,6 +43,34 @@ def fsync_directory(path: Path) -> None:
         os.close(fd)
 
 
+LOCK_FILE = "triagenode.lock"
+"""In ``data_dir``: flock'd by the running node, holding its pid."""
+
+
+def lock_is_held(data_dir: Path) -> bool | None:
+    """Whether a process holds ``data_dir``'s lock (a node runs on it); None when that cannot be told.
+
+    The kernel drops the lock when its process ends however it ends, so
+    unlike a heartbeat this answer does not go stale while the node waits on
+    a busy database or a full disk.
+    """
+    try:
+        fd = os.open(data_dir / LOCK_FILE, os.O_RDONLY)
+    except FileNotFoundError:
+        return False
+    except OSError:
+        return None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return True
+    except OSError:
+        return None
+    finally:
+        os.close(fd)  # closing drops a lock this check took
+    return False
+
+
 class DataDirInUseError(RuntimeError):
     """Another node process already serves this data directory."""
 
@@ -61,7 +91,7 @@ class FileStore:
         to keep open.
         """
         self.data_dir.mkdir(parents=True, exist_ok=True)
-        fd = os.open(self.data_dir / "triagenode.lock", os.O_RDWR | os.O_CREAT, 0o640)
+        fd = os.open(self.data_dir / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o640)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -107,15 +137,43 @@ class FileStore:
 
         ``source`` must be on the same filesystem (the spool is), so the rename is atomic.
         """
-        target = self.data_dir / relative
+        self.make_durable(source)
+        return self.place(source, relative)
+
+    @staticmethod
+    def make_durable(source: Path) -> None:
+        """fsync a file's data while it still has its own (unique) name.
+
+        The receiver does this before it records the instance, and renames
+        only after the row has committed: until then the file belongs to the
+        one handler that wrote it, and no other handler can see, replace or
+        lose it.
+        """
         with open(source, "rb+") as handle:
             os.fsync(handle.fileno())
-        created = self._make_parents(target.parent)
-        os.replace(source, target)
-        fsync_directory(target.parent)
+
+    def make_room(self, relative: Path) -> None:
+        """Create (durably) the directories a file at ``relative`` needs.
+
+        The receiver calls this before it records an instance, so that what
+        can fail about the store's layout fails while nothing is recorded;
+        the rename after the row is then all that is left.
+        """
+        created = self._make_parents((self.data_dir / relative).parent)
         for directory in created:
             fsync_directory(directory.parent)
+
+    def place(self, source: Path, relative: Path) -> Path:
+        """Rename a durable file to its place in the store and make the rename durable."""
+        self.make_room(relative)
+        target = self.data_dir / relative
+        os.replace(source, target)
+        fsync_directory(target.parent)
         return target
+
+    def holds(self, relative: Path | str) -> bool:
+        """Whether the store really has a file at ``relative`` (a row alone does not make a stored instance)."""
+        return (self.data_dir / relative).is_file()
 
     def _make_parents(self, directory: Path) -> list[Path]:
         """mkdir -p, returning the directories it created (their parents need an fsync)."""
@@ -128,5 +186,3 @@ class FileStore:
             path.mkdir(exist_ok=True)
         return created
 
-    def discard(self, relative: Path) -> None:
-        (self.data_dir / relative).unlink(missing_ok=True)

@@ -1,8 +1,13 @@
 """The running receiver's announcement, read by ``triagenode status``.
 
 The daemon writes one row when it starts listening and refreshes it every
-few seconds; the CLI calls the receiver running when the row is fresh and its
-process exists. A crash leaves a stale row, never a lock to delete by hand.
+few seconds. On the node's own host the CLI calls the receiver running when
+its process exists and holds the data directory's lock (the kernel drops the
+lock with the process), so a heartbeat that waits on a busy database (up to
+the 30 s busy timeout) or cannot be written on a full disk does not make a
+running node look dead; the heartbeat's age is shown beside it. Elsewhere,
+or when the lock cannot be read, a fresh heartbeat is the sign of life. A
+crash leaves a stale row, never a lock to delete by hand.
 """
 
 from __future__ import annotations
@@ -11,15 +16,18 @@ import os
 import socket
 from dataclasses import dataclass
 from datetime import datetime, timedelta
+from pathlib import Path
 
 from sqlalchemy import Engine, select
 
-from storage.engine import reader, writer
+from storage.engine import BUSY_TIMEOUT_MS, reader, writer
+from storage.filestore import lock_is_held
 from storage.models import ReceiverHeartbeat
 from storage.timeutil import utcnow
 
 HEARTBEAT_INTERVAL_S = 5
-STALE_AFTER_S = 3 * HEARTBEAT_INTERVAL_S
+STALE_AFTER_S = BUSY_TIMEOUT_MS / 1000 + 3 * HEARTBEAT_INTERVAL_S
+"""A beat may wait out the database's busy timeout; only three beats missed beyond that mean trouble."""
 _ROW = 1
 
 
@@ -40,6 +48,8 @@ class Heartbeat:
     def __init__(self, engine: Engine) -> None:
         self._write = writer(engine)
         self._read = reader(engine)
+        database = engine.url.database
+        self._data_dir = Path(database).parent if database else None
 
     def announce(self, ae_title: str, port: int, now: datetime | None = None) -> None:
         now = now or utcnow()
@@ -75,11 +85,13 @@ class Heartbeat:
             row = session.scalar(select(ReceiverHeartbeat).where(ReceiverHeartbeat.id == _ROW))
         if row is None:
             return ReceiverState(False, None, None, None, None, None)
-        running = (
-            row.stopped_at is None
-            and now - row.heartbeat_at < timedelta(seconds=STALE_AFTER_S)
-            and (row.hostname != socket.gethostname() or _process_exists(row.pid))
-        )
+        fresh = now - row.heartbeat_at < timedelta(seconds=STALE_AFTER_S)
+        if row.hostname != socket.gethostname():
+            alive = fresh
+        else:
+            held = lock_is_held(self._data_dir) if self._data_dir is not None else None
+            alive = _process_exists(row.pid) and (held if held is not None else fresh)
+        running = row.stopped_at is None and alive
         return ReceiverState(running, row.pid, row.ae_title, row.port, row.started_at, row.heartbeat_at)
 
 

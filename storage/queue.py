@@ -2,7 +2,9 @@
 
 Every state change goes through :func:`transition`, which checks that the
 change is allowed and writes the event that ``queue show`` lists, so the
-history and the state can never disagree. Each public method of
+history and the state can never disagree; its log line is written once the
+transaction has committed, so the log never shows a change the database
+never had. Each public method of
 :class:`StudyQueue` is one write transaction (``BEGIN IMMEDIATE``), which is
 what makes a lease exclusive: two workers asking at once are served one after
 the other, and the second sees the study already taken.
@@ -16,7 +18,7 @@ from datetime import datetime, timedelta
 from enum import Enum
 from typing import Any
 
-from sqlalchemy import Engine, Select, select, update
+from sqlalchemy import Engine, Select, event, select, update
 from sqlalchemy.orm import Session
 
 from storage.engine import reader, writer
@@ -36,6 +38,11 @@ ALLOWED_TRANSITIONS: dict[StudyState, frozenset[StudyState]] = {
     S.CANCELLED: frozenset({S.QUEUED}),
 }
 """Which state may follow which. ``receiving`` after a later state is a re-open by a late instance."""
+
+MAX_PROCESSING_ATTEMPTS = 3
+"""Interrupted runs (a worker crash, a hang past study_timeout_s, a dead decoder, a node restart mid-study)
+after which a study is ``failed`` instead of queued again: what stops a study that kills its worker from
+crash-looping. Runs that ended with a result or a deliberate failure do not count."""
 
 RETRYABLE = frozenset({S.FAILED, S.CANCELLED})
 CANCELLABLE = frozenset(state for state, targets in ALLOWED_TRANSITIONS.items() if S.CANCELLED in targets)
@@ -66,6 +73,9 @@ _SQL_STUDY_COUNT = (
     "UPDATE studies SET instance_count = instance_count + 1, byte_count = byte_count + ?,"
     " last_instance_at = ?, updated_at = ? WHERE id = ?"
 )
+_SQL_STUDY_COUNT_QUIETLY = (
+    "UPDATE studies SET instance_count = instance_count + 1, byte_count = byte_count + ? WHERE id = ?"
+)
 
 
 def _db_time(value: datetime) -> str:
@@ -81,8 +91,15 @@ class UnknownStudyError(LookupError):
     """No study with that Study Instance UID on this node."""
 
 
+_STATE_CHANGES = "triagenode_state_changes"
+"""Key in ``Session.info`` of the state changes a transaction made, logged once it commits."""
+
+
 def transition(session: Session, study: Study, to_state: StudyState, reason: str, now: datetime) -> None:
-    """Change a study's state and write the event, in the caller's transaction."""
+    """Change a study's state and write the event, in the caller's transaction.
+
+    The log line waits for the commit (see :func:`_log_committed_changes`).
+    """
     from_state = StudyState(study.state)
     if to_state not in ALLOWED_TRANSITIONS[from_state]:
         raise TransitionError(f"study {study.study_uid} is {from_state}; it cannot become {to_state}")
@@ -92,7 +109,22 @@ def transition(session: Session, study: Study, to_state: StudyState, reason: str
         study.lease_owner = None
         study.lease_expires_at = None
     session.add(StudyEvent(study=study, at=now, from_state=from_state, to_state=to_state, reason=reason))
-    log.info("study.state study_uid=%s from=%s to=%s reason=%r", study.study_uid, from_state, to_state, reason)
+    session.info.setdefault(_STATE_CHANGES, []).append((study.study_uid, str(from_state), str(to_state), reason))
+
+
+def log_state_change(study_uid: str, from_state: str, to_state: str, reason: str) -> None:
+    log.info("study.state study_uid=%s from=%s to=%s reason=%r", study_uid, from_state, to_state, reason)
+
+
+@event.listens_for(Session, "after_commit")
+def _log_committed_changes(session: Session) -> None:
+    for change in session.info.pop(_STATE_CHANGES, []):
+        log_state_change(*change)
+
+
+@event.listens_for(Session, "after_rollback")
+def _forget_rolled_back_changes(session: Session) -> None:
+    session.info.pop(_STATE_CHANGES, None)
 
 
 @dataclass(frozen=True)
@@ -112,6 +144,9 @@ class ReceivedInstance:
     study_description: str | None = None
     series_number: int | None = None
     series_description: str | None = None
+    reopens: bool = True
+    """False for the node's own report coming back from a PACS: stored, but the study's state and
+    stability clock stay as they are (re-opening would run the model again and send one more report)."""
 
 
 class Registration(Enum):
@@ -120,6 +155,7 @@ class Registration(Enum):
     NEW_STUDY = "new study"
     ADDED = "added"
     REOPENED = "re-opened study"
+    KEPT_AS_OWN_REPORT = "the node's own report, stored without re-opening its study"
     DUPLICATE = "duplicate"
 
 
@@ -176,11 +212,13 @@ class StudyQueue:
         """
         now = now or utcnow()
         stamp = _db_time(now)
+        changes: list[tuple[str, str, str, str]] = []
         with self._engine.begin() as connection:
             cursor = connection.connection.dbapi_connection.cursor()  # type: ignore[union-attr]
             if cursor.execute(_SQL_INSTANCE_EXISTS, (received.sop_instance_uid,)).fetchone():
                 return Registration.DUPLICATE
             outcome = Registration.ADDED
+            quietly = False
             row = cursor.execute(_SQL_FIND_STUDY, (received.study_uid,)).fetchone()
             if row is None:
                 reason = f"first instance received from {received.calling_ae}"
@@ -196,20 +234,27 @@ class StudyQueue:
                 study_id = cursor.execute(_SQL_NEW_STUDY, new_study).fetchone()[0]
                 study_modality = None
                 cursor.execute(_SQL_NEW_EVENT, (study_id, stamp, None, S.RECEIVING.value, reason))
-                log.info("study.state study_uid=%s from=- to=receiving reason=%r", received.study_uid, reason)
+                changes.append((received.study_uid, "-", S.RECEIVING.value, reason))
                 outcome = Registration.NEW_STUDY
             else:
                 study_id, state, study_modality = row
-                if state not in (S.RECEIVING, S.CANCELLED):
+                if not received.reopens and state != S.RECEIVING:
+                    quietly = True
+                    outcome = Registration.KEPT_AS_OWN_REPORT
+                elif state not in (S.RECEIVING, S.CANCELLED):
                     with Session(bind=connection) as session:
+                        study = session.get_one(Study, study_id)
                         transition(
                             session,
-                            session.get_one(Study, study_id),
+                            study,
                             S.RECEIVING,
                             f"new instance from {received.calling_ae} after the study was {state}; re-opened",
                             now,
                         )
+                        # New work: the interrupted runs of the previous round do not count against it.
+                        study.processing_attempts = 0
                         session.flush()
+                        changes += session.info.pop(_STATE_CHANGES, [])
                     outcome = Registration.REOPENED
             found = cursor.execute(_SQL_FIND_SERIES, (study_id, received.series_uid)).fetchone()
             if found is None:
@@ -240,14 +285,33 @@ class StudyQueue:
                 ),
             )
             cursor.execute(_SQL_SERIES_COUNT, (series_id,))
-            cursor.execute(_SQL_STUDY_COUNT, (received.size, stamp, stamp, study_id))
+            if quietly:
+                cursor.execute(_SQL_STUDY_COUNT_QUIETLY, (received.size, study_id))
+            else:
+                cursor.execute(_SQL_STUDY_COUNT, (received.size, stamp, stamp, study_id))
             cursor.close()
+        for change in changes:
+            log_state_change(*change)
         return outcome
 
     def complete_stable_studies(self, stable_seconds: float, now: datetime | None = None) -> list[str]:
-        """Queue every ``receiving`` study with no instance for ``stable_seconds``."""
+        """Queue every ``receiving`` study with no instance for ``stable_seconds``.
+
+        A last instance time in the future means the clock was stepped back
+        since it arrived: such a study gets a full stability window from now
+        instead of waiting until the clock catches up (an hour, for a step of
+        an hour).
+        """
         now = now or utcnow()
         cutoff = now - timedelta(seconds=stable_seconds)
+        stepped_back = select(Study).where(Study.state == S.RECEIVING, Study.last_instance_at > now)
+        if self._any(stepped_back):
+            with self._sessions.begin() as session:
+                session.execute(
+                    update(Study)
+                    .where(Study.state == S.RECEIVING, Study.last_instance_at > now)
+                    .values(last_instance_at=now)
+                )
         stable = select(Study).where(Study.state == S.RECEIVING, Study.last_instance_at <= cutoff)
         if not self._any(stable):
             return []
@@ -280,7 +344,12 @@ class StudyQueue:
             return result.rowcount
 
     def claim(self, worker_id: str, lease_seconds: float, now: datetime | None = None) -> Claim | None:
-        """Take the oldest ``queued`` study under a lease, or None when none waits."""
+        """Take the oldest ``queued`` study under a lease, or None when none waits.
+
+        ``Claim.attempt`` is this run's number among the runs that can count
+        against :data:`MAX_PROCESSING_ATTEMPTS`: one more than the runs that
+        were interrupted so far.
+        """
         now = now or utcnow()
         waiting = select(Study).where(Study.state == S.QUEUED).order_by(Study.updated_at, Study.id)
         if not self._any(waiting):
@@ -289,11 +358,11 @@ class StudyQueue:
             study = session.scalar(waiting.limit(1))
             if study is None:
                 return None
-            study.processing_attempts += 1
-            transition(session, study, S.PROCESSING, f"taken by {worker_id} (attempt {study.processing_attempts})", now)
+            attempt = study.processing_attempts + 1
+            transition(session, study, S.PROCESSING, f"taken by {worker_id} (attempt {attempt})", now)
             study.lease_owner = worker_id
             study.lease_expires_at = now + timedelta(seconds=lease_seconds)
-            return Claim(study.study_uid, worker_id, study.lease_expires_at, study.processing_attempts)
+            return Claim(study.study_uid, worker_id, study.lease_expires_at, attempt)
 
     def renew(self, claim: Claim, lease_seconds: float, now: datetime | None = None) -> Claim | None:
         """Extend a lease; None when the worker no longer holds it (expired, cancelled, re-opened)."""
@@ -321,8 +390,44 @@ class StudyQueue:
             transition(session, study, to_state, reason, now)
             return True
 
+    def interrupted(
+        self, claim: Claim, what: str, max_attempts: int = MAX_PROCESSING_ATTEMPTS, now: datetime | None = None
+    ) -> StudyState | None:
+        """End a lease whose run was cut short (``what`` happened): queued again, or failed after ``max_attempts``.
+
+        Returns the study's new state; None when the lease was lost meanwhile.
+        """
+        now = now or utcnow()
+        with self._sessions.begin() as session:
+            study = session.scalar(select(Study).where(Study.study_uid == claim.study_uid))
+            if study is None or study.state != S.PROCESSING or study.lease_owner != claim.worker_id:
+                return None
+            return self._count_interruption(session, study, what, max_attempts, now)
+
+    @staticmethod
+    def _count_interruption(session: Session, study: Study, what: str, max_attempts: int, now: datetime) -> StudyState:
+        study.processing_attempts += 1
+        attempt = study.processing_attempts
+        if attempt >= max_attempts:
+            transition(
+                session,
+                study,
+                S.FAILED,
+                f"{what} on attempt {attempt} of {max_attempts}; giving up, see the node's log; "
+                "`triagenode queue retry` tries again",
+                now,
+            )
+            return S.FAILED
+        transition(session, study, S.QUEUED, f"{what} on attempt {attempt} of {max_attempts}; back in the queue", now)
+        return S.QUEUED
+
     def recover_expired_leases(
-        self, max_attempts: int = 3, now: datetime | None = None, *, all_leases: bool = False, owner: str | None = None
+        self,
+        max_attempts: int = MAX_PROCESSING_ATTEMPTS,
+        now: datetime | None = None,
+        *,
+        all_leases: bool = False,
+        owner: str | None = None,
     ) -> list[str]:
         """Return studies whose worker vanished to ``queued``; fail those that used every attempt.
 
@@ -341,19 +446,9 @@ class StudyQueue:
         with self._sessions.begin() as session:
             studies = session.scalars(query).all()
             for study in studies:
-                owner = study.lease_owner
+                holder = study.lease_owner
                 why = "the node restarted" if all_leases else "its worker died" if owner else "its lease expired"
-                if study.processing_attempts >= max_attempts:
-                    transition(
-                        session,
-                        study,
-                        S.FAILED,
-                        f"{owner} stopped holding it ({why}) on attempt {study.processing_attempts} of "
-                        f"{max_attempts}; giving up, see the worker's log; `triagenode queue retry` tries again",
-                        now,
-                    )
-                else:
-                    transition(session, study, S.QUEUED, f"{owner} stopped holding it ({why}); back in the queue", now)
+                self._count_interruption(session, study, f"{holder} stopped holding it ({why})", max_attempts, now)
             return [study.study_uid for study in studies]
 
     def retry(self, study_uid: str, reason: str = "retried by an administrator", now: datetime | None = None) -> str:
