@@ -88,6 +88,33 @@ def load_settings(path: Path | None = None, environ: Mapping[str, str] | None = 
     return settings
 
 
+def check_model(settings: Settings, environ: Mapping[str, str] | None = None) -> None:
+    """Refuse a model package that is missing or unreadable, as a configuration error.
+
+    Kept out of :func:`load_settings` on purpose: ``status`` and ``queue``
+    must keep working on a node whose model file went missing. ``serve``
+    and ``config show`` call it, so both say the same thing and exit 2. A
+    node without workers (``workers = 0``) runs no model, so nothing is
+    checked.
+    """
+    inference = settings.inference
+    if not inference.workers or inference.model == "demo":
+        return
+    from inference.model_package import ModelPackageError, read_manifest  # no torch: the manifest alone
+
+    origin = _origin_of("inference.model", os.environ if environ is None else environ, settings.source)
+    path = Path(inference.model).expanduser()
+    if not path.is_file():
+        raise ConfigError(
+            f"config error in {origin}: inference.model: model package {path} does not exist; "
+            "check the path (or use 'demo')"
+        )
+    try:
+        read_manifest(path)
+    except ModelPackageError as exc:
+        raise ConfigError(f"config error in {origin}: inference.model: {exc}") from exc
+
+
 def settings_as_dict(settings: Settings) -> dict[str, Any]:
     """The effective settings as plain data (``config show``), in TOML's shape."""
 

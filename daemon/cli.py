@@ -17,6 +17,7 @@ from typing import Any, NoReturn, TypeVar
 import click
 
 from config import ConfigError, Settings, load_settings, settings_as_dict
+from config.loader import check_model
 from storage.database import DatabaseUnavailableError, open_for_cli
 from storage.filestore import DataDirInUseError, FileStore
 from storage.heartbeat import Heartbeat
@@ -24,6 +25,7 @@ from storage.migrations import SchemaTooNewError
 from storage.models import StudyState
 from storage.overview import QueueOverview
 from storage.queue import StudyQueue, TransitionError, UnknownStudyError
+from storage.reports import NoReportError, ReportBook
 from storage.timeutil import iso, utcnow
 
 EXIT_NO = 1
@@ -101,6 +103,11 @@ def human_bytes(count: int) -> str:
     return f"{count} B"
 
 
+def plural(count: int, singular: str, many: str | None = None) -> str:
+    """``1 study``, ``2 studies``: counts an administrator reads, in words that agree."""
+    return f"{count} {singular if count == 1 else (many or singular + 's')}"
+
+
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(package_name="triagenode")
 def main() -> None:
@@ -117,6 +124,10 @@ def serve(config_path: Path | None, log_level: str) -> None:
     from inference.model_package import ModelPackageError
 
     settings = settings_from(config_path)
+    try:
+        check_model(settings)
+    except ConfigError as exc:
+        fail(str(exc), EXIT_USAGE)
     configure_logging(log_level)
     if settings.source == "embedded defaults":
         logging.getLogger("triagenode.service").info(
@@ -124,7 +135,9 @@ def serve(config_path: Path | None, log_level: str) -> None:
         )
     try:
         run(settings)
-    except (DataDirInUseError, SchemaTooNewError, ModelPackageError) as exc:
+    except ModelPackageError as exc:  # a package that exists but is broken: the configuration names it
+        fail(f"config error in {settings.source}: inference.model: {exc}", EXIT_USAGE)
+    except (DataDirInUseError, SchemaTooNewError) as exc:
         fail(str(exc))
     except OSError as exc:
         fail(
@@ -148,6 +161,7 @@ def status(config_path: Path | None, as_json: bool) -> None:
     counts = overview.state_counts()
     oldest = overview.oldest_waiting()
     free = FileStore(settings.node.data_dir).free_bytes()
+    destinations = destination_rows(settings, ReportBook(engine))
     uptime = receiver.uptime_s(now)
     data = {
         "receiver": {
@@ -166,6 +180,7 @@ def status(config_path: Path | None, as_json: bool) -> None:
             "free_bytes": free,
             "min_free_bytes": settings.node.min_free_disk_mb * 1024 * 1024,
         },
+        "destinations": destinations,
     }
     if as_json:
         print_json(data)
@@ -183,14 +198,44 @@ def status(config_path: Path | None, as_json: bool) -> None:
         if oldest:
             click.echo(f"oldest waiting: {oldest['study_uid']} (queued {human_duration(oldest['waiting_s'])} ago)")
         click.echo("studies:   " + "  ".join(f"{state} {count}" for state, count in counts.items()))
+        if not destinations:
+            click.echo("reports:   no destinations configured (add [[destinations]] to send reports to a PACS)")
+        for index, d in enumerate(destinations):
+            label = "reports:" if index == 0 else ""
+            where = f"{d['ae_title']}@{d['host']}:{d['port']}" if d["configured"] else "no longer configured"
+            click.echo(
+                f"{label:11}{d['name']} {where}: {d['pending']} pending, {d['failed']} failed, {d['sent']} sent"
+            )
     engine.dispose()
     if not receiver.running:
         sys.exit(EXIT_NO)
 
 
+def destination_rows(settings: Settings, book: ReportBook) -> list[dict[str, Any]]:
+    """Where reports go, with each destination's deliveries by state; ones only the database knows come last."""
+    counts = book.destination_counts()
+    rows = []
+    for d in settings.destinations:
+        c = counts.pop(d.name, None)
+        rows.append(
+            {"name": d.name, "ae_title": d.ae_title, "host": d.host, "port": d.port, "configured": True,
+             "pending": c.pending if c else 0, "failed": c.failed if c else 0, "sent": c.sent if c else 0}
+        )  # fmt: skip
+    for name, c in sorted(counts.items()):
+        rows.append(
+            {"name": name, "ae_title": None, "host": None, "port": None, "configured": False,
+             "pending": c.pending, "failed": c.failed, "sent": c.sent}
+        )  # fmt: skip
+    return rows
+
+
 @main.group()
 def queue() -> None:
     """List, inspect, retry and cancel studies."""
+
+
+OUTCOME_WORDS = {"present": "present", "absent": "absent", "not applicable": "n/a"}
+"""``outcome`` as the RESULT column shows it; '-' for a study without a result yet."""
 
 
 @queue.command("ls")
@@ -212,10 +257,11 @@ def queue_ls(config_path: Path | None, as_json: bool, state: str | None, limit: 
         return
     print_table(
         [
-            (s["study_uid"], s["state"], s["modality"], s["study_date"], s["series"], s["instances"], s["updated_at"])
+            (s["study_uid"], s["state"], OUTCOME_WORDS.get(s["outcome"], "-"), s["modality"], s["study_date"],
+             s["series"], s["instances"], s["updated_at"])
             for s in studies
         ],
-        ["study uid", "state", "modality", "date", "series", "instances", "updated"],
+        ["study uid", "state", "result", "modality", "date", "series", "instances", "updated"],
     )
 
 
@@ -224,7 +270,7 @@ def queue_ls(config_path: Path | None, as_json: bool, state: str | None, limit: 
 @json_option
 @click.argument("study_uid")
 def queue_show(config_path: Path | None, as_json: bool, study_uid: str) -> None:
-    """One study: its series, the AEs that sent it and its event history."""
+    """One study: its series, the AEs that sent it, the result, each destination's delivery and the history."""
     settings = settings_from(config_path)
     overview, engine = overview_and_engine(settings)
     try:
@@ -261,9 +307,53 @@ def queue_show(config_path: Path | None, as_json: bool, study_uid: str) -> None:
         ["series", "modality", "instances", "description", "series uid"],
     )
     click.echo("")
+    print_result(details["result"])
+    print_deliveries(details["deliveries"], details["result"])
+    click.echo("")
     print_table(
         [(e["at"], e["from"] or "-", e["to"], e["reason"]) for e in details["events"]],
         ["at", "from", "to", "reason"],
+    )
+
+
+def print_result(result: dict[str, Any] | None) -> None:
+    """The model's answer for ``queue show``: finding, probability, threshold, key slice, timings, report."""
+    if result is None:
+        click.echo(f"{'result:':15}- (not processed yet)")
+        return
+    model = f"{result['model']} {result['model_version']}"
+    if not result["applicable"]:
+        click.echo(f"{'result:':15}not applicable: {result['reason']}")
+        click.echo(f"{'model:':15}{model}")
+    else:
+        verdict = "PRESENT" if result["finding"] else "absent"
+        click.echo(f"{'finding:':15}{verdict}")
+        threshold = f" (threshold {result['threshold']:.3f})" if result["threshold"] is not None else ""
+        click.echo(f"{'probability:':15}{result['probability']:.3f}{threshold}")
+        click.echo(f"{'model:':15}{model}")
+        click.echo(f"{'key slice:':15}{result['key_instance_uid'] or '-'}")
+        if result.get("slices") is not None:
+            click.echo(f"{'slices read:':15}{result['slices']} in series {result['series_uid']}")
+    timings = result.get("timings_ms") or {}
+    if timings:
+        click.echo(f"{'timings:':15}" + ", ".join(f"{stage} {ms:.0f} ms" for stage, ms in timings.items()))
+    click.echo(f"{'report (SR):':15}{result['sr_sop_instance_uid'] or '- (none for this study)'}")
+
+
+def print_deliveries(deliveries: list[dict[str, Any]], result: dict[str, Any] | None) -> None:
+    """Each destination's delivery for ``queue show``: state, attempts, next attempt, last error."""
+    if not deliveries:
+        if result is not None and result.get("sr_sop_instance_uid"):
+            click.echo(f"{'deliveries:':15}none (no destinations were configured when it was reported)")
+        return
+    click.echo("")
+    print_table(
+        [
+            (d["destination"], d["state"], d["attempts"], d["next_attempt_at"] or "-", d["sent_at"] or "-",
+             d["last_error"] or "-")
+            for d in deliveries
+        ],  # fmt: skip
+        ["destination", "state", "attempts", "next attempt", "sent", "last error"],
     )
 
 
@@ -283,8 +373,93 @@ def _change_study(config_path: Path | None, action: Callable[[StudyQueue], str |
 @config_option
 @click.argument("study_uid")
 def queue_retry(config_path: Path | None, study_uid: str) -> None:
-    """Try a failed or cancelled study again (re-send its report, or process it again)."""
-    _change_study(config_path, lambda q: q.retry(study_uid), study_uid)
+    """Try a failed or cancelled study again (re-send its report, or process it again).
+
+    A report about to be re-sent is first rebuilt in [inference] sr_sop_class when it was made in the other class.
+    """
+    settings = settings_from(config_path)
+    _, engine = overview_and_engine(settings)
+    try:
+        rebuilt = None
+        book = ReportBook(engine)
+        try:
+            state, _, _ = book.report_of(study_uid)
+        except NoReportError:
+            state = None
+        if state == StudyState.FAILED:
+            rebuilt = _rebuild(settings, book, study_uid)
+        outcome = StudyQueue(engine).retry(study_uid)
+    except (UnknownStudyError, TransitionError) as exc:
+        fail(str(exc))
+    finally:
+        engine.dispose()
+    if rebuilt:
+        click.echo(f"{study_uid}: {rebuilt}")
+    click.echo(f"{study_uid}: {outcome}")
+
+
+def _rebuild(settings: Settings, book: ReportBook, study_uid: str) -> str | None:
+    """The stored report in the configured SR class (see daemon.delivery.rebuild_report); fails with a line."""
+    from daemon.delivery import rebuild_report
+
+    try:
+        return rebuild_report(settings, book, study_uid)
+    except ValueError as exc:
+        fail(
+            f"cannot rebuild the report of {study_uid} as [inference] sr_sop_class = "
+            f"{settings.inference.sr_sop_class!r} asks: {exc}; set it back to send the stored report"
+        )
+    except OSError as exc:
+        fail(
+            f"cannot rebuild the report of {study_uid} in {settings.node.data_dir}: {exc.strerror or exc}; "
+            "run the command as the service user (sudo -u triagenode ...)"
+        )
+
+
+@queue.command("resend")
+@config_option
+@click.argument("study_uid")
+@click.option(
+    "--destination", "destination_name", metavar="NAME", help="Only this destination [default: every destination]."
+)
+def queue_resend(config_path: Path | None, study_uid: str, destination_name: str | None) -> None:
+    """Send a study's report again: to a PACS added later, or to one that lost it.
+
+    For a reported, sent or failed study that has a report. The report is
+    rebuilt first when [inference] sr_sop_class names the other SR class.
+    The running node sends it within a second (or when it next starts).
+    """
+    settings = settings_from(config_path)
+    configured = [d.name for d in settings.destinations]
+    if not configured:
+        fail(
+            f"no destinations in {settings.source}: add a [[destinations]] table (name, ae_title, host, port) "
+            "and restart the node",
+            EXIT_USAGE,
+        )
+    if destination_name is not None and destination_name not in configured:
+        fail(
+            f"no destination {destination_name!r} in {settings.source}; configured: {', '.join(configured)} "
+            "(`triagenode status` lists them)",
+            EXIT_USAGE,
+        )
+    targets = [destination_name] if destination_name else configured
+    _, engine = overview_and_engine(settings)
+    book = ReportBook(engine)
+    try:
+        book.report_of(study_uid)  # unknown study or no report: say so before touching anything
+        rebuilt = _rebuild(settings, book, study_uid)
+        book.resend(study_uid, targets)
+        running = Heartbeat(engine).state(utcnow()).running
+    except (UnknownStudyError, NoReportError, TransitionError) as exc:
+        fail(str(exc))
+    finally:
+        engine.dispose()
+    if rebuilt:
+        click.echo(f"{study_uid}: {rebuilt}")
+    click.echo(f"{study_uid}: report scheduled for {', '.join(targets)}")
+    if not running:
+        click.echo("the node is not running: it sends the report when it starts (`triagenode status`)")
 
 
 @queue.command("cancel")
@@ -326,6 +501,10 @@ def config_group() -> None:
 def config_show(config_path: Path | None, as_json: bool) -> None:
     """The effective settings, after the file and the TRIAGENODE_* environment variables."""
     settings = settings_from(config_path)
+    try:
+        check_model(settings)
+    except ConfigError as exc:  # the settings parse, but serve would refuse them: say so, like serve
+        fail(str(exc), EXIT_USAGE)
     data = settings_as_dict(settings)
     if as_json:
         print_json({"source": settings.source, **data})
@@ -359,7 +538,7 @@ def phantom(out_dir: Path, studies: int, positive_fraction: float, seed: int, sl
 
     written = write_phantoms(out_dir, studies, positive_fraction, seed, slices, matrix)
     positives = sum(study.label for study in written)
-    click.echo(f"wrote {len(written)} studies ({positives} positive) and {out_dir / LABELS_FILE}")
+    click.echo(f"wrote {plural(len(written), 'study', 'studies')} ({positives} positive) and {out_dir / LABELS_FILE}")
 
 
 @main.group()
@@ -600,7 +779,7 @@ def infer(
             click.echo(
                 f"{entry['study_uid']}: {package.manifest.finding.meaning.lower()} {verdict}, probability "
                 f"{entry['probability']:.3f} (threshold {entry['threshold']:.3f}), "
-                f"key slice {entry['key_instance_uid']}, {entry['slices']} slices, "
+                f"key slice {entry['key_instance_uid']}, {plural(entry['slices'], 'slice')}, "
                 f"{entry['timings_ms']['total']:.0f} ms{written}"
             )
     if failed:

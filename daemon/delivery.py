@@ -36,6 +36,7 @@ from pynetdicom import AE
 from pynetdicom.sop_class import Comprehensive3DSRStorage, ComprehensiveSRStorage
 
 from config.settings import DeliverySettings, Destination, Settings
+from storage.filestore import FileStore
 from storage.reports import DueDelivery, ReportBook
 from storage.timeutil import utcnow
 
@@ -98,25 +99,52 @@ def send_report(path: Path, destination: Destination, calling_ae: str) -> None:
         raise DeliveryError(f"C-STORE status 0x{status.Status:04X}")
 
 
+SR_CLASS_NAMES = {str(Comprehensive3DSRStorage): "Comprehensive 3D SR", str(ComprehensiveSRStorage): "Comprehensive SR"}
+
+
 def report_in_class(stored: Dataset, sr_class: str) -> Dataset | None:
     """The stored report rebuilt in ``sr_class`` (``[inference] sr_sop_class``), or None when it already is.
 
     Changing the SR class (for an archive that refuses 3D SR) must help the
-    reports already made. The conversion itself is
-    :func:`inference.report.convert_report`; it is imported here, at the call,
+    reports already made. The conversion is
+    :func:`inference.report.convert_report`, imported here, at the call,
     because :mod:`inference.report` brings torch in, which the receiver's
-    process must not load (only the CLI calls this).
+    process must not load (only the CLI calls this). Raises ValueError when
+    the report cannot be held by that class.
     """
     wanted = SR_CLASS_UIDS[sr_class]
     if str(stored.SOPClassUID) == wanted:
         return None
-    from inference import report
+    from inference.report import convert_report
 
-    convert = getattr(report, "convert_report", None)
-    if convert is None:  # pragma: no cover - until inference.report has it
-        raise RuntimeError("this node cannot convert a stored report to another SR class (no convert_report)")
-    converted: Dataset = convert(stored, sr_class)
+    converted: Dataset = convert_report(stored, sr_class)  # type: ignore[arg-type]
     return converted
+
+
+def rebuild_report(settings: Settings, book: ReportBook, study_uid: str) -> str | None:
+    """Rebuild a study's stored report in the configured SR class before it is sent again.
+
+    Returns a sentence saying what was done, or None when the stored report
+    already is of that class. The new file goes next to the old one (which
+    stays, as sent) and the study's result points at it.
+    """
+    _, sr_path, old_uid = book.report_of(study_uid)
+    data_dir = settings.node.data_dir
+    stored = dcmread(data_dir / sr_path)
+    converted = report_in_class(stored, settings.inference.sr_sop_class)
+    if converted is None:
+        return None
+    new_uid = str(converted.SOPInstanceUID)
+    store = FileStore(data_dir)
+    relative = Path("reports") / study_uid / f"{new_uid}.dcm"
+    spooled = store.spool_dir / f"{new_uid}.sr"
+    converted.save_as(spooled, enforce_file_format=True)
+    store.commit_file(spooled, relative)
+    old_class = SR_CLASS_NAMES.get(str(stored.SOPClassUID), str(stored.SOPClassUID))
+    new_class = SR_CLASS_NAMES[SR_CLASS_UIDS[settings.inference.sr_sop_class]]
+    sentence = f"report rebuilt as {new_class} {new_uid} from the stored {old_class} {old_uid} ([inference] sr_sop_class)"
+    book.replace_report(study_uid, str(relative), new_uid, sentence)
+    return sentence
 
 
 class DestinationSender:

@@ -2,8 +2,11 @@
 
 ``queue ls --json``: a list of :func:`study_summary` objects; ``queue show
 --json``: one of them where ``series`` holds the series (the count moves to
-``series_count``), plus ``calling_aets`` and ``events``; ``status --json``:
-``receiver`` and ``counts``. Reads only, through deferred transactions, so
+``series_count``), plus ``calling_aets``, ``result``, ``deliveries`` and
+``events``; ``status --json``: ``receiver``, ``counts`` and ``destinations``.
+``outcome`` tells present, absent and not applicable apart at a glance (a
+not-applicable study without a report stays ``reported``, next to ``sent``
+ones, and must not look stuck). Reads only, through deferred transactions, so
 the CLI never holds up the receiver.
 """
 
@@ -15,13 +18,26 @@ from typing import Any
 from sqlalchemy import Engine, distinct, func, select
 
 from storage.engine import reader
-from storage.models import Instance, Series, Study, StudyEvent, StudyState
+from storage.models import Instance, Series, Study, StudyEvent, StudyResult, StudyState
 from storage.queue import UnknownStudyError
 from storage.reports import ReportBook
 from storage.timeutil import iso, utcnow
 
 
-def study_summary(study: Study) -> dict[str, Any]:
+OUTCOMES = ("present", "absent", "not applicable")
+"""Values of ``outcome``; ``None`` when the study has no result yet."""
+
+
+def outcome_of(applicable: bool | None, finding: bool | None) -> str | None:
+    """What the model said, in one word: present, absent, not applicable, or None (no result yet)."""
+    if applicable is None:
+        return None
+    if not applicable:
+        return "not applicable"
+    return "present" if finding else "absent"
+
+
+def study_summary(study: Study, outcome: str | None = None) -> dict[str, Any]:
     return {
         "study_uid": study.study_uid,
         "state": study.state,
@@ -37,6 +53,7 @@ def study_summary(study: Study) -> dict[str, Any]:
         "lease_owner": study.lease_owner,
         "lease_expires_at": iso(study.lease_expires_at),
         "processing_attempts": study.processing_attempts,
+        "outcome": outcome,
     }
 
 
@@ -47,18 +64,29 @@ class QueueOverview:
 
     def list_studies(self, state: StudyState | None = None, limit: int = 50) -> list[dict[str, Any]]:
         """The most recently changed studies first (an index serves the sort and the filter)."""
-        query = select(Study).order_by(Study.updated_at.desc(), Study.id.desc()).limit(limit)
+        query = (
+            select(Study, StudyResult.applicable, StudyResult.finding)
+            .outerjoin(StudyResult, StudyResult.study_id == Study.id)
+            .order_by(Study.updated_at.desc(), Study.id.desc())
+            .limit(limit)
+        )
         if state is not None:
             query = query.where(Study.state == state)
         with self._sessions() as session:
-            return [study_summary(study) for study in session.scalars(query)]
+            return [
+                study_summary(study, outcome_of(applicable, finding))
+                for study, applicable, finding in session.execute(query)
+            ]
 
     def study_details(self, study_uid: str) -> dict[str, Any]:
         with self._sessions() as session:
             study = session.scalar(select(Study).where(Study.study_uid == study_uid))
             if study is None:
                 raise UnknownStudyError(f"no study {study_uid} on this node; `triagenode queue ls` lists them")
-            details = study_summary(study)
+            found = session.execute(
+                select(StudyResult.applicable, StudyResult.finding).where(StudyResult.study_id == study.id)
+            ).first()
+            details = study_summary(study, outcome_of(*found) if found else None)
             calling = dict(
                 session.execute(
                     select(Instance.series_id, func.group_concat(distinct(Instance.calling_ae)))

@@ -111,3 +111,128 @@ def test_help_everywhere(node: NodeProcess) -> None:
     ):
         result = subprocess.run([TRIAGENODE, *command, "--help"], capture_output=True, text=True)
         assert result.returncode == 0 and "Usage:" in result.stdout, command
+
+
+def _reported(node: NodeProcess, tmp_path: Path, name: str, destinations: list[str]) -> str:
+    """A study the node received, brought to ``reported`` with an SR the way a worker records it.
+
+    The node runs without workers (no model in these CLI tests); the test
+    takes the worker's part through the queue's own API.
+    """
+    from datetime import timedelta
+
+    from storage.database import open_for_cli
+    from storage.queue import StudyQueue
+    from storage.reports import ReportBook
+    from storage.timeutil import utcnow
+    from test_delivery import write_sr
+
+    study = write_study(tmp_path / name, slices=1)
+    send(node.port, study.files)
+    node.wait_for_state(study.study_uid, "queued", timeout=node.stable_seconds + 15)
+    engine = open_for_cli(node.data_dir / "triagenode.db")
+    try:
+        claim = StudyQueue(engine).claim("worker-test", 60, now=utcnow() + timedelta(seconds=1))
+        assert claim is not None and claim.study_uid == study.study_uid
+        sr_path, sr_uid = write_sr(node.data_dir, study.study_uid)
+        result = {"finding": True, "probability": 0.875, "threshold": 0.5, "model": "lung", "model_version": "2.1",
+                  "series_uid": "1.2.3", "key_instance_uid": "1.2.3.4", "slices": 1,
+                  "timings_ms": {"decode": 12.0, "model": 30.0, "total": 45.0}}  # fmt: skip
+        assert ReportBook(engine).record_result(claim, result, destinations, sr_path, sr_uid)
+    finally:
+        engine.dispose()
+    return study.study_uid
+
+
+def test_resend_show_ls_and_status_with_two_destinations(make_node, tmp_path: Path) -> None:
+    from conftest import free_port, wait_until
+    from peers import RecordingPacs
+
+    a, b = RecordingPacs(free_port(), "A").start(), RecordingPacs(free_port(), "B").start()
+    try:
+        node = make_node(
+            destinations=[{"name": "a", "ae_title": "A", "host": "127.0.0.1", "port": a.port},
+                          {"name": "b", "ae_title": "B", "host": "127.0.0.1", "port": b.port}]
+        )  # fmt: skip
+        study_uid = _reported(node, tmp_path, "s1", ["a", "b"])
+        node.wait_for_state(study_uid, "sent", timeout=15)
+
+        listed = node.cli_json("queue", "ls")
+        assert listed[0]["outcome"] == "present"
+        assert node.cli("queue", "ls").stdout.splitlines()[1].split()[1:3] == ["sent", "present"]
+        text = node.cli("queue", "show", study_uid).stdout
+        for line in ("finding:       PRESENT", "probability:   0.875 (threshold 0.500)", "model:         lung 2.1",
+                     "key slice:     1.2.3.4", "timings:       decode 12 ms, model 30 ms, total 45 ms"):  # fmt: skip
+            assert line in text, (line, text)
+        sr_uid = node.cli_json("queue", "show", study_uid)["result"]["sr_sop_instance_uid"]
+        assert f"report (SR):   {sr_uid}" in text
+        assert any(row.split()[:3] == ["a", "sent", "1"] for row in text.splitlines()), text
+
+        status = node.cli_json("status")
+        assert [(d["name"], d["ae_title"], d["port"], d["pending"], d["failed"], d["sent"])
+                for d in status["destinations"]] == [("a", "A", a.port, 0, 0, 1), ("b", "B", b.port, 0, 0, 1)]  # fmt: skip
+        assert f"a A@127.0.0.1:{a.port}: 0 pending, 0 failed, 1 sent" in node.cli("status").stdout
+
+        resent = node.cli("queue", "resend", study_uid, "--destination", "b")
+        assert resent.stdout.strip() == f"{study_uid}: report scheduled for b"
+        wait_until(lambda: len(b.received) == 2, 15, "B has the report again")
+        assert len(a.received) == 1
+        node.cli("queue", "resend", study_uid)
+        wait_until(lambda: (len(a.received), len(b.received)) == (2, 3), 15, "both have it again")
+        node.wait_for_state(study_uid, "sent", timeout=10)
+
+        unknown = node.cli("queue", "resend", study_uid, "--destination", "nope", check=False)
+        assert unknown.returncode == 2
+        assert "no destination 'nope'" in unknown.stderr and "configured: a, b" in unknown.stderr
+        missing = node.cli("queue", "resend", "1.2.3.4.5", check=False)
+        assert (missing.returncode, missing.stderr.strip()) == (
+            1, "triagenode: no study 1.2.3.4.5 on this node; `triagenode queue ls` lists them")  # fmt: skip
+
+        waiting = write_study(tmp_path / "s2", slices=1)
+        send(node.port, waiting.files)
+        node.wait_for_state(waiting.study_uid, "queued", timeout=node.stable_seconds + 15)
+        no_report = node.cli("queue", "resend", waiting.study_uid, check=False)
+        assert no_report.returncode == 1 and "has no report to send (it has not been processed yet)" in no_report.stderr
+        listed = {s["study_uid"]: s for s in node.cli_json("queue", "ls")}
+        assert listed[waiting.study_uid]["outcome"] is None
+        assert "result:        - (not processed yet)" in node.cli("queue", "show", waiting.study_uid).stdout
+    finally:
+        a.stop()
+        b.stop()
+
+
+def test_words_agree_with_their_counts(tmp_path: Path) -> None:
+    import subprocess
+
+    from conftest import TRIAGENODE
+
+    out = subprocess.run([TRIAGENODE, "phantom", str(tmp_path / "p"), "--studies", "1", "--slices", "8",
+                          "--matrix", "64"], capture_output=True, text=True, check=True).stdout  # fmt: skip
+    assert out.startswith("wrote 1 study (")
+
+
+def test_a_missing_model_is_a_configuration_error_for_serve_and_config_show(tmp_path: Path) -> None:
+    """serve and config show agree: exit 2, one line naming the key, the file and what to do."""
+    import subprocess
+
+    from conftest import TRIAGENODE
+
+    config = tmp_path / "node.toml"
+    config.write_text(f'[node]\ndata_dir = "{tmp_path / "data"}"\nport = 11999\n[inference]\nmodel = "/nowhere/lung.tnm"\n')
+    expected = (
+        f"triagenode: config error in {config}: inference.model: model package /nowhere/lung.tnm does not exist; "
+        "check the path (or use 'demo')"
+    )
+    for command in (["serve"], ["config", "show"], ["config", "show", "--json"]):
+        result = subprocess.run([TRIAGENODE, *command, "--config", str(config)], capture_output=True, text=True,
+                                timeout=60)  # fmt: skip
+        assert (result.returncode, result.stderr.strip()) == (2, expected), command
+
+    broken = tmp_path / "broken.tnm"
+    broken.write_bytes(b"not a zip")
+    config.write_text(config.read_text().replace("/nowhere/lung.tnm", str(broken)))
+    result = subprocess.run([TRIAGENODE, "config", "show", "--config", str(config)], capture_output=True, text=True)
+    assert result.returncode == 2 and "inference.model: " in result.stderr and str(broken) in result.stderr
+
+    config.write_text(config.read_text() + "workers = 0\n")  # a receive-only node runs no model
+    assert subprocess.run([TRIAGENODE, "config", "show", "--config", str(config)], capture_output=True).returncode == 0

@@ -6,49 +6,19 @@ import json
 import shutil
 import subprocess
 import threading
+import time
 from pathlib import Path
 
 import pytest
-from pydicom import Dataset, dcmread
+from pydicom import dcmread
 from pydicom.uid import generate_uid
-from pynetdicom import AE, evt
 from pynetdicom.sop_class import Comprehensive3DSRStorage, ComprehensiveSRStorage
 
 from inference.phantom import write_phantom_study
 
 from conftest import NODE_AE, TRIAGENODE, NodeProcess, free_port, send, wait_until
+from peers import RecordingPacs
 from dicom_factory import ct_slice
-
-
-class RecordingPacs:
-    """A destination (pynetdicom Storage SCP) that keeps every dataset it receives."""
-
-    def __init__(self, port: int, ae_title: str = "PACS") -> None:
-        self.port, self.ae_title = port, ae_title
-        self.received: list[Dataset] = []
-        self._lock = threading.Lock()
-        self._server = None
-
-    def start(self) -> RecordingPacs:
-        ae = AE(ae_title=self.ae_title)
-        for sop_class in (Comprehensive3DSRStorage, ComprehensiveSRStorage):
-            ae.add_supported_context(sop_class)
-
-        def on_store(event: evt.Event) -> int:
-            ds = event.dataset
-            ds.file_meta = event.file_meta
-            with self._lock:
-                self.received.append(ds)
-            return 0x0000
-
-        self._server = ae.start_server(
-            ("127.0.0.1", self.port), block=False, evt_handlers=[(evt.EVT_C_STORE, on_store)]
-        )
-        return self
-
-    def stop(self) -> None:
-        if self._server is not None:
-            self._server.shutdown()
 
 
 @pytest.fixture
@@ -247,3 +217,95 @@ def test_a_node_killed_before_delivery_delivers_after_restart(make_node, phantom
         assert pacs.received[0].StudyInstanceUID == study_uid
     finally:
         pacs.stop()
+
+
+def _storescp(port: int, ae_title: str, out: Path) -> subprocess.Popen[bytes]:
+    """DCMTK's storescp as a destination, writing what it receives under ``out``."""
+    out.mkdir(parents=True, exist_ok=True)
+    process = subprocess.Popen(
+        ["storescp", "-aet", ae_title, "-od", str(out), "-uf", str(port)],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+    wait_until(lambda: subprocess.run(["echoscu", "-aec", ae_title, "127.0.0.1", str(port)],
+                                      capture_output=True).returncode == 0, 10, "storescp answers")  # fmt: skip
+    return process
+
+
+@pytest.mark.skipif(shutil.which("storescp") is None, reason="needs DCMTK")
+def test_a_hanging_destination_delays_no_other_end_to_end(make_node, phantom_study: Path, tmp_path: Path) -> None:
+    """Two destinations: DCMTK storescp and a peer that accepts TCP and never answers (30 s per attempt).
+
+    The healthy one gets the report as soon as the study is reported; the study stays ``reported``
+    while the other is pending, and ``status`` shows where reports go.
+    """
+    from peers import HangingPeer
+
+    hanging = HangingPeer(free_port()).start()
+    port = free_port()
+    storescp = _storescp(port, "STORESCP", tmp_path / "received")
+    try:
+        node = make_node(
+            inference={"workers": 1, "device": "cpu"},
+            destinations=[{"name": "stuck", "ae_title": "STUCK", "host": "127.0.0.1", "port": hanging.port},
+                          {"name": "pacs", "ae_title": "STORESCP", "host": "127.0.0.1", "port": port}],
+        )  # fmt: skip
+        files = sorted(phantom_study.glob("*.dcm"))
+        assert send(node.port, files) == [0] * len(files)
+        study_uid = str(dcmread(files[0], stop_before_pixels=True).StudyInstanceUID)
+        node.wait_for_state(study_uid, "reported", timeout=120)
+        reported = time.monotonic()
+        wait_until(lambda: list((tmp_path / "received").glob("*")), 10, "storescp has the report")
+        took = time.monotonic() - reported
+        assert took < 5, f"the healthy destination waited {took:.1f} s behind the hanging one"
+        details = wait_until(
+            lambda: (s := node.study(study_uid))
+            and {d["destination"]: d["state"] for d in s["deliveries"]} == {"pacs": "sent", "stuck": "pending"}
+            and s,
+            5,
+            "pacs sent, stuck pending",
+        )
+        assert details["state"] == "reported"
+        [received] = list((tmp_path / "received").glob("*"))
+        assert dcmread(received).SOPInstanceUID == details["result"]["sr_sop_instance_uid"]
+        destinations = {d["name"]: d for d in node.cli_json("status")["destinations"]}
+        assert (destinations["pacs"]["sent"], destinations["stuck"]["pending"]) == (1, 1)
+        print(f"\nthe healthy destination had the report {took:.2f} s after the study was reported")
+    finally:
+        hanging.stop()
+        storescp.terminate()
+        storescp.wait(10)
+
+
+def test_resend_builds_the_report_in_the_configured_sr_class(make_node, phantom_study: Path) -> None:
+    """An archive that refuses 3D SR: the delivery fails; sr_sop_class = comprehensive and
+    ``queue resend`` get it a Comprehensive SR of the same result."""
+    archive = RecordingPacs(free_port(), "ARCHIVE", sr_classes=(ComprehensiveSRStorage,)).start()
+    try:
+        node = make_node(
+            inference={"workers": 1, "device": "cpu", "sr_sop_class": "comprehensive3d"},
+            destinations=[{"name": "archive", "ae_title": "ARCHIVE", "host": "127.0.0.1", "port": archive.port}],
+            start=False,
+        )
+        node.config_path.write_text(node.config_path.read_text() + "\n[delivery]\nmax_attempts = 1\n")
+        node.start()
+        files = sorted(phantom_study.glob("*.dcm"))
+        assert send(node.port, files) == [0] * len(files)
+        study_uid = str(dcmread(files[0], stop_before_pixels=True).StudyInstanceUID)
+        failed = node.wait_for_state(study_uid, "failed", timeout=120)
+        assert "accepts no presentation context" in failed["deliveries"][0]["last_error"]
+        old_uid = failed["result"]["sr_sop_instance_uid"]
+
+        node.config_path.write_text(
+            node.config_path.read_text().replace('sr_sop_class = "comprehensive3d"', 'sr_sop_class = "comprehensive"')
+        )
+        resent = node.cli("queue", "resend", study_uid)
+        assert "report rebuilt as Comprehensive SR" in resent.stdout, resent.stdout
+        node.wait_for_state(study_uid, "sent", timeout=30)
+        wait_until(lambda: len(archive.received) == 1, 5, "the archive has the report")
+        [sr] = archive.received
+        assert sr.SOPClassUID == ComprehensiveSRStorage and sr.StudyInstanceUID == study_uid
+        shown = node.cli_json("queue", "show", study_uid)
+        assert shown["result"]["sr_sop_instance_uid"] == sr.SOPInstanceUID != old_uid
+        assert shown["result"]["probability"] == failed["result"]["probability"]
+    finally:
+        archive.stop()
