@@ -17,6 +17,8 @@ import logging
 import os
 import signal
 import threading
+import time
+from collections.abc import Callable
 from pathlib import Path
 from types import FrameType
 
@@ -88,29 +90,22 @@ class Node:
         self._heartbeat.announce(node.ae_title, self.receiver.port)
         self._scheduler = BackgroundScheduler(job_defaults={"coalesce": True, "max_instances": 1})
         stable = self.settings.study.stable_seconds
-        self._scheduler.add_job(
-            queue.complete_stable_studies,
-            "interval",
-            seconds=max(0.2, min(1.0, stable / 5)),
-            args=[stable],
-            id="complete-stable-studies",
-        )
-        self._scheduler.add_job(
-            queue.recover_expired_leases,
-            "interval",
-            seconds=LEASE_CHECK_INTERVAL_S,
-            args=[MAX_PROCESSING_ATTEMPTS],
-            id="recover-expired-leases",
-        )
-        self._scheduler.add_job(self._heartbeat.beat, "interval", seconds=HEARTBEAT_INTERVAL_S, id="heartbeat")
+        self._every(max(0.2, min(1.0, stable / 5)), "complete-stable-studies", queue.complete_stable_studies, stable)
+        self._every(LEASE_CHECK_INTERVAL_S, "recover-expired-leases", queue.recover_expired_leases,
+                    MAX_PROCESSING_ATTEMPTS)  # fmt: skip
+        self._every(HEARTBEAT_INTERVAL_S, "heartbeat", self._heartbeat.beat)
         if self.settings.inference.workers:
             self.workers = WorkerPool(self.settings, queue)
             self.workers.start()
-            self._scheduler.add_job(self.workers.check, "interval", seconds=1, id="watch-workers")
+            self._every(1, "watch-workers", self.workers.check)
         if self.settings.destinations:
             delivery = ReportDelivery(self.settings, ReportBook(self.engine))
-            self._scheduler.add_job(delivery.run_due, "interval", seconds=1, id="deliver-reports")
+            self._every(1, "deliver-reports", delivery.run_due)
         self._scheduler.start()
+
+    def _every(self, seconds: float, job_id: str, function: Callable[..., object], *args: object) -> None:
+        assert self._scheduler is not None
+        self._scheduler.add_job(_ScheduledJob(job_id, function, args), "interval", seconds=seconds, id=job_id)
 
     def stop(self) -> None:
         try:
@@ -135,6 +130,33 @@ class Node:
         if self.engine is not None:
             self.engine.dispose()
             log.info("node.stopped")
+
+
+class _ScheduledJob:
+    """A scheduler job whose failing disk or database is one log line per spell, not a traceback a second.
+
+    On a full disk or a database locked by someone else every job fails on
+    every run until the administrator acts; the node keeps receiving what
+    fits and answers the rest with a status, so the log must say what is
+    wrong once, and once more when it is over.
+    """
+
+    def __init__(self, name: str, function: Callable[..., object], args: tuple[object, ...]) -> None:
+        self._name, self._function, self._args = name, function, args
+        self._failing_since: float | None = None
+
+    def __call__(self) -> None:
+        try:
+            self._function(*self._args)
+        except (SQLAlchemyError, OSError) as exc:
+            if self._failing_since is None:
+                self._failing_since = time.monotonic()
+                log.error("job.failing job=%s error=%s detail=%r: retried every run; check the disk and "
+                          "`triagenode status`", self._name, type(exc).__name__, str(getattr(exc, "orig", exc)))  # fmt: skip
+            return
+        if self._failing_since is not None:
+            log.info("job.recovered job=%s after_s=%.0f", self._name, time.monotonic() - self._failing_since)
+            self._failing_since = None
 
 
 def serve(settings: Settings) -> None:
