@@ -9,8 +9,8 @@ with the finding as a qualitative evaluation, Present or Absent (SCT 52101004
 / 272519000), the probability as a NUM "Certainty of Finding" (DCM 111012,
 unit 1), the model's operating threshold as a NUM "Threshold Value" (DCM
 122411, unit 1), a sentence that says all of it in words ("Lung nodule:
-present (model probability 0.9988, at or above the operating threshold
-0.7427; ...)"), the key
+present (model probability 0.999982, at or above the operating threshold
+0.742656; ...)"), the key
 slice in the image library, and the evaluated series as evidence. Completion
 COMPLETE, verification UNVERIFIED, content qualification RESEARCH unless the
 site says PRODUCT. Containers are SEPARATE, not CONTINUOUS, so that renderers
@@ -309,17 +309,24 @@ def _finding_label(manifest: Manifest) -> str:
 def _verdict(manifest: Manifest, result: StudyResult) -> str:
     """The result in words: what, present or absent, and the number against the threshold it was read at.
 
-    In plain ASCII words ("at or above", "below"), so the sentence reads the same in any character set.
+    The numbers as the NUM items carry them (never rounded to "1.0000", never two equal-looking numbers
+    on either side of the threshold), in plain ASCII words ("at or above", "below"), so the sentence
+    reads the same in any character set.
     """
-    digits = 4
-    while digits < 6 and round(result.probability, digits) == round(result.threshold, digits):
-        digits += 1  # never print "0.7427, below the operating threshold 0.7427"
+    probability, threshold = _number(result.probability), _number(result.threshold)
+    if probability == threshold and result.probability != result.threshold:
+        probability, threshold = repr(result.probability), repr(result.threshold)
     relation = "at or above" if result.finding else "below"
     return (
         f"{_finding_label(manifest)}: {'present' if result.finding else 'absent'} (model probability "
-        f"{result.probability:.{digits}f}, {relation} the operating threshold {result.threshold:.{digits}f}; "
+        f"{probability}, {relation} the operating threshold {threshold}; "
         f"model {manifest.name} {manifest.version}; not for diagnosis)"
     )
+
+
+def _number(value: float) -> str:
+    """0.63 -> "0.63", 0.999982 -> "0.999982": up to six decimals, no trailing zeros."""
+    return f"{value:.6f}".rstrip("0").rstrip(".") or "0"
 
 
 def _add_comment(group: hd.sr.MeasurementsAndQualitativeEvaluations, text: str) -> None:

@@ -376,3 +376,36 @@ class ReportBook:
                 }
                 for d in deliveries
             ]
+
+    def previous_report(self, study_uid: str) -> PreviousReport | None:
+        """The study's last report (the one a new report replaces), or None when it has none.
+
+        A study re-opened by a late instance is processed again; its new report
+        names this one in its Predecessor Documents Sequence, so a PACS knows which
+        document it supersedes. None for an unknown study, one not processed yet,
+        or one whose last outcome had no SR (the model could not read it).
+        """
+        with self._read() as session:
+            row = session.execute(
+                select(StudyResult.sr_path, StudyResult.sr_sop_instance_uid, StudyResult.model,
+                       StudyResult.model_version, StudyResult.created_at)
+                .join(Study, Study.id == StudyResult.study_id)
+                .where(Study.study_uid == study_uid)
+            ).one_or_none()  # fmt: skip
+        if row is None or row.sr_path is None or row.sr_sop_instance_uid is None:
+            return None
+        return PreviousReport(study_uid, row.sr_path, row.sr_sop_instance_uid, row.model, row.model_version,
+                              row.created_at)  # fmt: skip
+
+
+@dataclass(frozen=True)
+class PreviousReport:
+    """A study's stored report, as :meth:`ReportBook.previous_report` finds it."""
+
+    study_uid: str
+    sr_path: str
+    """Relative to data_dir."""
+    sr_sop_instance_uid: str
+    model: str
+    model_version: str
+    created_at: datetime
