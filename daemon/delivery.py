@@ -67,11 +67,6 @@ def peer(destination: Destination) -> str:
     return f"{destination.ae_title}@{destination.host}:{destination.port}"
 
 
-def describe_destinations(settings: Settings) -> str:
-    """One log-friendly value naming where reports go (``name=AE@host:port,...`` or ``none``)."""
-    return ",".join(f"{d.name}={peer(d)}" for d in settings.destinations) or "none"
-
-
 def send_report(path: Path, destination: Destination, calling_ae: str) -> None:
     """C-STORE one report; raises :class:`DeliveryError` unless the destination answers Success."""
     ae = AE(ae_title=calling_ae)
