@@ -52,11 +52,12 @@ from typing import Literal
 import highdicom as hd
 from pydicom import Dataset, dcmread
 from pydicom.errors import InvalidDicomError
+from pydicom.dataset import FileMetaDataset
 from pydicom.filebase import DicomBytesIO
 from pydicom.filewriter import write_dataset
 from pydicom.sr.codedict import codes
 from pydicom.sr.coding import Code
-from pydicom.uid import Comprehensive3DSRStorage, ComprehensiveSRStorage, generate_uid
+from pydicom.uid import Comprehensive3DSRStorage, ComprehensiveSRStorage, ExplicitVRLittleEndian, generate_uid
 from pydicom.valuerep import DA, TM
 
 from config.settings import InferenceSettings
@@ -299,7 +300,7 @@ def _code(concept: CodedConcept) -> Code:
 
 
 def _finding_label(manifest: Manifest) -> str:
-    """"Lung nodule": the finding with its site, as a radiologist names it."""
+    """The finding with its site, as a radiologist names it: "Lung nodule"."""
     finding = manifest.finding.meaning
     if manifest.finding_site is None:
         return finding
@@ -445,6 +446,9 @@ def _seal(sr: Dataset, predecessor: Predecessor | None) -> None:
     """Give a finished SR its content UID, and its predecessor unless that is the very same document."""
     uid = content_uid(sr)
     sr.SOPInstanceUID = uid
+    if getattr(sr, "file_meta", None) is None:
+        sr.file_meta = FileMetaDataset()
+        sr.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
     sr.file_meta.MediaStorageSOPInstanceUID = uid
     sr.file_meta.MediaStorageSOPClassUID = sr.SOPClassUID
     if predecessor is None:
