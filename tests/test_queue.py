@@ -7,11 +7,11 @@ from datetime import timedelta
 from pathlib import Path
 
 import pytest
-from sqlalchemy import inspect, text
+from sqlalchemy import inspect, select, text
 
 from storage.database import DatabaseUnavailableError, open_for_cli, open_for_daemon
 from storage.migrations import LATEST_VERSION, SchemaTooNewError, upgrade
-from storage.models import Base
+from storage.models import Base, StudyState
 from storage.overview import QueueOverview
 from storage.queue import Claim, ReceivedInstance, Registration, StudyQueue, TransitionError, UnknownStudyError
 from storage.timeutil import utcnow
@@ -215,3 +215,48 @@ def test_an_older_database_is_upgraded_in_place_keeping_its_studies(tmp_path: Pa
         versions = [row[0] for row in connection.exec_driver_sql("SELECT version FROM schema_version ORDER BY 1")]
     assert versions == list(range(1, LATEST_VERSION + 1))
     assert QueueOverview(upgraded).study_details("1.2.3")["deliveries"] == []
+
+
+def test_only_interrupted_runs_count_toward_the_attempt_limit(database) -> None:
+    """Two successful runs (re-opened by late instances in between), then one crash: queued again, not failed."""
+    queue = StudyQueue(database)
+    uid = queued_study(queue, "1.2.7")
+    for round_ in range(2):
+        claim = queue.claim("w1", lease_seconds=60)
+        assert claim is not None and claim.attempt == 1
+        assert queue.finish(claim, StudyState.REPORTED, "finding absent")
+        assert queue.record_instance(instance(uid, sop=f"{uid}.late{round_}")) is Registration.REOPENED
+        assert uid in queue.complete_stable_studies(0, now=utcnow() + timedelta(seconds=1))
+    claim = queue.claim("w2", lease_seconds=60)
+    assert claim is not None and claim.attempt == 1, "successful runs are not attempts used up"
+    assert queue.recover_expired_leases(owner="w2") == [uid]
+    details = QueueOverview(database).study_details(uid)
+    assert details["state"] == "queued", details["events"][-1]
+    assert details["processing_attempts"] == 1
+    assert "attempt 1 of 3; back in the queue" in details["events"][-1]["reason"]
+
+
+def test_a_study_received_before_the_clock_stepped_back_is_not_held_for_the_step(database) -> None:
+    queue = StudyQueue(database)
+    arrived = utcnow()
+    queue.record_instance(instance("1.2.8", sop="1.2.8.1"), now=arrived + timedelta(hours=1))  # clock then stepped back
+    assert queue.complete_stable_studies(5, now=arrived) == [], "a full stability window from now, no less"
+    assert queue.complete_stable_studies(5, now=arrived + timedelta(seconds=6)) == ["1.2.8"], "not an hour"
+
+
+def test_a_state_change_is_logged_only_once_committed(database, caplog: pytest.LogCaptureFixture) -> None:
+    from storage.engine import writer
+    from storage.models import Study
+    from storage.queue import transition
+
+    queue = StudyQueue(database)
+    uid = queued_study(queue, "1.2.9")
+    caplog.set_level("INFO", logger="triagenode.queue")
+    caplog.clear()
+    with pytest.raises(RuntimeError), writer(database).begin() as session:
+        study = session.scalar(select(Study).where(Study.study_uid == uid))
+        transition(session, study, StudyState.CANCELLED, "about to roll back", utcnow())
+        raise RuntimeError("the transaction fails after the change")
+    assert "about to roll back" not in caplog.text, "the log showed a change the database never had"
+    queue.cancel(uid, "cancelled for real")
+    assert "cancelled for real" in caplog.text
