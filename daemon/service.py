@@ -54,6 +54,7 @@ class Node:
         self._heartbeat: Heartbeat | None = None
         self._lock_fd: int | None = None
         self.workers: WorkerPool | None = None
+        self.delivery: ReportDelivery | None = None
 
     def start(self) -> None:
         node = self.settings.node
@@ -99,8 +100,8 @@ class Node:
             self.workers.start()
             self._every(1, "watch-workers", self.workers.check)
         if self.settings.destinations:
-            delivery = ReportDelivery(self.settings, ReportBook(self.engine))
-            self._every(1, "deliver-reports", delivery.run_due)
+            self.delivery = ReportDelivery(self.settings, ReportBook(self.engine))
+            self._every(1, "deliver-reports", self.delivery.run_due)
         self._scheduler.start()
 
     def _every(self, seconds: float, job_id: str, function: Callable[..., object], *args: object) -> None:
@@ -115,6 +116,8 @@ class Node:
                 self.receiver.stop(self.settings.node.shutdown_grace_s)
             if self._scheduler is not None:
                 self._scheduler.shutdown(wait=True)
+            if self.delivery is not None:
+                self.delivery.stop(5)  # a send cut off is repeated after the restart, with the same SR UID
         finally:
             # Workers are not daemonic (they own decoder processes): stop them whatever happened above.
             if self.workers is not None:

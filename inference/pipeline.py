@@ -132,7 +132,8 @@ def select_series(
         elif candidate.localizer:
             reasons.append("a localiser")
         elif len(candidate.files) < spec.min_slices:
-            reasons.append(f"a {spec.modality} series of {len(candidate.files)} slices (needs {spec.min_slices})")
+            count = len(candidate.files)
+            reasons.append(f"a {spec.modality} series of {count} slice{'' if count == 1 else 's'} (needs {spec.min_slices})")
         else:
             suitable.append(candidate)
     if not suitable:

@@ -33,7 +33,7 @@ ALLOWED_TRANSITIONS: dict[StudyState, frozenset[StudyState]] = {
     S.QUEUED: frozenset({S.PROCESSING, S.RECEIVING, S.CANCELLED}),
     S.PROCESSING: frozenset({S.REPORTED, S.QUEUED, S.FAILED, S.RECEIVING, S.CANCELLED}),
     S.REPORTED: frozenset({S.SENT, S.FAILED, S.RECEIVING, S.CANCELLED}),
-    S.SENT: frozenset({S.RECEIVING}),
+    S.SENT: frozenset({S.RECEIVING, S.REPORTED, S.FAILED}),
     S.FAILED: frozenset({S.QUEUED, S.REPORTED, S.RECEIVING, S.CANCELLED}),
     S.CANCELLED: frozenset({S.QUEUED}),
 }
@@ -322,8 +322,8 @@ class StudyQueue:
                     session,
                     study,
                     S.QUEUED,
-                    f"complete: no new instance for {stable_seconds:g} s "
-                    f"({study.instance_count} instances in {study.series_count} series)",
+                    f"complete: no new instance for {stable_seconds:g} s ({study.instance_count} "
+                    f"instance{'' if study.instance_count == 1 else 's'} in {study.series_count} series)",
                     now,
                 )
             return [study.study_uid for study in studies]

@@ -173,7 +173,7 @@ def test_a_worker_killed_mid_study_is_replaced_and_the_study_is_processed_once(m
     reasons = [e["reason"] for e in details["events"]]
     assert any("its worker died" in reason for reason in reasons), reasons
     assert [e["to"] for e in details["events"]].count("reported") == 1
-    assert details["processing_attempts"] == 2
+    assert details["processing_attempts"] == 1, "one interrupted run counts; the successful one does not"
     assert details["result"]["slices"] == 300
     assert len(_worker_pids(node)) == 2, "the supervisor started a new worker"
     assert "worker.died" in node.log()
@@ -189,8 +189,8 @@ def test_a_decoder_killed_mid_study_is_replaced_and_the_study_is_reported_once(m
 
     details = node.wait_for_state(study_uid, "reported", timeout=120)
     assert [e["to"] for e in details["events"]].count("reported") == 1 and details["result"]["slices"] == 200
-    if details["processing_attempts"] == 2:  # it died while decoding this study, not before
-        assert any("a decoder process died on attempt 1 of 3" in e["reason"] for e in details["events"])
+    if details["processing_attempts"] == 1:  # it died while decoding this study, not before
+        assert any("a decoder process died (out of memory?) on attempt 1 of 3" in e["reason"] for e in details["events"])
     assert _worker_pids(node) == [worker], "the worker itself lives on"
     fresh = _children(worker)
     assert len(fresh) == 2 and not fresh & decoders, "with two fresh decoders"
