@@ -22,7 +22,7 @@ from daemon.contexts import (
     VERIFICATION_TRANSFER_SYNTAXES,
 )
 from daemon.delivery import REPORT_CONTEXTS, REPORT_TRANSFER_SYNTAXES
-from daemon.receiver import MAX_PDU_SIZE
+from daemon.receiver import MAX_PDU_SIZE, REQUEST_TIMEOUT_S
 from daemon.statuses import WHEN_SENT, StoreStatus
 
 START = "<!-- generated:start (python -m daemon.conformance --write docs/conformance.md) -->"
@@ -59,8 +59,10 @@ def generated_tables() -> str:
         f"| Implementation Class UID | `{PYNETDICOM_IMPLEMENTATION_UID}` |",
         f"| Implementation Version Name | `{PYNETDICOM_IMPLEMENTATION_VERSION}` |",
         f"| Maximum PDU size received | {MAX_PDU_SIZE} bytes |",
-        "| Maximum simultaneous associations (acceptor) | `[node].max_associations` (default 10); "
-        "beyond it: A-ASSOCIATE-RJ rejected-transient |",
+        "| Maximum simultaneous associations (acceptor) | `[node].max_associations` (default 10), counted from "
+        "the A-ASSOCIATE-RQ on; beyond it: A-ASSOCIATE-RJ rejected-transient (local limit exceeded) |",
+        f"| A-ASSOCIATE-RQ timeout (ARTIM) | {REQUEST_TIMEOUT_S} s after the connection opens; a connection "
+        "closed before its request ends at once and never counts |",
         "| Asynchronous operations window | 1 / 1 (not supported) |",
         "",
         END,

@@ -29,11 +29,14 @@ class StoreStatus(IntEnum):
 WHEN_SENT: dict[StoreStatus, str] = {
     StoreStatus.SUCCESS: "The instance is on disk (fsync'd) and committed in the queue; also for a re-sent "
     "instance already stored (stored once).",
-    StoreStatus.OUT_OF_RESOURCES_DISK: "Free space on data_dir is below min_free_disk_mb (checked before writing), "
-    "or the disk filled while writing. Transient: re-send after space is freed.",
+    StoreStatus.OUT_OF_RESOURCES_DISK: "Free space on data_dir is below min_free_disk_mb, or would fall below it "
+    "as the data set streams in (checked for each PDU, so an instance larger than the disk is refused while it "
+    "arrives and its partial file deleted at once), or the disk filled while writing. The association stays "
+    "open. Transient: re-send after space is freed.",
     StoreStatus.OUT_OF_RESOURCES_WRITE: "The instance could not be written (I/O error). Transient once the "
     "administrator has fixed the disk.",
-    StoreStatus.OUT_OF_RESOURCES_QUEUE: "The queue database could not record the instance. Transient.",
+    StoreStatus.OUT_OF_RESOURCES_QUEUE: "The queue database could not record the instance (e.g. locked by "
+    "another process for longer than its 30 s busy timeout). Nothing of the instance is kept. Transient.",
     StoreStatus.DATASET_MISMATCH: "SOP Class or SOP Instance UID in the dataset differ from the C-STORE request. "
     "Permanent.",
     StoreStatus.CANNOT_UNDERSTAND: "The dataset cannot be parsed or is truncated. Permanent.",

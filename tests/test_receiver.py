@@ -310,3 +310,16 @@ def test_dcmtk_storescu_with_each_transfer_syntax_is_stored_as_sent(
     assert values(stored) == values(sent)
     if sent.file_meta.TransferSyntaxUID == syntax:
         assert stored.PixelData == sent.PixelData
+
+
+def test_descriptions_in_utf8_and_iso_2022_show_as_sent(node: NodeProcess) -> None:
+    """``queue ls --json`` shows what the modality meant, decoded with the data set's own character set."""
+    sent = {}
+    for charset, description in [("ISO_IR 192", "Thorax – Lunge ü 胸部"), (["", "ISO 2022 IR 149"], "흉부 CT")]:
+        ds = ct_slice(generate_uid(), generate_uid(), 0)
+        ds.SpecificCharacterSet = charset
+        ds.StudyDescription = description
+        assert send(node.port, [ds]) == [0]
+        sent[ds.StudyInstanceUID] = description
+    shown = {study["study_uid"]: study["description"] for study in node.cli_json("queue", "ls")}
+    assert shown == sent
