@@ -264,6 +264,8 @@ class ReportDelivery:
         """Hand every idle destination its due deliveries; returns how many were handed over."""
         self.start()
         now = now or utcnow()
+        # A jittered backoff never schedules further ahead than max_backoff_s * 1.2.
+        self._book.catch_up_clock(self._settings.delivery.max_backoff_s * 1.2 + 1, now)
         waiting = self._book.due_destinations(now)
         if not waiting:
             return 0

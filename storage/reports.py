@@ -20,10 +20,10 @@ import json
 import logging
 from collections.abc import Collection, Sequence
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import Engine, func, select
+from sqlalchemy import Engine, func, select, update
 from sqlalchemy.orm import Session
 
 from storage.engine import reader, writer
@@ -193,6 +193,22 @@ class ReportBook:
         with self._read() as session:
             rows = session.execute(query).all()
         return [DueDelivery(*row) for row in rows]
+
+    def catch_up_clock(self, longest_wait_s: float, now: datetime | None = None) -> int:
+        """Make due now the pending deliveries scheduled further ahead than any backoff could schedule them.
+
+        Such a time was written before the wall clock stepped back; waiting
+        for it would hold the report for the size of the step (an hour, for
+        an hour). Returns how many were moved.
+        """
+        now = now or utcnow()
+        beyond = now + timedelta(seconds=longest_wait_s)
+        stale = (Delivery.state == PENDING, Delivery.next_attempt_at > beyond)
+        with self._read() as session:
+            if session.scalar(select(Delivery.id).where(*stale).limit(1)) is None:
+                return 0
+        with self._write.begin() as session:
+            return session.execute(update(Delivery).where(*stale).values(next_attempt_at=now)).rowcount
 
     def due_destinations(self, now: datetime | None = None) -> set[str]:
         """The destinations that have at least one due delivery (one cheap read per scheduler tick)."""

@@ -237,3 +237,20 @@ def test_a_destination_removed_from_the_config_fails_at_once_and_holds_nothing_u
         assert pacs.study_uids() == [study_uid]
     finally:
         pacs.stop()
+
+
+def test_a_retry_scheduled_before_the_clock_stepped_back_is_not_held_for_the_step(bench: Callable[..., Bench]) -> None:
+    from sqlalchemy import text
+
+    port = free_port()
+    node = bench({"pacs": port}, max_attempts=50).start()
+    study_uid = node.reported_study()
+    wait_until(lambda: node.delivery_of(study_uid, "pacs")["attempts"] >= 1, 10, "a failed attempt")
+    with node.engine.begin() as connection:  # as if the clock had just been stepped back an hour
+        connection.execute(text("UPDATE deliveries SET next_attempt_at = datetime('now', '+1 hour')"))
+    pacs = RecordingPacs(port, "PACS").start()
+    try:
+        wait_until(lambda: node.study(study_uid)["state"] == "sent", 10, "sent without waiting an hour")
+        assert len(pacs.received) == 1
+    finally:
+        pacs.stop()
