@@ -31,9 +31,11 @@ from datetime import datetime, timedelta
 from pathlib import Path
 
 from pydicom import Dataset, dcmread
+from pydicom.errors import InvalidDicomError
 from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
 from pynetdicom import AE
 from pynetdicom.sop_class import Comprehensive3DSRStorage, ComprehensiveSRStorage
+from sqlalchemy.exc import SQLAlchemyError
 
 from config.settings import DeliverySettings, Destination, Settings
 from storage.filestore import FileStore
@@ -159,6 +161,7 @@ class DestinationSender:
         self._wake = threading.Event()
         self._stopping = threading.Event()
         self._thread = threading.Thread(target=self._run, name=f"delivery-{destination.name}", daemon=True)
+        self._database_failing = False
 
     @property
     def idle(self) -> bool:
@@ -199,8 +202,14 @@ class DestinationSender:
                     if self._stopping.is_set():
                         return
                     self._attempt(delivery)
-            except Exception:  # a database error, say: the deliveries stay pending and come back
-                log.exception("delivery.error destination=%s", self.destination.name)
+                if self._database_failing:
+                    log.info("delivery.recovered destination=%s", self.destination.name)
+                    self._database_failing = False
+            except SQLAlchemyError as exc:  # locked or full: the deliveries stay pending and come back
+                if not self._database_failing:
+                    log.error("delivery.database_failing destination=%s error=%s detail=%r: retried every second",
+                              self.destination.name, type(exc).__name__, str(getattr(exc, "orig", exc)))  # fmt: skip
+                    self._database_failing = True
             finally:
                 with self._lock:
                     self._busy = False
@@ -211,6 +220,10 @@ class DestinationSender:
             send_report(path, self.destination, self._settings.node.ae_title)
         except (DeliveryError, OSError) as exc:
             record_failure(self._book, self._settings.delivery, self._rng, delivery, str(exc))
+            return
+        except (InvalidDicomError, ValueError, AttributeError, KeyError) as exc:  # a stored report pydicom cannot read
+            record_failure(self._book, self._settings.delivery, self._rng, delivery,
+                           f"the stored report cannot be read ({type(exc).__name__}); see `triagenode queue show`")  # fmt: skip
             return
         self._book.succeeded(delivery.id)
         log.info("delivery.sent study_uid=%s destination=%s attempt=%d", delivery.study_uid, delivery.destination,

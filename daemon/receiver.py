@@ -218,6 +218,9 @@ class StorageReceiver:
             return
         # Transient, presentation related, local limit exceeded (PS3.8 9.3.4): the peer retries later.
         association.acse.send_reject(0x02, 0x03, 0x02)
+        # As pynetdicom's own rejections do: wait until the A-ASSOCIATE-RJ has left,
+        # or the closing socket would turn it into a dropped connection.
+        association.kill()
         if tally is not None:
             tally.outcome = "rejected"
         log.warning(
@@ -537,9 +540,9 @@ def _normalised_request(body: bytearray, association: Association, peer_ip: str,
         if not text or not title.isascii() or "\\" in text or any(ord(c) < 0x20 or ord(c) == 0x7F for c in text):
             log.warning(
                 "association.refused peer_ae=%s peer_ip=%s called_ae=%s reason=%r",
-                raw.decode("latin-1") if role == "calling" else "?",
+                bytes(body[20:36]).decode("latin-1").strip() or "?",
                 peer_ip,
-                raw.decode("latin-1") if role == "called" else "?",
+                bytes(body[4:20]).decode("latin-1").strip() or "?",
                 f"the {role} AE title is not a valid AE title (PS3.5 6.2)",
             )
             # Rejected permanent, source: service user, reason: calling (3) or called (7) AE title not recognised.

@@ -20,7 +20,6 @@ import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
-from types import FrameType
 
 from apscheduler.schedulers.background import BackgroundScheduler
 from sqlalchemy import Engine
@@ -29,6 +28,7 @@ from sqlalchemy.exc import SQLAlchemyError
 from config.settings import Settings
 from daemon.delivery import ReportDelivery
 from daemon.receiver import StorageReceiver
+from daemon.signals import stop_on_signals
 from daemon.supervisor import WorkerPool
 from daemon.systemd import notify
 from storage.database import open_for_daemon
@@ -92,17 +92,34 @@ class Node:
         self._scheduler = BackgroundScheduler(job_defaults={"coalesce": True, "max_instances": 1})
         stable = self.settings.study.stable_seconds
         self._every(max(0.2, min(1.0, stable / 5)), "complete-stable-studies", queue.complete_stable_studies, stable)
-        self._every(LEASE_CHECK_INTERVAL_S, "recover-expired-leases", queue.recover_expired_leases,
-                    MAX_PROCESSING_ATTEMPTS)  # fmt: skip
         self._every(HEARTBEAT_INTERVAL_S, "heartbeat", self._heartbeat.beat)
         if self.settings.inference.workers:
             self.workers = WorkerPool(self.settings, queue)
             self.workers.start()
             self._every(1, "watch-workers", self.workers.check)
+        self._every(LEASE_CHECK_INTERVAL_S, "recover-expired-leases", self._recover_expired_leases)
         if self.settings.destinations:
             self.delivery = ReportDelivery(self.settings, ReportBook(self.engine))
             self._every(1, "deliver-reports", self.delivery.run_due)
         self._scheduler.start()
+
+    def _recover_expired_leases(self) -> None:
+        """Expired leases of workers that are not alive go back to the queue (counted as interrupted runs)."""
+        assert self.engine is not None
+        alive = self.workers.alive() if self.workers is not None else []
+        StudyQueue(self.engine).recover_expired_leases(MAX_PROCESSING_ATTEMPTS, alive=alive)
+
+    def _release_for_stop(self) -> None:
+        """Studies a stop cut short go back to the queue now, not counted as interrupted runs."""
+        assert self.engine is not None
+        try:
+            released = StudyQueue(self.engine).release_for_stop()
+        except SQLAlchemyError as exc:  # the next start recovers them (counted) instead
+            log.warning("node.leases_not_released error=%s", type(exc).__name__)
+            return
+        if released:
+            log.info("node.leases_released studies=%d reason='stopped mid-study; processed again at the next start'",
+                     len(released))  # fmt: skip
 
     def _every(self, seconds: float, job_id: str, function: Callable[..., object], *args: object) -> None:
         assert self._scheduler is not None
@@ -122,6 +139,7 @@ class Node:
             # Workers are not daemonic (they own decoder processes): stop them whatever happened above.
             if self.workers is not None:
                 self.workers.stop(self.settings.node.shutdown_grace_s)
+                self._release_for_stop()
         if self._heartbeat is not None:
             try:
                 self._heartbeat.stopped()
@@ -165,13 +183,8 @@ class _ScheduledJob:
 def serve(settings: Settings) -> None:
     """Run the node in the foreground until SIGTERM or SIGINT."""
     stop_requested = threading.Event()
-
-    def request_stop(signum: int, _frame: FrameType | None) -> None:
-        log.info("node.stopping signal=%s", signal.Signals(signum).name)
-        stop_requested.set()
-
-    signal.signal(signal.SIGTERM, request_stop)
-    signal.signal(signal.SIGINT, request_stop)
+    received: list[signal.Signals] = []  # appended by the handler: no lock taken there
+    stop_on_signals(stop_requested, on_signal=received.append)
     node = Node(settings)
     try:
         node.start()
@@ -179,6 +192,7 @@ def serve(settings: Settings) -> None:
         notify("READY=1", f"STATUS=listening on port {node.receiver.port} as {settings.node.ae_title}")
         while not stop_requested.wait(0.2):
             pass
+        log.info("node.stopping signal=%s", received[0].name if received else "?")
         notify("STOPPING=1")
     finally:
         node.stop()

@@ -90,7 +90,10 @@ class WorkerPool:
             if process.is_alive():
                 continue
             if slot.not_before == 0.0:
-                log.error("worker.died worker=%s pid=%s exitcode=%s", slot.worker_id, process.pid, process.exitcode)
+                # Exit 0 or SIGTERM: the group's stop signal reached the worker before begin_stop().
+                stopped = process.exitcode in (0, -signal.SIGTERM)
+                log.log(logging.INFO if stopped else logging.ERROR, "worker.%s worker=%s pid=%s exitcode=%s",
+                        "exited" if stopped else "died", slot.worker_id, process.pid, process.exitcode)  # fmt: skip
                 returned = self._queue.recover_expired_leases(owner=slot.worker_id)
                 for study_uid in returned:
                     log.warning("study.lease_released study_uid=%s worker=%s", study_uid, slot.worker_id)
@@ -99,6 +102,10 @@ class WorkerPool:
                 slot.restarts += 1
                 slot.not_before = 0.0
                 self._spawn(slot)
+
+    def alive(self) -> list[str]:
+        """The ids of the workers running now (their leases are theirs, whatever the wall clock says)."""
+        return [slot.worker_id for slot in self._slots if slot.process is not None and slot.process.is_alive()]
 
     def begin_stop(self) -> None:
         """No more restarts; ask every worker (SIGTERM) to finish its study and claim no other."""

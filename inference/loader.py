@@ -28,6 +28,7 @@ from __future__ import annotations
 import math
 import multiprocessing
 import os
+import signal
 import threading
 import time
 from collections.abc import Iterator, Sequence
@@ -66,6 +67,11 @@ def exit_when_orphaned(poll_s: float = 1.0) -> None:
 
 def _decoder_init() -> None:
     torch.set_num_threads(1)  # the pool is the parallelism; one thread per process avoids oversubscription
+    # systemd (and Ctrl-C) signal the whole process group at once: a decoder that
+    # died of it would break its worker's study mid-way. The worker finishes the
+    # study and closes the pool; a decoder also exits when its worker is gone.
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     exit_when_orphaned()
 
 

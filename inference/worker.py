@@ -22,6 +22,7 @@ from pathlib import Path
 import torch
 
 from config.settings import Settings
+from daemon.signals import stop_on_signals
 from inference.loader import SliceLoader, exit_when_orphaned
 from inference.model_package import ModelPackage, load_package
 from inference.pipeline import NotApplicable, SeriesGeometryError, run_study
@@ -50,7 +51,7 @@ def worker_main(
     faulthandler.register(signal.SIGUSR1, all_threads=True)  # `kill -USR1 <pid>`: every thread's stack to the log
     exit_when_orphaned()
     stop = stop or threading.Event()
-    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    stop_on_signals(stop, [signal.SIGTERM])
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the supervisor decides
     inference = settings.inference
     package = load_package(inference.model)

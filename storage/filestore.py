@@ -20,6 +20,7 @@ import fcntl
 import os
 import re
 import shutil
+import time
 from pathlib import Path
 
 _UID = re.compile(r"^[0-9]+(\.[0-9]+)*$")
@@ -93,7 +94,16 @@ class FileStore:
         self.data_dir.mkdir(parents=True, exist_ok=True)
         fd = os.open(self.data_dir / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o640)
         try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            # `triagenode status` takes a shared lock for an instant to see whether a
+            # node runs: a few tries over half a second tell that from a real holder.
+            for _ in range(10):
+                try:
+                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                    break
+                except BlockingIOError:
+                    time.sleep(0.05)
+            else:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "?"
             os.close(fd)

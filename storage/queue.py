@@ -13,6 +13,7 @@ the other, and the second sees the study already taken.
 from __future__ import annotations
 
 import logging
+from collections.abc import Collection
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from enum import Enum
@@ -73,6 +74,7 @@ _SQL_STUDY_COUNT = (
     "UPDATE studies SET instance_count = instance_count + 1, byte_count = byte_count + ?,"
     " last_instance_at = ?, updated_at = ? WHERE id = ?"
 )
+_SQL_DROP_PENDING_DELIVERIES = "DELETE FROM deliveries WHERE study_id = ? AND state = 'pending'"
 _SQL_STUDY_COUNT_QUIETLY = (
     "UPDATE studies SET instance_count = instance_count + 1, byte_count = byte_count + ? WHERE id = ?"
 )
@@ -255,6 +257,9 @@ class StudyQueue:
                         study.processing_attempts = 0
                         session.flush()
                         changes += session.info.pop(_STATE_CHANGES, [])
+                    # The report not yet delivered lacks this instance: it must not go out
+                    # later (say, after the new run fails). The new run schedules its own.
+                    cursor.execute(_SQL_DROP_PENDING_DELIVERIES, (study_id,))
                     outcome = Registration.REOPENED
             found = cursor.execute(_SQL_FIND_SERIES, (study_id, received.series_uid)).fetchone()
             if found is None:
@@ -428,12 +433,17 @@ class StudyQueue:
         *,
         all_leases: bool = False,
         owner: str | None = None,
+        alive: Collection[str] = (),
     ) -> list[str]:
         """Return studies whose worker vanished to ``queued``; fail those that used every attempt.
 
         ``all_leases`` recovers every lease whatever its expiry: when the node
         starts, no worker of the previous run can still be alive. ``owner``
-        recovers the leases of one worker the supervisor saw die.
+        recovers the leases of one worker the supervisor saw die. ``alive``
+        names workers the supervisor knows to be running: their leases are not
+        taken on expiry, which a step of the wall clock (or a lease renewal
+        stuck behind a locked database) can fake; a hung one is the
+        supervisor's to kill (``study_timeout_s``, on the monotonic clock).
         """
         now = now or utcnow()
         query = select(Study).where(Study.state == S.PROCESSING)
@@ -441,6 +451,8 @@ class StudyQueue:
             query = query.where(Study.lease_owner == owner)
         elif not all_leases:
             query = query.where(Study.lease_expires_at < now)
+            if alive:
+                query = query.where(Study.lease_owner.not_in(list(alive)))
         if not self._any(query):
             return []
         with self._sessions.begin() as session:
@@ -449,6 +461,25 @@ class StudyQueue:
                 holder = study.lease_owner
                 why = "the node restarted" if all_leases else "its worker died" if owner else "its lease expired"
                 self._count_interruption(session, study, f"{holder} stopped holding it ({why})", max_attempts, now)
+            return [study.study_uid for study in studies]
+
+    def release_for_stop(self, now: datetime | None = None) -> list[str]:
+        """Give the studies still being processed back to the queue when the node stops, without counting.
+
+        A stop (``systemctl stop``, a restart for an upgrade) interrupts no run
+        through any fault of the study; counting it would fail a long study
+        after three routine restarts. Only leases a crash leaves behind are
+        counted, when the node next starts.
+        """
+        now = now or utcnow()
+        processing = select(Study).where(Study.state == S.PROCESSING)
+        if not self._any(processing):
+            return []
+        with self._sessions.begin() as session:
+            studies = session.scalars(processing).all()
+            for study in studies:
+                transition(session, study, S.QUEUED, "the node stopped while it was processed; back in the queue",
+                           now)  # fmt: skip
             return [study.study_uid for study in studies]
 
     def retry(self, study_uid: str, reason: str = "retried by an administrator", now: datetime | None = None) -> str:

@@ -47,7 +47,9 @@ def test_port_checks_neither_fill_max_associations_nor_outlive_the_request_timeo
 
     held = [store_scu("HOLD").associate("127.0.0.1", node.port, ae_title=NODE_AE) for _ in range(2)]
     assert all(assoc.is_established for assoc in held)
-    assert echo(node.port) == -1, "max_associations still limits real associations"
+    third = store_scu("THIRD").associate("127.0.0.1", node.port, ae_title=NODE_AE)
+    assert third.is_rejected, "max_associations still limits real associations, with an A-ASSOCIATE-RJ"
+    assert third.acceptor.primitive.result == 0x02, "rejected-transient: the peer may retry"
     for assoc in held:
         assoc.release()
     assert "associations open, max_associations=2" in node.log(), "the refusal says why"
@@ -113,7 +115,8 @@ def test_a_peer_cannot_forge_a_log_line(node: NodeProcess) -> None:
         _config.ENFORCE_UID_CONFORMANCE = True
     log = node.log()
     assert "store.refused" in log
-    assert not any(line.split(" ", 3)[-1].startswith("ERROR triagenode.fake") for line in log.splitlines())
+    mentions = [line for line in log.splitlines() if "triagenode.fake" in line]
+    assert mentions and all("\\n2026-11-28 10:00:00,000 ERROR" in line for line in mentions), mentions
     assert not any(line.startswith("2026-11-28 10:00:00,000") for line in log.splitlines()), "a forged line"
 
 
@@ -168,16 +171,13 @@ def test_sigterm_to_the_process_group_stops_a_node_with_idle_connections_within_
     assert idle.is_established
     time.sleep(1.5)
 
-    started = time.monotonic()
     os.killpg(node.process.pid, signal.SIGTERM)
     assert node.process.wait(10) == 0, "the node exits cleanly within 10 s"
-    took = time.monotonic() - started
     port_check.close()
     text = node.log()
     after_stop = text[text.index("node.stopping") :]
     assert "worker.started" not in after_stop, "no worker is restarted once stopping has begun"
     assert "worker.died" not in after_stop, "a worker ended by the group's SIGTERM is a normal stop"
     assert "taken by" not in after_stop, "no study is claimed once stopping has begun"
-    assert took < 10
     details = node.study(study_uid)
     assert details is not None and details["instances"] == 3, "nothing lost"

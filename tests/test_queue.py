@@ -260,3 +260,33 @@ def test_a_state_change_is_logged_only_once_committed(database, caplog: pytest.L
     assert "about to roll back" not in caplog.text, "the log showed a change the database never had"
     queue.cancel(uid, "cancelled for real")
     assert "cancelled for real" in caplog.text
+
+
+def test_a_stop_gives_studies_back_without_counting_and_live_workers_keep_their_leases(database) -> None:
+    queue = StudyQueue(database)
+    uid = queued_study(queue, "1.2.10")
+    claim = queue.claim("w1", lease_seconds=10)
+    assert claim is not None
+    later = utcnow() + timedelta(seconds=60)  # the wall clock stepped forward a minute
+    assert queue.recover_expired_leases(now=later, alive=["w1"]) == [], "a live worker's lease is its own"
+    assert queue.release_for_stop() == [uid]
+    details = QueueOverview(database).study_details(uid)
+    assert details["state"] == "queued" and details["processing_attempts"] == 0, "a stop is not the study's fault"
+
+
+def test_a_reopened_study_drops_its_undelivered_report(database) -> None:
+    """The pending report lacks the late instance; it must not go out later, even if the new run fails."""
+    from storage.reports import ReportBook
+
+    queue, book = StudyQueue(database), ReportBook(database)
+    uid = queued_study(queue, "1.2.11")
+    claim = queue.claim("w1", lease_seconds=60)
+    assert claim is not None
+    result = {"finding": True, "probability": 0.9, "threshold": 0.5, "model": "m", "model_version": "1"}
+    assert book.record_result(claim, result, ["pacs"], f"reports/{uid}/1.2.99.dcm", "1.2.99")
+    assert book.due(utcnow() + timedelta(seconds=1)), "the report is due"
+    assert queue.record_instance(instance(uid, sop=f"{uid}.late")) is Registration.REOPENED
+    assert uid in queue.complete_stable_studies(0, now=utcnow() + timedelta(seconds=1))
+    claim = queue.claim("w1", lease_seconds=60)
+    assert claim is not None and queue.finish(claim, StudyState.FAILED, "worker error")
+    assert book.due(utcnow() + timedelta(seconds=1)) == [], "the old report stays home"

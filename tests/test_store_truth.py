@@ -30,9 +30,10 @@ def test_a_resend_while_the_first_handler_times_out_on_a_locked_database_keeps_i
 ) -> None:
     """The modality's own timeout makes it send X again on a new association while the first still waits.
 
-    Another process holds the database's write lock for 32 s: the first
-    handler gives up after the 30 s busy timeout (0xA702), the second gets
-    the lock and answers Success. Its file must be there, and stay there.
+    Another process holds the database's write lock for 35 s: the first
+    handler gives up after the 30 s busy timeout (0xA702), the second (sent
+    10 s later) gets the lock and answers Success. Its file must be there,
+    and stay there.
     """
     instance = ct_slice(generate_uid(), generate_uid(), 0)
     statuses: dict[str, int] = {}
@@ -50,10 +51,10 @@ def test_a_resend_while_the_first_handler_times_out_on_a_locked_database_keeps_i
     first = threading.Thread(target=send_on_own_association, args=("FIRST",))
     second = threading.Thread(target=send_on_own_association, args=("SECOND",))
     first.start()
-    time.sleep(3)
+    time.sleep(10)  # the first handler's 30 s busy timeout ends at ~30 s, the second's at ~40 s
     second.start()
-    time.sleep(29)
-    lock.execute("ROLLBACK")
+    time.sleep(25)
+    lock.execute("ROLLBACK")  # at ~35 s: after the first gave up, while the second still waits
     lock.close()
     first.join(90)
     second.join(90)
@@ -160,3 +161,19 @@ def test_the_nodes_own_report_routed_back_does_not_reopen_its_study(make_node, t
     assert after is not None and after["state"] == "reported", after
     assert len(after["events"]) == events, "no re-open, no second run"
     assert after["instances"] == details["instances"] + 1, "the report is stored with its study"
+
+
+def test_the_spool_refuses_a_data_set_the_disk_cannot_take_and_frees_its_space_at_once(tmp_path: Path) -> None:
+    """Without root for a small disk: the same guard, with the free space it sees given by the test."""
+    from daemon.spool import SpoolFile
+
+    free = {"bytes": 10_000}
+    spool = SpoolFile(tmp_path, min_free_bytes=1_000, free_bytes=lambda: free["bytes"])
+    assert spool.write(b"x" * 4_000) == 4_000 and spool.refused is None
+    free["bytes"] = 4_500  # the disk filled meanwhile
+    assert spool.write(b"y" * 4_000) == 4_000, "the rest of the data set is taken off the wire"
+    assert spool.refused is not None and "min_free_disk_mb" in spool.refused
+    assert not Path(spool.name).exists(), "what was written is deleted at once"
+    assert spool.write(b"z" * 10) == 10 and spool.written == 4_000
+    spool.file.flush()
+    spool.close()
