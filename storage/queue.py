@@ -41,7 +41,7 @@ ALLOWED_TRANSITIONS: dict[StudyState, frozenset[StudyState]] = {
 """Which state may follow which. ``receiving`` after a later state is a re-open by a late instance."""
 
 MAX_PROCESSING_ATTEMPTS = 3
-"""Interrupted runs (a worker crash, a hang past study_timeout_s, a dead decoder, a node restart mid-study)
+"""Interrupted runs (a worker crash, a hang past study_timeout_s, a dead decoder, the node crashing mid-study)
 after which a study is ``failed`` instead of queued again: what stops a study that kills its worker from
 crash-looping. Runs that ended with a result or a deliberate failure do not count."""
 
