@@ -24,7 +24,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from config.settings import (
+from triagenode.config.settings import (
     DEFAULT_CONFIG_PATH,
     DeliverySettings,
     Destination,
@@ -83,36 +83,9 @@ def load_settings(path: Path | None = None, environ: Mapping[str, str] | None = 
     try:
         settings.validate()
     except SettingError as exc:
-        origin = _origin_of(exc.key, environ, source)
+        origin = origin_of(exc.key, environ, source)
         raise ConfigError(f"config error in {origin}: {exc.key}: {exc.message}") from exc
     return settings
-
-
-def check_model(settings: Settings, environ: Mapping[str, str] | None = None) -> None:
-    """Refuse a model package that is missing or unreadable, as a configuration error.
-
-    Kept out of :func:`load_settings` on purpose: ``status`` and ``queue``
-    must keep working on a node whose model file went missing. ``serve``
-    and ``config show`` call it, so both say the same thing and exit 2. A
-    node without workers (``workers = 0``) runs no model, so nothing is
-    checked.
-    """
-    inference = settings.inference
-    if not inference.workers or inference.model == "demo":
-        return
-    from inference.model_package import ModelPackageError, read_manifest  # no torch: the manifest alone
-
-    origin = _origin_of("inference.model", os.environ if environ is None else environ, settings.source)
-    path = Path(inference.model).expanduser()
-    if not path.is_file():
-        raise ConfigError(
-            f"config error in {origin}: inference.model: model package {path} does not exist; "
-            "check the path (or use 'demo')"
-        )
-    try:
-        read_manifest(path)
-    except ModelPackageError as exc:
-        raise ConfigError(f"config error in {origin}: inference.model: {exc}") from exc
 
 
 def settings_as_dict(settings: Settings) -> dict[str, Any]:
@@ -227,7 +200,7 @@ def _parse_env_value(key: str, hint: Any, text: str) -> Any:
     return _coerce(key, hint, value)
 
 
-def _origin_of(key: str, environ: Mapping[str, str], source: str) -> str:
+def origin_of(key: str, environ: Mapping[str, str], source: str) -> str:
     """Name the environment variable when it set the bad key, the file otherwise."""
     base = re.sub(r"\[\d+\]$", "", key)  # node.allowed_calling_aets[2] -> the list's variable
     name = ENV_PREFIX + re.sub(r"\[(\d+)\]", r".\1", base).replace(".", "__").upper()

@@ -16,17 +16,16 @@ from typing import Any, NoReturn, TypeVar
 
 import click
 
-from config import ConfigError, Settings, load_settings, settings_as_dict
-from config.loader import check_model
-from storage.database import DatabaseUnavailableError, open_for_cli
-from storage.filestore import DataDirInUseError, FileStore
-from storage.heartbeat import Heartbeat
-from storage.migrations import SchemaTooNewError
-from storage.models import StudyState
-from storage.overview import QueueOverview
-from storage.queue import StudyQueue, TransitionError, UnknownStudyError
-from storage.reports import NoReportError, ReportBook
-from storage.timeutil import iso, utcnow
+from triagenode.config import ConfigError, Settings, load_settings, settings_as_dict
+from triagenode.storage.database import DatabaseUnavailableError, open_for_cli
+from triagenode.storage.filestore import DataDirInUseError, FileStore
+from triagenode.storage.heartbeat import Heartbeat
+from triagenode.storage.migrations import SchemaTooNewError
+from triagenode.storage.models import StudyState
+from triagenode.storage.overview import QueueOverview
+from triagenode.storage.queue import StudyQueue, TransitionError, UnknownStudyError
+from triagenode.storage.reports import NoReportError, ReportBook
+from triagenode.storage.timeutil import iso, utcnow
 
 EXIT_NO = 1
 EXIT_USAGE = 2
@@ -119,13 +118,15 @@ def main() -> None:
 @click.option("--log-level", default="INFO", show_default=True, type=click.Choice(["DEBUG", "INFO", "WARNING"]))
 def serve(config_path: Path | None, log_level: str) -> None:
     """Run the node in the foreground (logs to stderr; stops cleanly on SIGTERM)."""
-    from daemon.logs import configure_logging
-    from daemon.service import serve as run
-    from inference.model_package import ModelPackageError
+    from triagenode.daemon.logs import configure_logging
+    from triagenode.daemon.service import serve as run
+    from triagenode.inference.model_package import ModelPackageError
 
     settings = settings_from(config_path)
     try:
-        check_model(settings)
+        from triagenode.inference.model_package import check_configured_model  # the manifest only: no torch
+
+        check_configured_model(settings)
     except ConfigError as exc:
         fail(str(exc), EXIT_USAGE)
     configure_logging(log_level)
@@ -400,7 +401,7 @@ def queue_retry(config_path: Path | None, study_uid: str) -> None:
 
 def _rebuild(settings: Settings, book: ReportBook, study_uid: str) -> str | None:
     """The stored report in the configured SR class (see daemon.delivery.rebuild_report); fails with a line."""
-    from daemon.delivery import rebuild_report
+    from triagenode.daemon.delivery import rebuild_report
 
     try:
         return rebuild_report(settings, book, study_uid)
@@ -476,7 +477,7 @@ def queue_cancel(config_path: Path | None, study_uid: str) -> None:
 @click.option("--timeout", default=10.0, show_default=True, help="Seconds to wait for the peer.")
 def echo(config_path: Path | None, target: str, timeout: float) -> None:
     """C-ECHO a DICOM peer (a destination, or the node itself) and print the round-trip time."""
-    from daemon.verification import EchoError, parse_peer, verify
+    from triagenode.daemon.verification import EchoError, parse_peer, verify
 
     settings = settings_from(config_path)
     try:
@@ -502,7 +503,9 @@ def config_show(config_path: Path | None, as_json: bool) -> None:
     """The effective settings, after the file and the TRIAGENODE_* environment variables."""
     settings = settings_from(config_path)
     try:
-        check_model(settings)
+        from triagenode.inference.model_package import check_configured_model  # the manifest only: no torch
+
+        check_configured_model(settings)
     except ConfigError as exc:  # the settings parse, but serve would refuse them: say so, like serve
         fail(str(exc), EXIT_USAGE)
     data = settings_as_dict(settings)
@@ -534,7 +537,7 @@ def phantom(out_dir: Path, studies: int, positive_fraction: float, seed: int, sl
     study's label and its nodules' positions and diameters. For tests, demos
     and training the demo model; not patient data.
     """
-    from inference.phantom import LABELS_FILE, write_phantoms
+    from triagenode.inference.phantom import LABELS_FILE, write_phantoms
 
     written = write_phantoms(out_dir, studies, positive_fraction, seed, slices, matrix)
     positives = sum(study.label for study in written)
@@ -551,7 +554,7 @@ def model() -> None:
 @json_option
 def model_info(package: str, as_json: bool) -> None:
     """Print a model package's manifest (FILE may be 'demo')."""
-    from inference.model_package import DEMO_MODEL, ModelPackageError, read_manifest
+    from triagenode.inference.model_package import DEMO_MODEL, ModelPackageError, read_manifest
 
     try:
         manifest = read_manifest(DEMO_MODEL if package == "demo" else Path(package))
@@ -638,8 +641,9 @@ def model_train(
 
     Writes OUT, OUT.ckpt (after every epoch, for --resume) and OUT.log.jsonl (one line per epoch).
     """
-    from inference.preprocessing import InputSpec
-    from inference.training import TrainingConfig, TrainingError, train
+    from triagenode.inference.preprocessing import InputSpec
+    from triagenode.inference.device import DeviceError
+    from triagenode.inference.training import TrainingConfig, TrainingError, train
 
     config = TrainingConfig(
         data_dir=data_dir,
@@ -663,7 +667,7 @@ def model_train(
     )
     try:
         train(config, log=lambda line: click.echo(line, err=True))
-    except (TrainingError, ValueError) as exc:
+    except (TrainingError, DeviceError, ValueError) as exc:
         fail(str(exc))
 
 
@@ -692,9 +696,9 @@ def model_evaluate(
     as_json: bool,
 ) -> None:
     """Measure a model on labelled local studies: accuracy, sensitivity, specificity, PPV, NPV, F1, ROC AUC."""
-    from inference.evaluation import EvaluationError, evaluate
-    from inference.model_package import ModelPackageError, load_package
-    from inference.training import TrainingError, resolve_device
+    from triagenode.inference.evaluation import EvaluationError, evaluate
+    from triagenode.inference.model_package import ModelPackageError, load_package
+    from triagenode.inference.device import DeviceError, resolve_device
 
     try:
         loaded = load_package(package)
@@ -708,7 +712,7 @@ def model_evaluate(
             record,
             log=(lambda line: click.echo(line, err=True)) if as_json else click.echo,
         )
-    except (ModelPackageError, EvaluationError, TrainingError, ValueError) as exc:
+    except (ModelPackageError, EvaluationError, DeviceError, ValueError) as exc:
         fail(str(exc))
     if as_json:
         print_json(report)
@@ -731,17 +735,17 @@ def infer(
     The same series selection, preprocessing and aggregation as the node's workers, so the
     number matches what the node reports. Exits 1 when a study could not be read.
     """
-    from inference.model_package import ModelPackageError, load_package
-    from inference.pipeline import NotApplicable, SeriesGeometryError, files_by_study, run_study
-    from inference.report import report_for
-    from inference.training import TrainingError, resolve_device
+    from triagenode.inference.model_package import ModelPackageError, load_package
+    from triagenode.inference.pipeline import NotApplicable, SeriesGeometryError, files_by_study, run_study
+    from triagenode.inference.device import DeviceError, resolve_device
+    from triagenode.inference.report import report_for
 
     settings = settings_from(config_path)
     inference = settings.inference
     try:
         package = load_package(model_path or inference.model)
         torch_device = resolve_device(device or inference.device)
-    except (ModelPackageError, TrainingError) as exc:
+    except (ModelPackageError, DeviceError) as exc:
         fail(str(exc))
     studies = files_by_study(path)
     if not studies:

@@ -2,7 +2,7 @@
 
 ``docs/conformance.md`` holds the prose; the part between the ``generated``
 markers is this module's output. A test checks that the two agree;
-``python -m daemon.conformance --write docs/conformance.md`` refreshes it.
+``python -m triagenode.daemon.conformance --write docs/conformance.md`` refreshes it.
 """
 
 from __future__ import annotations
@@ -15,17 +15,17 @@ from pathlib import Path
 from pydicom.uid import UID
 from pynetdicom import PYNETDICOM_IMPLEMENTATION_UID, PYNETDICOM_IMPLEMENTATION_VERSION
 
-from daemon.contexts import (
+from triagenode.daemon.contexts import (
     ACCEPTED_TRANSFER_SYNTAXES,
     STORAGE_SOP_CLASSES,
     VERIFICATION_SOP_CLASS,
     VERIFICATION_TRANSFER_SYNTAXES,
 )
-from daemon.delivery import REPORT_CONTEXTS, REPORT_TRANSFER_SYNTAXES
-from daemon.receiver import MAX_PDU_SIZE, REQUEST_TIMEOUT_S
-from daemon.statuses import WHEN_SENT, StoreStatus
+from triagenode.daemon.delivery import REPORT_CONTEXTS, REPORT_TRANSFER_SYNTAXES
+from triagenode.daemon.receiver import MAX_PDU_SIZE, REQUEST_TIMEOUT_S
+from triagenode.daemon.statuses import WHEN_SENT, StoreStatus
 
-START = "<!-- generated:start (python -m daemon.conformance --write docs/conformance.md) -->"
+START = "<!-- generated:start (python -m triagenode.daemon.conformance --write docs/conformance.md) -->"
 END = "<!-- generated:end -->"
 
 

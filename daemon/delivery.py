@@ -37,10 +37,10 @@ from pynetdicom import AE
 from pynetdicom.sop_class import Comprehensive3DSRStorage, ComprehensiveSRStorage
 from sqlalchemy.exc import SQLAlchemyError
 
-from config.settings import DeliverySettings, Destination, Settings
-from storage.filestore import FileStore
-from storage.reports import DueDelivery, ReportBook
-from storage.timeutil import utcnow
+from triagenode.config.settings import DeliverySettings, Destination, Settings
+from triagenode.storage.filestore import FileStore
+from triagenode.storage.reports import DueDelivery, ReportBook
+from triagenode.storage.timeutil import utcnow
 
 log = logging.getLogger("triagenode.delivery")
 
@@ -112,7 +112,7 @@ def report_in_class(stored: Dataset, sr_class: str) -> Dataset | None:
     wanted = SR_CLASS_UIDS[sr_class]
     if str(stored.SOPClassUID) == wanted:
         return None
-    from inference.report import convert_report
+    from triagenode.inference.report import convert_report
 
     converted: Dataset = convert_report(stored, sr_class)  # type: ignore[arg-type]
     return converted

@@ -21,8 +21,8 @@ from pydicom.errors import InvalidDicomError
 from pydicom.filereader import data_element_generator
 from pydicom.uid import UID, DeflatedExplicitVRLittleEndian
 
-from daemon.statuses import StoreStatus
-from storage.filestore import is_valid_uid
+from triagenode.daemon.statuses import StoreStatus
+from triagenode.storage.filestore import is_valid_uid
 
 _UNDEFINED_LENGTH = 0xFFFFFFFF
 _DEFER_BYTES = 512

@@ -39,18 +39,18 @@ from pynetdicom.association import Association
 from pynetdicom.transport import ThreadedAssociationServer
 from sqlalchemy.exc import SQLAlchemyError
 
-from config.settings import NodeSettings
-from daemon.contexts import (
+from triagenode.config.settings import NodeSettings
+from triagenode.daemon.contexts import (
     ACCEPTED_TRANSFER_SYNTAXES,
     STORAGE_SOP_CLASSES,
     VERIFICATION_SOP_CLASS,
     VERIFICATION_TRANSFER_SYNTAXES,
 )
-from daemon.incoming import RefusedDatasetError, read_incoming
-from daemon.spool import install_spool, refusal_of
-from daemon.statuses import StoreStatus, status_dataset
-from storage.filestore import FileStore
-from storage.queue import ReceivedInstance, Registration, StudyQueue
+from triagenode.daemon.incoming import RefusedDatasetError, read_incoming
+from triagenode.daemon.spool import install_spool, refusal_of
+from triagenode.daemon.statuses import StoreStatus, status_dataset
+from triagenode.storage.filestore import FileStore
+from triagenode.storage.queue import ReceivedInstance, Registration, StudyQueue
 
 log = logging.getLogger("triagenode.receiver")
 

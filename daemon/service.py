@@ -25,17 +25,17 @@ from apscheduler.schedulers.background import BackgroundScheduler
 from sqlalchemy import Engine
 from sqlalchemy.exc import SQLAlchemyError
 
-from config.settings import Settings
-from daemon.delivery import ReportDelivery
-from daemon.receiver import StorageReceiver
-from daemon.signals import stop_on_signals
-from daemon.supervisor import WorkerPool
-from daemon.systemd import notify
-from storage.database import open_for_daemon
-from storage.filestore import FileStore
-from storage.heartbeat import HEARTBEAT_INTERVAL_S, Heartbeat
-from storage.queue import MAX_PROCESSING_ATTEMPTS, StudyQueue
-from storage.reports import ReportBook
+from triagenode.config.settings import Settings
+from triagenode.daemon.delivery import ReportDelivery
+from triagenode.daemon.receiver import StorageReceiver
+from triagenode.daemon.signals import stop_on_signals
+from triagenode.daemon.supervisor import WorkerPool
+from triagenode.daemon.systemd import notify
+from triagenode.storage.database import open_for_daemon
+from triagenode.storage.filestore import FileStore
+from triagenode.storage.heartbeat import HEARTBEAT_INTERVAL_S, Heartbeat
+from triagenode.storage.queue import MAX_PROCESSING_ATTEMPTS, StudyQueue
+from triagenode.storage.reports import ReportBook
 
 log = logging.getLogger("triagenode.service")
 
@@ -60,7 +60,7 @@ class Node:
         node = self.settings.node
         if self.settings.inference.workers:
             # Refuse a missing or broken model now, with one line, rather than in a restart loop of workers.
-            from inference.model_package import DEMO_MODEL, read_manifest
+            from triagenode.inference.model_package import DEMO_MODEL, read_manifest
 
             model = self.settings.inference.model
             manifest = read_manifest(DEMO_MODEL if model == "demo" else Path(model))

@@ -26,12 +26,24 @@ from dataclasses import dataclass, field
 from multiprocessing.process import BaseProcess
 from multiprocessing.sharedctypes import Synchronized
 
-from config.settings import Settings
-from storage.queue import StudyQueue
+from triagenode.config.settings import Settings
+from triagenode.storage.queue import StudyQueue
 
 log = logging.getLogger("triagenode.supervisor")
 
 RESTART_DELAY_S = 2.0
+
+
+def _run_worker(settings: Settings, worker_id: str, busy_since: Synchronized) -> None:
+    """A worker process's entry point: imports the worker, and torch with it, in the child only.
+
+    Naming :func:`triagenode.daemon.worker.worker_main` as the target would
+    import that module in the node's main process to pickle the reference,
+    loading torch (~200 MB) into the receiver for nothing.
+    """
+    from triagenode.daemon.worker import worker_main
+
+    worker_main(settings, worker_id, busy_since)
 
 
 @dataclass
@@ -59,12 +71,10 @@ class WorkerPool:
             self._spawn(slot)
 
     def _spawn(self, slot: _Slot) -> None:
-        from inference.worker import worker_main
-
         slot.worker_id = f"worker{slot.index}-{uuid.uuid4().hex[:6]}"
         slot.busy_since = self._context.Value("d", 0.0)
         slot.process = self._context.Process(
-            target=worker_main, args=(self._settings, slot.worker_id, slot.busy_since), name=slot.worker_id
+            target=_run_worker, args=(self._settings, slot.worker_id, slot.busy_since), name=slot.worker_id
         )  # not daemonic: a worker starts its own decoder processes; stop() ends it, and it exits if we die
         slot.process.start()
         log.info("worker.started worker=%s pid=%s", slot.worker_id, slot.process.pid)

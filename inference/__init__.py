@@ -1,4 +1,7 @@
-"""Pixels to result to report: preprocessing, models, the per-study pipeline and the SR builder.
+"""Pixels to result to report: the runtime the node's workers and ``triagenode infer`` use.
 
-Filled by the model-lifecycle and inference issues; the node core does not import it yet.
+The runtime (input spec, device, preprocessing, loader, architectures, model
+package, the per-study pipeline, the SR builder) apart from the model
+lifecycle (phantoms, training, evaluation, metrics), which the node never
+imports; the layers contract in ``pyproject.toml`` holds both to it.
 """

@@ -21,11 +21,11 @@ from typing import Any
 import numpy as np
 import torch
 
-from inference.metrics import Metrics, compute_metrics, roc_curve, threshold_for_sensitivity
-from inference.model_package import ModelPackage, save_package
-from inference.phantom import read_labels
-from inference.preprocessing import prepare_volume
-from inference.studies import aggregate, labelled_volumes, slice_probabilities
+from triagenode.inference.metrics import Metrics, compute_metrics, roc_curve, threshold_for_sensitivity
+from triagenode.inference.model_package import ModelPackage, save_package
+from triagenode.inference.phantom import read_labels
+from triagenode.inference.preprocessing import prepare_volume
+from triagenode.inference.studies import aggregate, labelled_volumes, slice_probabilities
 
 
 class EvaluationError(RuntimeError):

@@ -28,7 +28,6 @@ from __future__ import annotations
 import math
 import multiprocessing
 import os
-import signal
 import threading
 import time
 from collections.abc import Iterator, Sequence
@@ -42,7 +41,7 @@ import numpy as np
 import torch
 from pydicom import dcmread
 
-from inference.preprocessing import InputSpec, SeriesLayout, modality_values, prepare_slices, stack_neighbours
+from triagenode.inference.preprocessing import InputSpec, SeriesLayout, modality_values, prepare_slices, stack_neighbours
 
 RUN_SLICES = 16
 """Slices per decoder task: small enough that the first batch is ready early, large enough to amortise a task."""
@@ -67,11 +66,12 @@ def exit_when_orphaned(poll_s: float = 1.0) -> None:
 
 def _decoder_init() -> None:
     torch.set_num_threads(1)  # the pool is the parallelism; one thread per process avoids oversubscription
-    # systemd (and Ctrl-C) signal the whole process group at once: a decoder that
-    # died of it would break its worker's study mid-way. The worker finishes the
-    # study and closes the pool; a decoder also exits when its worker is gone.
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    # A signal to the node's process group (Ctrl-C, `kill -TERM -- -PGID`) must not
+    # reach the decoders: one that died of it would break its worker's study
+    # mid-way. The worker, told to stop, finishes the study and closes the pool;
+    # a decoder also exits when its worker is gone. (Under systemd the unit's
+    # KillMode=mixed sends SIGTERM to the main process only, for the same reason.)
+    os.setpgrp()
     exit_when_orphaned()
 
 

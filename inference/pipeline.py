@@ -22,10 +22,10 @@ import torch
 from pydicom import Dataset, dcmread
 from pydicom.errors import InvalidDicomError
 
-from inference.loader import DecodeTimings, SliceLoader
-from inference.model_package import ModelPackage
-from inference.preprocessing import InputSpec, SeriesGeometryError, layout_series
-from inference.studies import aggregate, batch_probabilities
+from triagenode.inference.loader import DecodeTimings, SliceLoader
+from triagenode.inference.model_package import ModelPackage
+from triagenode.inference.preprocessing import InputSpec, SeriesGeometryError, layout_series
+from triagenode.inference.studies import aggregate, batch_probabilities
 
 _NON_IMAGE_MODALITIES = {"SR", "PR", "KO", "SEG", "RTSTRUCT", "RTPLAN", "RTDOSE", "REG", "DOC"}
 

@@ -32,7 +32,7 @@ import torch.nn.functional as F
 from pydicom import Dataset, dcmread
 from pydicom.pixels import apply_modality_lut
 
-from inference.input_spec import InputSpec
+from triagenode.inference.input_spec import InputSpec
 
 __all__ = [
     "InputSpec",

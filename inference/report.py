@@ -60,9 +60,9 @@ from pydicom.sr.coding import Code
 from pydicom.uid import Comprehensive3DSRStorage, ComprehensiveSRStorage, ExplicitVRLittleEndian, generate_uid
 from pydicom.valuerep import DA, TM
 
-from config.settings import InferenceSettings
-from inference.model_package import CodedConcept, Manifest
-from inference.pipeline import NotApplicable, StudyResult
+from triagenode.config.settings import InferenceSettings
+from triagenode.inference.model_package import CodedConcept, Manifest
+from triagenode.inference.pipeline import NotApplicable, StudyResult
 
 SrClass = Literal["comprehensive3d", "comprehensive"]
 SR_CLASS_UIDS: dict[str, str] = {"comprehensive3d": Comprehensive3DSRStorage, "comprehensive": ComprehensiveSRStorage}

@@ -19,8 +19,8 @@ from pydicom import dcmread
 from pydicom.errors import InvalidDicomError
 from torch import nn
 
-from inference.phantom import Nodule, PhantomStudy
-from inference.preprocessing import InputSpec, SeriesGeometryError, Volume, read_series
+from triagenode.inference.phantom import Nodule, PhantomStudy
+from triagenode.inference.preprocessing import InputSpec, SeriesGeometryError, Volume, read_series
 
 _HEADER_TAGS = ["StudyInstanceUID", "SeriesInstanceUID", "Modality", "ImageType"]
 

@@ -30,12 +30,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from inference.architectures import build_network
-from inference.metrics import roc_auc, threshold_for_sensitivity
-from inference.model_package import Manifest, save_package
-from inference.phantom import PhantomStudy, read_labels
-from inference.preprocessing import InputSpec, prepare_volume
-from inference.studies import aggregate, labelled_volumes, slice_labels, slice_probabilities
+from triagenode.inference.architectures import build_network
+from triagenode.inference.device import resolve_device
+from triagenode.inference.metrics import roc_auc, threshold_for_sensitivity
+from triagenode.inference.model_package import Manifest, save_package
+from triagenode.inference.phantom import PhantomStudy, read_labels
+from triagenode.inference.preprocessing import InputSpec, prepare_volume
+from triagenode.inference.studies import aggregate, labelled_volumes, slice_labels, slice_probabilities
 
 
 class TrainingError(RuntimeError):
@@ -77,15 +78,6 @@ class LabelledStudy:
     """(slices, channels, H, W), float16 on the CPU."""
     slice_labels: np.ndarray | None
     """Per-slice labels from nodule positions; None for multiple-instance learning."""
-
-
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(name)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise TrainingError(f"device {name!r} asked for, but torch sees no CUDA GPU; use --device cpu")
-    return device
 
 
 def load_studies(

@@ -6,8 +6,8 @@ from pathlib import Path
 
 from sqlalchemy import Engine
 
-from storage.engine import make_engine
-from storage.migrations import LATEST_VERSION, current_version, upgrade
+from triagenode.storage.engine import make_engine
+from triagenode.storage.migrations import LATEST_VERSION, current_version, upgrade
 
 
 class DatabaseUnavailableError(RuntimeError):

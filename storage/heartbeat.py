@@ -20,10 +20,10 @@ from pathlib import Path
 
 from sqlalchemy import Engine, select
 
-from storage.engine import BUSY_TIMEOUT_MS, reader, writer
-from storage.filestore import lock_is_held
-from storage.models import ReceiverHeartbeat
-from storage.timeutil import utcnow
+from triagenode.storage.engine import BUSY_TIMEOUT_MS, reader, writer
+from triagenode.storage.filestore import lock_is_held
+from triagenode.storage.models import ReceiverHeartbeat
+from triagenode.storage.timeutil import utcnow
 
 HEARTBEAT_INTERVAL_S = 5
 STALE_AFTER_S = BUSY_TIMEOUT_MS / 1000 + 3 * HEARTBEAT_INTERVAL_S

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 
 from sqlalchemy import Connection, Engine, text
 
-from storage.timeutil import utcnow
+from triagenode.storage.timeutil import utcnow
 
 
 @dataclass(frozen=True)

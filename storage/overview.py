@@ -17,11 +17,11 @@ from typing import Any
 
 from sqlalchemy import Engine, distinct, func, select
 
-from storage.engine import reader
-from storage.models import Instance, Series, Study, StudyEvent, StudyResult, StudyState
-from storage.queue import UnknownStudyError
-from storage.reports import ReportBook
-from storage.timeutil import iso, utcnow
+from triagenode.storage.engine import reader
+from triagenode.storage.models import Instance, Series, Study, StudyEvent, StudyResult, StudyState
+from triagenode.storage.queue import UnknownStudyError
+from triagenode.storage.reports import ReportBook
+from triagenode.storage.timeutil import iso, utcnow
 
 
 OUTCOMES = ("present", "absent", "not applicable")

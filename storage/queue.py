@@ -22,9 +22,9 @@ from typing import Any
 from sqlalchemy import Engine, Select, event, select, update
 from sqlalchemy.orm import Session
 
-from storage.engine import reader, writer
-from storage.models import Delivery, Study, StudyEvent, StudyState
-from storage.timeutil import utcnow
+from triagenode.storage.engine import reader, writer
+from triagenode.storage.models import Delivery, Study, StudyEvent, StudyState
+from triagenode.storage.timeutil import utcnow
 
 log = logging.getLogger("triagenode.queue")
 

@@ -26,10 +26,10 @@ from typing import Any
 from sqlalchemy import Engine, func, select, update
 from sqlalchemy.orm import Session
 
-from storage.engine import reader, writer
-from storage.models import Delivery, Study, StudyEvent, StudyResult, StudyState
-from storage.queue import ALLOWED_TRANSITIONS, Claim, TransitionError, UnknownStudyError, transition
-from storage.timeutil import iso, utcnow
+from triagenode.storage.engine import reader, writer
+from triagenode.storage.models import Delivery, Study, StudyEvent, StudyResult, StudyState
+from triagenode.storage.queue import ALLOWED_TRANSITIONS, Claim, TransitionError, UnknownStudyError, transition
+from triagenode.storage.timeutil import iso, utcnow
 
 log = logging.getLogger("triagenode.reports")
 

@@ -18,8 +18,8 @@ from pydicom import Dataset
 from pynetdicom import AE, _config
 from pynetdicom.sop_class import CTImageStorage, Verification
 
-from storage.database import open_for_cli
-from storage.overview import QueueOverview
+from triagenode.storage.database import open_for_cli
+from triagenode.storage.overview import QueueOverview
 
 # Files are sent as their bytes lie on disk (a truncated file arrives truncated),
 # the way a PACS forwards what it holds.

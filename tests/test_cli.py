@@ -121,10 +121,10 @@ def _reported(node: NodeProcess, tmp_path: Path, name: str, destinations: list[s
     """
     from datetime import timedelta
 
-    from storage.database import open_for_cli
-    from storage.queue import StudyQueue
-    from storage.reports import ReportBook
-    from storage.timeutil import utcnow
+    from triagenode.storage.database import open_for_cli
+    from triagenode.storage.queue import StudyQueue
+    from triagenode.storage.reports import ReportBook
+    from triagenode.storage.timeutil import utcnow
     from test_delivery import write_sr
 
     study = write_study(tmp_path / name, slices=1)

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from config import ConfigError, load_settings
+from triagenode.config import ConfigError, load_settings
 
 from conftest import TRIAGENODE
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from daemon.conformance import END, START, generated_tables
+from triagenode.daemon.conformance import END, START, generated_tables
 
 DOCUMENT = Path(__file__).parent.parent / "docs" / "conformance.md"
 
@@ -12,12 +12,12 @@ DOCUMENT = Path(__file__).parent.parent / "docs" / "conformance.md"
 def test_conformance_statement_tables_match_the_code() -> None:
     text = DOCUMENT.read_text()
     section = text[text.index(START) : text.index(END) + len(END)]
-    assert section == generated_tables(), "run: python -m daemon.conformance --write docs/conformance.md"
+    assert section == generated_tables(), "run: python -m triagenode.daemon.conformance --write docs/conformance.md"
 
 
 def test_every_status_and_transfer_syntax_is_documented() -> None:
-    from daemon.contexts import ACCEPTED_TRANSFER_SYNTAXES
-    from daemon.statuses import StoreStatus
+    from triagenode.daemon.contexts import ACCEPTED_TRANSFER_SYNTAXES
+    from triagenode.daemon.statuses import StoreStatus
 
     text = DOCUMENT.read_text()
     for status in StoreStatus:

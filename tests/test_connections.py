@@ -156,7 +156,9 @@ def test_a_busy_database_neither_aborts_the_association_nor_makes_status_say_the
 
 def test_sigterm_to_the_process_group_stops_a_node_with_idle_connections_within_seconds(make_node) -> None:
     """systemd signals the whole control group; a port check and an idle association must not hold the stop."""
-    node: NodeProcess = make_node(start=False, inference={"workers": 1, "device": "cpu"}, shutdown_grace_s=30)
+    node: NodeProcess = make_node(
+        start=False, inference={"workers": 1, "device": "cpu", "decode_processes": 2}, shutdown_grace_s=30
+    )
     log = open(node.log_path, "ab")
     node.process = subprocess.Popen(
         [TRIAGENODE, "serve", "--config", str(node.config_path)],
@@ -179,5 +181,6 @@ def test_sigterm_to_the_process_group_stops_a_node_with_idle_connections_within_
     assert "worker.started" not in after_stop, "no worker is restarted once stopping has begun"
     assert "worker.died" not in after_stop, "a worker ended by the group's SIGTERM is a normal stop"
     assert "taken by" not in after_stop, "no study is claimed once stopping has begun"
+    assert "decoder_died" not in text, "the group's signal does not reach the decoders (their worker ends them)"
     details = node.study(study_uid)
     assert details is not None and details["instances"] == 3, "nothing lost"

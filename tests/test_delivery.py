@@ -23,13 +23,13 @@ from pydicom.uid import PYDICOM_IMPLEMENTATION_UID, ExplicitVRLittleEndian, gene
 from pynetdicom.sop_class import Comprehensive3DSRStorage
 from sqlalchemy import Engine
 
-from config.settings import DeliverySettings, Destination, NodeSettings, Settings
-from daemon.delivery import ReportDelivery
-from storage.database import open_for_daemon
-from storage.overview import QueueOverview
-from storage.queue import ReceivedInstance, StudyQueue
-from storage.reports import NoReportError, ReportBook
-from storage.timeutil import utcnow
+from triagenode.config.settings import DeliverySettings, Destination, NodeSettings, Settings
+from triagenode.daemon.delivery import ReportDelivery
+from triagenode.storage.database import open_for_daemon
+from triagenode.storage.overview import QueueOverview
+from triagenode.storage.queue import ReceivedInstance, StudyQueue
+from triagenode.storage.reports import NoReportError, ReportBook
+from triagenode.storage.timeutil import utcnow
 
 from conftest import free_port, wait_until
 from peers import HangingPeer, RecordingPacs

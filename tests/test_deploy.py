@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 
-from config import load_settings
+from triagenode.config import load_settings
 
 REPO = Path(__file__).parent.parent
 TORCH_INSTALL = REPO / "deploy" / "torch-install.sh"

@@ -14,7 +14,7 @@ from pydicom import dcmread
 from pydicom.uid import generate_uid
 from pynetdicom.sop_class import Comprehensive3DSRStorage, ComprehensiveSRStorage
 
-from inference.phantom import write_phantom_study
+from triagenode.inference.phantom import write_phantom_study
 
 from conftest import NODE_AE, TRIAGENODE, NodeProcess, free_port, send, wait_until
 from peers import RecordingPacs

@@ -22,7 +22,7 @@ from pynetdicom.pdu import A_ASSOCIATE_RQ
 from pynetdicom.pdu_primitives import A_ASSOCIATE, MaximumLengthNotification
 from pynetdicom.presentation import build_context
 
-from daemon.receiver import MAX_PDU_SIZE
+from triagenode.daemon.receiver import MAX_PDU_SIZE
 
 from conftest import NODE_AE, NodeProcess, send, wait_until
 from dicom_factory import ct_slice, write_study

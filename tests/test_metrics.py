@@ -7,7 +7,7 @@ import math
 import numpy as np
 import pytest
 
-from inference.metrics import compute_metrics, roc_auc, roc_curve, threshold_for_sensitivity
+from triagenode.inference.metrics import compute_metrics, roc_auc, roc_curve, threshold_for_sensitivity
 
 sklearn_metrics = pytest.importorskip("sklearn.metrics")
 

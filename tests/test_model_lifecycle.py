@@ -15,10 +15,10 @@ import torch
 from pydicom import dcmread
 from pydicom.data import get_testdata_file
 
-from inference.architectures import build_network
-from inference.model_package import Manifest, ModelPackageError, load_package, read_manifest, save_package
-from inference.phantom import read_labels, write_phantoms
-from inference.preprocessing import InputSpec, SeriesGeometryError, prepare_volume, read_series, volume_from_datasets
+from triagenode.inference.architectures import build_network
+from triagenode.inference.model_package import Manifest, ModelPackageError, load_package, read_manifest, save_package
+from triagenode.inference.phantom import read_labels, write_phantoms
+from triagenode.inference.preprocessing import InputSpec, SeriesGeometryError, prepare_volume, read_series, volume_from_datasets
 
 from conftest import TRIAGENODE
 
@@ -113,8 +113,8 @@ def test_the_node_sees_exactly_what_training_sees_with_or_without_decoder_proces
     phantoms: Path, spec: InputSpec
 ) -> None:
     """Workers decode runs of slices in other processes and batch them as they come; not one value may differ."""
-    from inference.loader import DecodeTimings, SliceLoader
-    from inference.preprocessing import layout_series
+    from triagenode.inference.loader import DecodeTimings, SliceLoader
+    from triagenode.inference.preprocessing import layout_series
 
     files = sorted((phantoms / "study_00003").glob("*.dcm"))
     random.Random(3).shuffle(files)
@@ -138,9 +138,9 @@ def test_a_decoder_that_dies_fails_that_series_and_the_next_gets_fresh_decoders(
     import signal
     from concurrent.futures.process import BrokenProcessPool
 
-    from inference.loader import DecodeTimings, SliceLoader
-    from inference.phantom import write_phantom_study
-    from inference.preprocessing import layout_series
+    from triagenode.inference.loader import DecodeTimings, SliceLoader
+    from triagenode.inference.phantom import write_phantom_study
+    from triagenode.inference.preprocessing import layout_series
 
     study = write_phantom_study(tmp_path, seed=8, index=0, positive=False, slices=320, matrix=256)
     files = sorted(study.directory.glob("*.dcm"))  # type: ignore[union-attr] # 20 runs: most still pending
@@ -233,7 +233,7 @@ def test_train_one_epoch_then_evaluate_end_to_end_on_cpu(phantoms: Path, tmp_pat
 
 
 def test_training_is_deterministic_for_a_seed_on_cpu(phantoms: Path, tmp_path: Path) -> None:
-    from inference.training import TrainingConfig, train
+    from triagenode.inference.training import TrainingConfig, train
 
     digests = []
     for run in range(2):
@@ -246,7 +246,7 @@ def test_training_is_deterministic_for_a_seed_on_cpu(phantoms: Path, tmp_path: P
 
 
 def test_the_demo_model_is_small_evaluated_and_says_what_it_is_not() -> None:
-    from inference.model_package import DEMO_MODEL
+    from triagenode.inference.model_package import DEMO_MODEL
 
     assert DEMO_MODEL.stat().st_size < 5 * 1024 * 1024
     package = load_package("demo")
@@ -263,7 +263,7 @@ def test_the_demo_model_is_small_evaluated_and_says_what_it_is_not() -> None:
 
 def test_the_demo_model_finds_nodules_in_fresh_phantoms(phantoms: Path) -> None:
     """Studies it never saw (another seed, another matrix): positives score above negatives."""
-    from inference.studies import aggregate, slice_probabilities
+    from triagenode.inference.studies import aggregate, slice_probabilities
 
     package = load_package("demo")
     labels = read_labels(phantoms / "labels.csv")
@@ -277,7 +277,7 @@ def test_the_demo_model_finds_nodules_in_fresh_phantoms(phantoms: Path) -> None:
 
 
 def test_training_resumes_from_its_checkpoint(phantoms: Path, tmp_path: Path) -> None:
-    from inference.training import TrainingConfig, train
+    from triagenode.inference.training import TrainingConfig, train
 
     out = tmp_path / "resumed.tnm"
     common = dict(input=InputSpec(matrix=48), val_fraction=0.5, seed=3, device="cpu", slices_per_epoch=64)
@@ -296,7 +296,7 @@ def test_without_nodule_positions_training_uses_multiple_instance_learning(phant
     labels = tmp_path / "study-labels.csv"
     rows = (phantoms / "labels.csv").read_text().splitlines()
     labels.write_text("\n".join(["study_uid,label"] + [",".join(row.split(",")[:2]) for row in rows[1:]]) + "\n")
-    from inference.training import TrainingConfig, train
+    from triagenode.inference.training import TrainingConfig, train
 
     lines: list[str] = []
     manifest = train(

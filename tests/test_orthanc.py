@@ -10,7 +10,7 @@ import highdicom as hd
 import pytest
 from pydicom.sr.codedict import codes
 
-from inference.phantom import write_phantom_study
+from triagenode.inference.phantom import write_phantom_study
 
 from conftest import NODE_AE, NodeProcess, free_port, send, wait_until
 from orthanc import Orthanc

@@ -9,12 +9,12 @@ from pathlib import Path
 import pytest
 from sqlalchemy import inspect, select, text
 
-from storage.database import DatabaseUnavailableError, open_for_cli, open_for_daemon
-from storage.migrations import LATEST_VERSION, SchemaTooNewError, upgrade
-from storage.models import Base, StudyState
-from storage.overview import QueueOverview
-from storage.queue import Claim, ReceivedInstance, Registration, StudyQueue, TransitionError, UnknownStudyError
-from storage.timeutil import utcnow
+from triagenode.storage.database import DatabaseUnavailableError, open_for_cli, open_for_daemon
+from triagenode.storage.migrations import LATEST_VERSION, SchemaTooNewError, upgrade
+from triagenode.storage.models import Base, StudyState
+from triagenode.storage.overview import QueueOverview
+from triagenode.storage.queue import Claim, ReceivedInstance, Registration, StudyQueue, TransitionError, UnknownStudyError
+from triagenode.storage.timeutil import utcnow
 
 
 @pytest.fixture
@@ -193,8 +193,8 @@ def test_the_cli_never_creates_a_database(tmp_path: Path) -> None:
 
 
 def test_an_older_database_is_upgraded_in_place_keeping_its_studies(tmp_path: Path) -> None:
-    from storage.engine import make_engine
-    from storage.migrations import MIGRATIONS
+    from triagenode.storage.engine import make_engine
+    from triagenode.storage.migrations import MIGRATIONS
 
     path = tmp_path / "old.db"
     engine = make_engine(path)
@@ -245,9 +245,9 @@ def test_a_study_received_before_the_clock_stepped_back_is_not_held_for_the_step
 
 
 def test_a_state_change_is_logged_only_once_committed(database, caplog: pytest.LogCaptureFixture) -> None:
-    from storage.engine import writer
-    from storage.models import Study
-    from storage.queue import transition
+    from triagenode.storage.engine import writer
+    from triagenode.storage.models import Study
+    from triagenode.storage.queue import transition
 
     queue = StudyQueue(database)
     uid = queued_study(queue, "1.2.9")
@@ -276,7 +276,7 @@ def test_a_stop_gives_studies_back_without_counting_and_live_workers_keep_their_
 
 def test_a_reopened_study_drops_its_undelivered_report(database) -> None:
     """The pending report lacks the late instance; it must not go out later, even if the new run fails."""
-    from storage.reports import ReportBook
+    from triagenode.storage.reports import ReportBook
 
     queue, book = StudyQueue(database), ReportBook(database)
     uid = queued_study(queue, "1.2.11")

@@ -19,10 +19,10 @@ from pydicom.data import get_charset_files
 from pydicom.sr.codedict import codes
 from pydicom.uid import Comprehensive3DSRStorage, ComprehensiveSRStorage, generate_uid
 
-from inference.model_package import DEMO_MODEL, Manifest, read_manifest
-from inference.phantom import read_labels, write_phantom_study, write_phantoms
-from inference.pipeline import StudyResult
-from inference.report import Predecessor, build_measurement_report, convert_report, read_predecessor
+from triagenode.inference.model_package import DEMO_MODEL, Manifest, read_manifest
+from triagenode.inference.phantom import read_labels, write_phantom_study, write_phantoms
+from triagenode.inference.pipeline import StudyResult
+from triagenode.inference.report import Predecessor, build_measurement_report, convert_report, read_predecessor
 
 from conftest import TRIAGENODE, send, wait_until
 from dicom_factory import ct_slice

@@ -11,7 +11,7 @@ from pydicom.data import get_testdata_files
 from pynetdicom import AE
 from pynetdicom.dsutils import split_dataset
 
-from daemon.statuses import StoreStatus
+from triagenode.daemon.statuses import StoreStatus
 
 from conftest import NODE_AE, NodeProcess, send
 from dicom_factory import write_study

@@ -15,7 +15,7 @@ from pynetdicom.sop_class import CTImageStorage
 
 from conftest import NODE_AE, NodeProcess, send, store_scu
 from dicom_factory import ct_slice
-from storage.queue import ReceivedInstance, StudyQueue
+from triagenode.storage.queue import ReceivedInstance, StudyQueue
 
 
 def stored_file(node: NodeProcess, sop_instance_uid: str) -> Path | None:
@@ -138,7 +138,7 @@ def test_an_instance_larger_than_the_free_space_is_refused_early_and_the_node_ke
 
 def test_the_nodes_own_report_routed_back_does_not_reopen_its_study(make_node, tmp_path: Path) -> None:
     """A PACS that auto-forwards routes the node's SR back to it: stored, but no second run and no second send."""
-    from inference.phantom import write_phantom_study
+    from triagenode.inference.phantom import write_phantom_study
 
     study = write_phantom_study(tmp_path / "phantoms", seed=81, index=0, positive=True, slices=16, matrix=128)
     assert study.directory is not None
@@ -165,7 +165,7 @@ def test_the_nodes_own_report_routed_back_does_not_reopen_its_study(make_node, t
 
 def test_the_spool_refuses_a_data_set_the_disk_cannot_take_and_frees_its_space_at_once(tmp_path: Path) -> None:
     """Without root for a small disk: the same guard, with the free space it sees given by the test."""
-    from daemon.spool import SpoolFile
+    from triagenode.daemon.spool import SpoolFile
 
     free = {"bytes": 10_000}
     spool = SpoolFile(tmp_path, min_free_bytes=1_000, free_bytes=lambda: free["bytes"])

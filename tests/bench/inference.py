@@ -23,15 +23,15 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
-from config.settings import InferenceSettings  # noqa: E402
-from inference.architectures import build_network  # noqa: E402
-from inference.loader import SliceLoader  # noqa: E402
-from inference.model_package import Manifest, ModelPackage, load_package  # noqa: E402
-from inference.phantom import write_phantom_study  # noqa: E402
-from inference.pipeline import run_study  # noqa: E402
-from inference.preprocessing import InputSpec, prepare_volume, read_series  # noqa: E402
-from inference.studies import slice_probabilities  # noqa: E402
-from inference.training import resolve_device  # noqa: E402
+from triagenode.config.settings import InferenceSettings  # noqa: E402
+from triagenode.inference.architectures import build_network  # noqa: E402
+from triagenode.inference.loader import SliceLoader  # noqa: E402
+from triagenode.inference.model_package import Manifest, ModelPackage, load_package  # noqa: E402
+from triagenode.inference.phantom import write_phantom_study  # noqa: E402
+from triagenode.inference.pipeline import run_study  # noqa: E402
+from triagenode.inference.preprocessing import InputSpec, prepare_volume, read_series  # noqa: E402
+from triagenode.inference.studies import slice_probabilities  # noqa: E402
+from triagenode.inference.device import resolve_device  # noqa: E402
 
 
 def main() -> None:

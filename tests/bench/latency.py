@@ -27,7 +27,7 @@ from pynetdicom import AE, evt
 from pynetdicom.sop_class import Comprehensive3DSRStorage, ComprehensiveSRStorage
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
-from inference.phantom import write_phantom_study  # noqa: E402
+from triagenode.inference.phantom import write_phantom_study  # noqa: E402
 
 TRIAGENODE = str(Path(sys.executable).parent / "triagenode")
 STABLE_SECONDS = 2.0

@@ -21,10 +21,10 @@ from pathlib import Path
 
 from sqlalchemy import insert
 
-from storage.database import open_for_daemon
-from storage.models import Study, StudyState
-from storage.overview import QueueOverview
-from storage.timeutil import utcnow
+from triagenode.storage.database import open_for_daemon
+from triagenode.storage.models import Study, StudyState
+from triagenode.storage.overview import QueueOverview
+from triagenode.storage.timeutil import utcnow
 
 TRIAGENODE = str(Path(sys.executable).parent / "triagenode")
 
@@ -81,7 +81,7 @@ def main() -> None:
         fill(root / "data" / "triagenode.db", args.studies)
         print(f"filled {args.studies} studies in {time.perf_counter() - started:.1f} s")
 
-        from storage.database import open_for_cli
+        from triagenode.storage.database import open_for_cli
 
         overview = QueueOverview(open_for_cli(root / "data" / "triagenode.db"))
         for label, fn in [

@@ -21,19 +21,19 @@ from pathlib import Path
 
 import torch
 
-from config.settings import Settings
-from daemon.signals import stop_on_signals
-from inference.loader import SliceLoader, exit_when_orphaned
-from inference.model_package import ModelPackage, load_package
-from inference.pipeline import NotApplicable, SeriesGeometryError, run_study
-from inference.report import read_predecessor, report_for
-from inference.training import resolve_device
-from storage.database import open_for_daemon
-from storage.filestore import FileStore
-from storage.models import StudyState
-from storage.overview import QueueOverview
-from storage.queue import Claim, StudyQueue
-from storage.reports import ReportBook
+from triagenode.config.settings import Settings
+from triagenode.daemon.signals import stop_on_signals
+from triagenode.inference.loader import SliceLoader, exit_when_orphaned
+from triagenode.inference.model_package import ModelPackage, load_package
+from triagenode.inference.pipeline import NotApplicable, SeriesGeometryError, run_study
+from triagenode.inference.report import read_predecessor, report_for
+from triagenode.inference.device import resolve_device
+from triagenode.storage.database import open_for_daemon
+from triagenode.storage.filestore import FileStore
+from triagenode.storage.models import StudyState
+from triagenode.storage.overview import QueueOverview
+from triagenode.storage.queue import Claim, StudyQueue
+from triagenode.storage.reports import ReportBook
 
 log = logging.getLogger("triagenode.worker")
 
@@ -45,7 +45,7 @@ def worker_main(
     settings: Settings, worker_id: str, busy_since: Synchronized, stop: threading.Event | None = None
 ) -> None:
     """Entry point of a worker process (spawned by the supervisor)."""
-    from daemon.logs import configure_logging
+    from triagenode.daemon.logs import configure_logging
 
     configure_logging()
     faulthandler.register(signal.SIGUSR1, all_threads=True)  # `kill -USR1 <pid>`: every thread's stack to the log
