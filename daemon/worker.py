@@ -33,7 +33,7 @@ from triagenode.storage.filestore import FileStore
 from triagenode.storage.models import StudyState
 from triagenode.storage.overview import QueueOverview
 from triagenode.storage.queue import Claim, StudyQueue
-from triagenode.storage.reports import ReportBook
+from triagenode.storage.reports import Outcome, ReportBook
 
 log = logging.getLogger("triagenode.worker")
 
@@ -127,18 +127,25 @@ def _process(
         store.commit_file(spooled, relative)
         sr = (str(relative), str(report.SOPInstanceUID))
     if isinstance(outcome, NotApplicable):
-        result = {
-            "applicable": False,
-            "reason": outcome.reason,
-            "model": manifest.name,
-            "model_version": manifest.version,
-        }
-        recorded = book.record_result(claim, result, destinations, *sr)
+        recorded = book.record_result(
+            claim, Outcome.not_applicable(manifest.name, manifest.version, outcome.reason), destinations, *sr
+        )
         log.info("study.not_applicable study_uid=%s reason=%r report=%s recorded=%s", claim.study_uid, outcome.reason,
                  report is not None, recorded)  # fmt: skip
         return
     outcome.timings_ms["report"] = round((time.perf_counter() - started) * 1000, 1)
-    recorded = book.record_result(claim, outcome.to_dict(), destinations, *sr)
+    finding = Outcome(
+        model=outcome.model,
+        model_version=outcome.model_version,
+        finding=outcome.finding,
+        probability=outcome.probability,
+        threshold=outcome.threshold,
+        series_uid=outcome.series_uid,
+        key_instance_uid=outcome.key_instance_uid,
+        slices=outcome.slices,
+        timings_ms=outcome.timings_ms,
+    )
+    recorded = book.record_result(claim, finding, destinations, *sr)
     log.info(
         "study.result study_uid=%s finding=%s probability=%.4f recorded=%s timings_ms=%s",
         claim.study_uid,

@@ -13,8 +13,11 @@ from __future__ import annotations
 import enum
 from datetime import datetime
 
-from sqlalchemy import ForeignKey, Index, String, UniqueConstraint
+from typing import Any
+
+from sqlalchemy import Dialect, ForeignKey, Index, String, UniqueConstraint
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
+from sqlalchemy.types import TypeDecorator
 
 
 class StudyState(enum.StrEnum):
@@ -36,6 +39,39 @@ class StudyState(enum.StrEnum):
     """An administrator stopped it; ``queue retry`` re-queues it."""
 
 
+class DeliveryState(enum.StrEnum):
+    """Where one report is on its way to one destination."""
+
+    PENDING = "pending"
+    """Waiting for its next attempt (``next_attempt_at``)."""
+    SENT = "sent"
+    """The destination answered Success."""
+    FAILED = "failed"
+    """Gave up after ``max_attempts``; ``queue retry`` or ``queue resend`` sends again."""
+
+
+class _StateColumn(TypeDecorator[enum.StrEnum]):
+    """A state enum stored as its plain value (VARCHAR(16)), read back as the enum.
+
+    The schema stays what the migrations create (no CHECK constraint to
+    migrate when a state is added); the code gets the enum, which still
+    compares equal to its string.
+    """
+
+    impl = String(16)
+    cache_ok = True
+
+    def __init__(self, states: type[enum.StrEnum]) -> None:
+        super().__init__()
+        self._states = states
+
+    def process_bind_param(self, value: Any, dialect: Dialect) -> str | None:
+        return None if value is None else str(self._states(value))
+
+    def process_result_value(self, value: Any, dialect: Dialect) -> enum.StrEnum | None:
+        return None if value is None else self._states(value)
+
+
 class Base(DeclarativeBase):
     pass
 
@@ -45,7 +81,7 @@ class Study(Base):
 
     id: Mapped[int] = mapped_column(primary_key=True)
     study_uid: Mapped[str] = mapped_column(String(64), unique=True)
-    state: Mapped[str] = mapped_column(String(16))
+    state: Mapped[StudyState] = mapped_column(_StateColumn(StudyState))
     modality: Mapped[str | None] = mapped_column(String(64))
     """Modalities of the study's series, e.g. ``CT`` or ``CT\\SR``."""
     study_date: Mapped[str | None] = mapped_column(String(8))
@@ -123,8 +159,11 @@ class StudyEvent(Base):
     study: Mapped[Study] = relationship(back_populates="events")
 
 
-class StudyResult(Base):
-    """What the model found in a study (or why it could not read it), and where its report is."""
+class ResultRecord(Base):
+    """What the model found in a study (or why it could not read it), and where its report is.
+
+    (``inference.pipeline.StudyResult`` is what the pipeline returns; this is its row.)
+    """
 
     __tablename__ = "study_results"
 
@@ -156,8 +195,7 @@ class Delivery(Base):
     id: Mapped[int] = mapped_column(primary_key=True)
     study_id: Mapped[int] = mapped_column(ForeignKey("studies.id", ondelete="CASCADE"), index=True)
     destination: Mapped[str] = mapped_column(String(64))
-    state: Mapped[str] = mapped_column(String(16))
-    """pending, sent or failed."""
+    state: Mapped[DeliveryState] = mapped_column(_StateColumn(DeliveryState))
     attempts: Mapped[int] = mapped_column(default=0)
     next_attempt_at: Mapped[datetime]
     last_error: Mapped[str | None]

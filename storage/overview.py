@@ -18,7 +18,7 @@ from typing import Any
 from sqlalchemy import Engine, distinct, func, select
 
 from triagenode.storage.engine import reader
-from triagenode.storage.models import Instance, Series, Study, StudyEvent, StudyResult, StudyState
+from triagenode.storage.models import Instance, ResultRecord, Series, Study, StudyEvent, StudyState
 from triagenode.storage.queue import UnknownStudyError
 from triagenode.storage.reports import ReportBook
 from triagenode.storage.timeutil import iso, utcnow
@@ -65,8 +65,8 @@ class QueueOverview:
     def list_studies(self, state: StudyState | None = None, limit: int = 50) -> list[dict[str, Any]]:
         """The most recently changed studies first (an index serves the sort and the filter)."""
         query = (
-            select(Study, StudyResult.applicable, StudyResult.finding)
-            .outerjoin(StudyResult, StudyResult.study_id == Study.id)
+            select(Study, ResultRecord.applicable, ResultRecord.finding)
+            .outerjoin(ResultRecord, ResultRecord.study_id == Study.id)
             .order_by(Study.updated_at.desc(), Study.id.desc())
             .limit(limit)
         )
@@ -84,7 +84,7 @@ class QueueOverview:
             if study is None:
                 raise UnknownStudyError(f"no study {study_uid} on this node; `triagenode queue ls` lists them")
             found = session.execute(
-                select(StudyResult.applicable, StudyResult.finding).where(StudyResult.study_id == study.id)
+                select(ResultRecord.applicable, ResultRecord.finding).where(ResultRecord.study_id == study.id)
             ).first()
             details = study_summary(study, outcome_of(*found) if found else None)
             calling = dict(

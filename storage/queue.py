@@ -23,7 +23,7 @@ from sqlalchemy import Engine, Select, event, select, update
 from sqlalchemy.orm import Session
 
 from triagenode.storage.engine import reader, writer
-from triagenode.storage.models import Delivery, Study, StudyEvent, StudyState
+from triagenode.storage.models import Delivery, DeliveryState, Study, StudyEvent, StudyState
 from triagenode.storage.timeutil import utcnow
 
 log = logging.getLogger("triagenode.queue")
@@ -497,11 +497,11 @@ class StudyQueue:
                     f"study {study_uid} is {study.state}; only {' or '.join(sorted(RETRYABLE))} studies can be retried"
                 )
             failed = session.scalars(
-                select(Delivery).where(Delivery.study_id == study.id, Delivery.state == "failed")
+                select(Delivery).where(Delivery.study_id == study.id, Delivery.state == DeliveryState.FAILED)
             ).all()
             if study.state == S.FAILED and failed:
                 for delivery in failed:
-                    delivery.state, delivery.attempts, delivery.next_attempt_at = "pending", 0, now
+                    delivery.state, delivery.attempts, delivery.next_attempt_at = DeliveryState.PENDING, 0, now
                 transition(session, study, S.REPORTED, f"{reason}: sending the report again", now)
                 return "report scheduled for delivery again"
             study.processing_attempts = 0

@@ -18,8 +18,8 @@ from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Collection, Sequence
-from dataclasses import dataclass
+from collections.abc import Collection, Mapping, Sequence
+from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any
 
@@ -27,13 +27,13 @@ from sqlalchemy import Engine, func, select, update
 from sqlalchemy.orm import Session
 
 from triagenode.storage.engine import reader, writer
-from triagenode.storage.models import Delivery, Study, StudyEvent, StudyResult, StudyState
+from triagenode.storage.models import Delivery, DeliveryState, ResultRecord, Study, StudyEvent, StudyState
 from triagenode.storage.queue import ALLOWED_TRANSITIONS, Claim, TransitionError, UnknownStudyError, transition
 from triagenode.storage.timeutil import iso, utcnow
 
 log = logging.getLogger("triagenode.reports")
 
-PENDING, SENT, FAILED = "pending", "sent", "failed"
+PENDING, SENT, FAILED = DeliveryState.PENDING, DeliveryState.SENT, DeliveryState.FAILED
 
 DELIVERABLE = frozenset({StudyState.REPORTED, StudyState.SENT, StudyState.FAILED})
 """Study states whose report stands: their pending deliveries are due. A re-opened
@@ -98,6 +98,44 @@ class DestinationCounts:
     sent: int = 0
 
 
+@dataclass(frozen=True)
+class Outcome:
+    """What a worker records for a study: the model's finding, or why the model could not read the study.
+
+    The boundary between the inference runtime and the queue: the worker
+    builds it from the pipeline's result, so storage never reads a dict by
+    keys it hopes are there.
+    """
+
+    model: str
+    model_version: str
+    finding: bool | None = None
+    """None when the model could not read the study (then ``reason`` says why)."""
+    probability: float | None = None
+    threshold: float | None = None
+    series_uid: str | None = None
+    key_instance_uid: str | None = None
+    slices: int | None = None
+    timings_ms: Mapping[str, float] = field(default_factory=dict)
+    reason: str | None = None
+    """Why the study is not applicable to the model; None for a finding."""
+
+    @property
+    def applicable(self) -> bool:
+        return self.reason is None
+
+    @classmethod
+    def not_applicable(cls, model: str, model_version: str, reason: str) -> Outcome:
+        return cls(model=model, model_version=model_version, reason=reason)
+
+    def event_reason(self) -> str:
+        """The sentence the move to ``reported`` is recorded with."""
+        if not self.applicable:
+            return f"not applicable: {self.reason}"
+        verdict = "present" if self.finding else "absent"
+        return f"finding {verdict}, probability {self.probability:.3f} ({self.model} {self.model_version})"
+
+
 class ReportBook:
     def __init__(self, engine: Engine) -> None:
         self._write = writer(engine)
@@ -106,38 +144,33 @@ class ReportBook:
     def record_result(
         self,
         claim: Claim,
-        result: dict[str, Any],
+        outcome: Outcome,
         destinations: list[str],
         sr_path: str | None = None,
         sr_sop_instance_uid: str | None = None,
         now: datetime | None = None,
     ) -> bool:
-        """Store the result, schedule its deliveries and end the lease (``reported``); False if the lease was lost.
-
-        ``result`` is a pipeline result's dict, or ``{"applicable": False, "reason": ..., "model": ...,
-        "model_version": ...}`` for a study the model cannot read.
-        """
+        """Store the outcome, schedule its deliveries and end the lease (``reported``); False if the lease was lost."""
         now = now or utcnow()
         with self._write.begin() as session:
             study = session.scalar(select(Study).where(Study.study_uid == claim.study_uid))
             if study is None or study.state != StudyState.PROCESSING or study.lease_owner != claim.worker_id:
                 return False
-            applicable = result.get("applicable", True)
-            row = session.scalar(select(StudyResult).where(StudyResult.study_id == study.id))
+            row = session.scalar(select(ResultRecord).where(ResultRecord.study_id == study.id))
             if row is None:
-                row = StudyResult(study_id=study.id)
+                row = ResultRecord(study_id=study.id)
                 session.add(row)
-            row.applicable = applicable
-            row.reason = result.get("reason")
-            row.finding = result.get("finding")
-            row.probability = result.get("probability")
-            row.threshold = result.get("threshold")
-            row.model = result["model"]
-            row.model_version = result["model_version"]
-            row.series_uid = result.get("series_uid")
-            row.key_instance_uid = result.get("key_instance_uid")
-            row.slices = result.get("slices")
-            row.timings_ms = json.dumps(result.get("timings_ms", {}))
+            row.applicable = outcome.applicable
+            row.reason = outcome.reason
+            row.finding = outcome.finding
+            row.probability = outcome.probability
+            row.threshold = outcome.threshold
+            row.model = outcome.model
+            row.model_version = outcome.model_version
+            row.series_uid = outcome.series_uid
+            row.key_instance_uid = outcome.key_instance_uid
+            row.slices = outcome.slices
+            row.timings_ms = json.dumps(dict(outcome.timings_ms))
             row.sr_path = sr_path
             row.sr_sop_instance_uid = sr_sop_instance_uid
             row.created_at = now
@@ -150,13 +183,7 @@ class ReportBook:
                     delivery.state, delivery.attempts, delivery.next_attempt_at = PENDING, 0, now
                     delivery.last_error = delivery.sent_at = None
                     session.add(delivery)
-            if applicable:
-                verdict = "present" if result["finding"] else "absent"
-                model = f"{result['model']} {result['model_version']}"
-                reason = f"finding {verdict}, probability {result['probability']:.3f} ({model})"
-            else:
-                reason = f"not applicable: {result['reason']}"
-            transition(session, study, StudyState.REPORTED, reason, now)
+            transition(session, study, StudyState.REPORTED, outcome.event_reason(), now)
             return True
 
     def due(
@@ -174,14 +201,14 @@ class ReportBook:
         """
         now = now or utcnow()
         query = (
-            select(Delivery.id, Study.study_uid, Delivery.destination, StudyResult.sr_path, Delivery.attempts)
+            select(Delivery.id, Study.study_uid, Delivery.destination, ResultRecord.sr_path, Delivery.attempts)
             .join(Study, Study.id == Delivery.study_id)
-            .join(StudyResult, StudyResult.study_id == Delivery.study_id)
+            .join(ResultRecord, ResultRecord.study_id == Delivery.study_id)
             .where(
                 Delivery.state == PENDING,
                 Delivery.next_attempt_at <= now,
                 Study.state.in_([state.value for state in DELIVERABLE]),
-                StudyResult.sr_path.is_not(None),
+                ResultRecord.sr_path.is_not(None),
             )
             .order_by(Delivery.next_attempt_at, Delivery.id)
             .limit(limit)
@@ -283,7 +310,7 @@ class ReportBook:
             study = session.scalar(select(Study).where(Study.study_uid == study_uid))
             if study is None:
                 raise UnknownStudyError(f"no study {study_uid} on this node; `triagenode queue ls` lists them")
-            row = session.scalar(select(StudyResult).where(StudyResult.study_id == study.id))
+            row = session.scalar(select(ResultRecord).where(ResultRecord.study_id == study.id))
             if row is None or row.sr_path is None:
                 why = (
                     "it has not been processed yet"
@@ -301,7 +328,7 @@ class ReportBook:
             study = session.scalar(select(Study).where(Study.study_uid == study_uid))
             if study is None:
                 raise UnknownStudyError(f"no study {study_uid} on this node; `triagenode queue ls` lists them")
-            row = session.scalar(select(StudyResult).where(StudyResult.study_id == study.id))
+            row = session.scalar(select(ResultRecord).where(ResultRecord.study_id == study.id))
             if row is None:
                 raise NoReportError(f"study {study_uid} has no report to send (it has not been processed yet)")
             row.sr_path, row.sr_sop_instance_uid = sr_path, sr_sop_instance_uid
@@ -324,7 +351,7 @@ class ReportBook:
                     f"study {study_uid} is {study.state}; only reported, sent or failed studies have a report to "
                     "re-send" + ("; `triagenode queue retry` processes it again" if study.state == "cancelled" else "")
                 )
-            row = session.scalar(select(StudyResult).where(StudyResult.study_id == study.id))
+            row = session.scalar(select(ResultRecord).where(ResultRecord.study_id == study.id))
             if row is None or row.sr_path is None:
                 raise NoReportError(
                     f"study {study_uid} has no report to send "
@@ -361,7 +388,7 @@ class ReportBook:
     def details(self, study_id: int) -> tuple[dict[str, Any] | None, list[dict[str, Any]]]:
         """The ``result`` and ``deliveries`` that ``queue show`` prints."""
         with self._read() as session:
-            row = session.scalar(select(StudyResult).where(StudyResult.study_id == study_id))
+            row = session.scalar(select(ResultRecord).where(ResultRecord.study_id == study_id))
             deliveries = session.scalars(
                 select(Delivery).where(Delivery.study_id == study_id).order_by(Delivery.id)
             ).all()
@@ -403,9 +430,9 @@ class ReportBook:
         """
         with self._read() as session:
             row = session.execute(
-                select(StudyResult.sr_path, StudyResult.sr_sop_instance_uid, StudyResult.model,
-                       StudyResult.model_version, StudyResult.created_at)
-                .join(Study, Study.id == StudyResult.study_id)
+                select(ResultRecord.sr_path, ResultRecord.sr_sop_instance_uid, ResultRecord.model,
+                       ResultRecord.model_version, ResultRecord.created_at)
+                .join(Study, Study.id == ResultRecord.study_id)
                 .where(Study.study_uid == study_uid)
             ).one_or_none()  # fmt: skip
         if row is None or row.sr_path is None or row.sr_sop_instance_uid is None:

@@ -123,7 +123,7 @@ def _reported(node: NodeProcess, tmp_path: Path, name: str, destinations: list[s
 
     from triagenode.storage.database import open_for_cli
     from triagenode.storage.queue import StudyQueue
-    from triagenode.storage.reports import ReportBook
+    from triagenode.storage.reports import Outcome, ReportBook
     from triagenode.storage.timeutil import utcnow
     from test_delivery import write_sr
 
@@ -135,9 +135,9 @@ def _reported(node: NodeProcess, tmp_path: Path, name: str, destinations: list[s
         claim = StudyQueue(engine).claim("worker-test", 60, now=utcnow() + timedelta(seconds=1))
         assert claim is not None and claim.study_uid == study.study_uid
         sr_path, sr_uid = write_sr(node.data_dir, study.study_uid)
-        result = {"finding": True, "probability": 0.875, "threshold": 0.5, "model": "lung", "model_version": "2.1",
-                  "series_uid": "1.2.3", "key_instance_uid": "1.2.3.4", "slices": 1,
-                  "timings_ms": {"decode": 12.0, "model": 30.0, "total": 45.0}}  # fmt: skip
+        result = Outcome(model="lung", model_version="2.1", finding=True, probability=0.875, threshold=0.5,
+                         series_uid="1.2.3", key_instance_uid="1.2.3.4", slices=1,
+                         timings_ms={"decode": 12.0, "model": 30.0, "total": 45.0})  # fmt: skip
         assert ReportBook(engine).record_result(claim, result, destinations, sr_path, sr_uid)
     finally:
         engine.dispose()

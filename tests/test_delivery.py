@@ -28,7 +28,7 @@ from triagenode.daemon.delivery import ReportDelivery
 from triagenode.storage.database import open_for_daemon
 from triagenode.storage.overview import QueueOverview
 from triagenode.storage.queue import ReceivedInstance, StudyQueue
-from triagenode.storage.reports import NoReportError, ReportBook
+from triagenode.storage.reports import NoReportError, Outcome, ReportBook
 from triagenode.storage.timeutil import utcnow
 
 from conftest import free_port, wait_until
@@ -94,8 +94,8 @@ class Bench:
         claim = self.queue.claim("worker-test", 60)
         assert claim is not None and claim.study_uid == study_uid
         sr_path, sr_uid = write_sr(self.data_dir, study_uid)
-        result = {"finding": True, "probability": 0.9, "threshold": 0.5, "model": "m", "model_version": "1",
-                  "timings_ms": {"total": 1.0}}  # fmt: skip
+        result = Outcome(model="m", model_version="1", finding=True, probability=0.9, threshold=0.5,
+                         timings_ms={"total": 1.0})  # fmt: skip
         names = destinations if destinations is not None else [d.name for d in self.settings.destinations]
         assert self.book.record_result(claim, result, names, sr_path, sr_uid)
         return study_uid
@@ -217,7 +217,7 @@ def test_a_study_without_a_report_cannot_be_resent(bench: Callable[..., Bench]) 
     node.queue.complete_stable_studies(0, now=utcnow() + timedelta(seconds=1))
     claim = node.queue.claim("w", 60)
     assert claim is not None
-    not_applicable = {"applicable": False, "reason": "only a localiser", "model": "m", "model_version": "1"}
+    not_applicable = Outcome.not_applicable("m", "1", "only a localiser")
     node.book.record_result(claim, not_applicable, ["a"])
     with pytest.raises(NoReportError, match="has no report to send"):
         node.book.resend(study_uid, ["a"])

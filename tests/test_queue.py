@@ -276,13 +276,13 @@ def test_a_stop_gives_studies_back_without_counting_and_live_workers_keep_their_
 
 def test_a_reopened_study_drops_its_undelivered_report(database) -> None:
     """The pending report lacks the late instance; it must not go out later, even if the new run fails."""
-    from triagenode.storage.reports import ReportBook
+    from triagenode.storage.reports import Outcome, ReportBook
 
     queue, book = StudyQueue(database), ReportBook(database)
     uid = queued_study(queue, "1.2.11")
     claim = queue.claim("w1", lease_seconds=60)
     assert claim is not None
-    result = {"finding": True, "probability": 0.9, "threshold": 0.5, "model": "m", "model_version": "1"}
+    result = Outcome(model="m", model_version="1", finding=True, probability=0.9, threshold=0.5)
     assert book.record_result(claim, result, ["pacs"], f"reports/{uid}/1.2.99.dcm", "1.2.99")
     assert book.due(utcnow() + timedelta(seconds=1)), "the report is due"
     assert queue.record_instance(instance(uid, sop=f"{uid}.late")) is Registration.REOPENED
