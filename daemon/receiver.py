@@ -34,7 +34,7 @@ from pathlib import Path
 from typing import NoReturn
 
 from pydicom import Dataset
-from pynetdicom import AE, _config, evt
+from pynetdicom import AE, evt
 from pynetdicom.association import Association
 from pynetdicom.transport import ThreadedAssociationServer
 from sqlalchemy.exc import SQLAlchemyError
@@ -46,6 +46,7 @@ from triagenode.daemon.contexts import (
     VERIFICATION_SOP_CLASS,
     VERIFICATION_TRANSFER_SYNTAXES,
 )
+from triagenode.daemon import pynetdicom_internals as internals
 from triagenode.daemon.incoming import RefusedDatasetError, read_incoming
 from triagenode.daemon.spool import install_spool, refusal_of
 from triagenode.daemon.statuses import StoreStatus, status_dataset
@@ -129,7 +130,6 @@ class StorageReceiver:
         """Listen on the configured address; returns once the port accepts connections."""
         # pynetdicom streams each dataset into a spool file, on the store's
         # filesystem so that the final rename is atomic.
-        _config.STORE_RECV_CHUNKED_DATASET = True
         install_spool(self._store.spool_dir, self._min_free_bytes, self._store.free_bytes)
         handlers = [
             (evt.EVT_CONN_OPEN, self._on_connection_open),
@@ -193,7 +193,7 @@ class StorageReceiver:
         tally = self._tally(association)
         if tally is not None and (tally.storing or time.monotonic() - tally.last_store_at < STREAMING_GAP_S):
             return True
-        return getattr(getattr(association, "dimse", None), "message", None) is not None
+        return internals.message_in_progress(association)
 
     # Handlers: each runs in the association's own thread.
 
@@ -217,10 +217,7 @@ class StorageReceiver:
         if not over:
             return
         # Transient, presentation related, local limit exceeded (PS3.8 9.3.4): the peer retries later.
-        association.acse.send_reject(0x02, 0x03, 0x02)
-        # As pynetdicom's own rejections do: wait until the A-ASSOCIATE-RJ has left,
-        # or the closing socket would turn it into a dropped connection.
-        association.kill()
+        internals.reject(association, 0x02, 0x03, 0x02)
         if tally is not None:
             tally.outcome = "rejected"
         log.warning(
@@ -235,10 +232,10 @@ class StorageReceiver:
         with self._lock:
             tally = self._tallies.pop(id(event.assoc), None)
         partial = _discard_partial_dataset(event.assoc)
-        if event.assoc.requestor.primitive is None:
+        if not internals.has_request(event.assoc):
             # Closed before any A-ASSOCIATE-RQ (a port check): wake the association's
             # thread, which otherwise waits out its request timeout, and log nothing.
-            event.assoc.dul.to_user_queue.put(None)
+            internals.wake_for_no_request(event.assoc)
             return
         if tally is None or tally.outcome == "rejected":
             return
@@ -303,7 +300,7 @@ class StorageReceiver:
             # The time this handler waited (on the disk, on the database) is the
             # node's, not the peer's: it must not count as the peer's silence
             # against network_timeout_s, or the node would abort its own association.
-            event.assoc.dul._idle_timer.restart()
+            internals.restart_idle_timer(event.assoc)
         if tally is not None:
             tally.storing = False
             tally.last_store_at = time.monotonic()
@@ -441,8 +438,7 @@ def _discard_partial_dataset(association: Association) -> int | None:
     next restart. (pynetdicom resets its DIMSE message once a dataset is
     complete, so a file still attached to it is a partial one.)
     """
-    message = getattr(getattr(association, "dimse", None), "message", None)
-    partial = getattr(message, "_data_set_file", None)
+    partial = internals.partial_data_set_file(association)
     if partial is None:
         return None
     path = Path(partial.name)
@@ -500,7 +496,7 @@ def _guard_incoming_pdus(association: Association, peer_ip: str) -> None:
       non-ASCII, all spaces) gets an A-ASSOCIATE-RJ with a refusal log line,
       instead of a library exception that drops the connection.
     """
-    transport = association.dul.socket
+    transport = internals.transport_of(association)
     if transport is None:
         return
     receive = transport.recv
@@ -562,11 +558,10 @@ def _end_idle(association: Association) -> None:
     """End an association with no DIMSE message in progress, without waiting for it."""
     if association.is_established:
         association.abort(block=False)
-    elif association.requestor.primitive is None and association.dul.socket is not None:
+    elif not internals.has_request(association):
         # Still waiting for its request (a port check): close the connection and
         # wake the association's thread, which ends on its own.
-        association.dul.socket.close()
-        association.dul.to_user_queue.put(None)
+        internals.close_before_request(association)
 
 
 def _called_ae(association: Association) -> str:

@@ -26,7 +26,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from pynetdicom import dimse_messages
+from triagenode.daemon.pynetdicom_internals import data_set_file_of, stream_data_sets_into
 
 log = logging.getLogger("triagenode.receiver")
 
@@ -98,20 +98,11 @@ class SpoolFile:
 
 
 def install_spool(directory: Path, min_free_bytes: int, free_bytes: Callable[[], int]) -> None:
-    """Make pynetdicom stream every incoming C-STORE data set into a guarded :class:`SpoolFile`.
-
-    pynetdicom opens the file through the ``NamedTemporaryFile`` name of its
-    ``dimse_messages`` module; one receiver runs per process, so replacing
-    that name is the hook.
-    """
-
-    def open_spool_file(*_args: Any, **_kwargs: Any) -> SpoolFile:
-        return SpoolFile(directory, min_free_bytes, free_bytes)
-
-    dimse_messages.NamedTemporaryFile = open_spool_file  # type: ignore[assignment]
+    """Make pynetdicom stream every incoming C-STORE data set into a guarded :class:`SpoolFile`."""
+    stream_data_sets_into(lambda: SpoolFile(directory, min_free_bytes, free_bytes))
 
 
 def refusal_of(request: Any) -> str | None:
     """Why the spool refused a C-STORE request's data set, or None when it was kept whole."""
-    spool = getattr(request, "_dataset_file", None)
+    spool = data_set_file_of(request)
     return spool.refused if isinstance(spool, SpoolFile) else None
