@@ -35,6 +35,7 @@ from pydicom.errors import InvalidDicomError
 from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
 from pynetdicom import AE
 from pynetdicom.sop_class import Comprehensive3DSRStorage, ComprehensiveSRStorage
+from pynetdicom.status import STATUS_SUCCESS, STATUS_WARNING, code_to_category
 from sqlalchemy.exc import SQLAlchemyError
 
 from triagenode.config.settings import DeliverySettings, Destination, Settings
@@ -92,8 +93,9 @@ def send_report(path: Path, destination: Destination, calling_ae: str) -> None:
             association.release()
     if not status or "Status" not in status:
         raise DeliveryError("no C-STORE response (timeout or aborted association)")
-    if status.Status not in (0x0000, 0xB000, 0xB006, 0xB007):
-        raise DeliveryError(f"C-STORE status 0x{status.Status:04X}")
+    category = code_to_category(int(status.Status))
+    if category not in (STATUS_SUCCESS, STATUS_WARNING):  # a warning (coerced, elements discarded) is stored
+        raise DeliveryError(f"C-STORE status 0x{status.Status:04X} ({category})")
 
 
 SR_CLASS_NAMES = {str(Comprehensive3DSRStorage): "Comprehensive 3D SR", str(ComprehensiveSRStorage): "Comprehensive SR"}

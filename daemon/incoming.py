@@ -31,16 +31,14 @@ _META_START = 132
 
 _PARSE_ERRORS = (
     InvalidDicomError,
-    AttributeError,
-    ValueError,
-    TypeError,
-    KeyError,
+    ValueError,  # bad values, bad encodings (UnicodeDecodeError), bad lengths
     EOFError,
-    OSError,
-    NotImplementedError,
+    NotImplementedError,  # an encoding pydicom does not read
     struct.error,
     zlib.error,
 )
+"""What pydicom raises for bad data: the peer's problem, 0xC000. Anything else is a bug in the node
+(0x0110, with its traceback in the log), never blamed on the peer's data set."""
 
 
 class RefusedDatasetError(Exception):

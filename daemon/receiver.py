@@ -92,6 +92,13 @@ class _AssociationTally:
     outcome: str = "closed"
 
 
+class _Withheld(Exception):
+    """Stands in for an exception's message in the log: it may quote attribute values (patient data)."""
+
+    def __str__(self) -> str:
+        return f"{self.args[0]} (message withheld: it may quote the data set)"
+
+
 class StorageReceiver:
     """Accepts C-ECHO and C-STORE from allowed peers and puts every instance durably in the queue."""
 
@@ -285,15 +292,16 @@ class StorageReceiver:
             status, detail, size = self._store_instance(event)
         except Exception as exc:  # noqa: BLE001 - the peer must get a deliberate status, never 0xC211
             # The message of a foreign exception may quote attribute values, so
-            # log its type and where it came from, not its text.
+            # log its type and the traceback's frames (code only), not its text.
             where = traceback.extract_tb(exc.__traceback__)[-1]
             log.error(
-                "store.error peer_ae=%s sop_instance_uid=%s error=%s at=%s:%d",
+                "store.error peer_ae=%s sop_instance_uid=%s error=%s at=%s:%d: a bug in the node; please report it",
                 _peer_ae(event.assoc),
                 sop_instance,
                 type(exc).__name__,
                 Path(where.filename).name,
                 where.lineno,
+                exc_info=(type(exc), _Withheld(type(exc).__name__), exc.__traceback__),
             )
             status, detail, size = StoreStatus.PROCESSING_FAILURE, "internal error; see the node's log", 0
         finally:
