@@ -1,14 +1,50 @@
-"""Typed settings of the node and the TOML loader with environment overrides."""
+"""Typed settings of the node and the TOML loader with environment overrides.
 
-from triagenode.config.loader import ConfigError, load_settings, settings_as_dict
-from triagenode.config.settings import Destination, NodeSettings, Settings, StudySettings
+The models (pydantic) are imported on first use, not with this package: ``from
+triagenode.config import ConfigError, load_settings`` costs no pydantic import, so
+commands that never load settings (``--help``, ``echo``) start fast.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+from triagenode.config.loader import ConfigError, load_settings, origin_of, settings_as_dict
+from triagenode.config.values import DEFAULT_CONFIG_PATH, SettingError, user_data_dir
+
+if TYPE_CHECKING:
+    from triagenode.config.settings import (
+        DeliverySettings,
+        Destination,
+        InferenceSettings,
+        NodeSettings,
+        Settings,
+        StudySettings,
+    )
+
+_MODELS = {"DeliverySettings", "Destination", "InferenceSettings", "NodeSettings", "Settings", "StudySettings"}
 
 __all__ = [
+    "DEFAULT_CONFIG_PATH",
     "ConfigError",
+    "DeliverySettings",
     "Destination",
+    "InferenceSettings",
     "NodeSettings",
+    "SettingError",
     "Settings",
     "StudySettings",
     "load_settings",
+    "origin_of",
     "settings_as_dict",
+    "user_data_dir",
 ]
+
+
+def __getattr__(name: str) -> Any:
+    """The models, imported (with pydantic) when a caller first names one (PEP 562)."""
+    if name in _MODELS:
+        from triagenode.config import settings
+
+        return getattr(settings, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

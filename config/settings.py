@@ -1,147 +1,161 @@
 """Typed settings of the node.
 
-Every section of the TOML file is one frozen dataclass here; the loader
-(:mod:`config.loader`) fills them from the file and the environment and then
-calls each ``validate`` so that an impossible value stops the start with one
-line naming the key. Field names are the TOML keys, so the reference in the
-README, the example file in ``deploy/`` and this module say the same thing.
+Every section of the TOML file is one frozen pydantic model here; field names are the
+TOML keys, so the reference in the README, the example file in ``deploy/`` and this
+module say the same thing. The types and the constraints below are the whole check:
+the loader (:mod:`triagenode.config.loader`) only layers the file and the environment
+and turns pydantic's first error into one line naming the key.
+
+The models are strict: ``port = "11112"`` in the file is refused rather than guessed
+(the loader parses environment strings into numbers and booleans before validation).
+Paths and lists are lax only so that TOML's strings and arrays fill them.
 """
 
 from __future__ import annotations
 
 import os
 import re
-from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Annotated, Literal
 
-DEFAULT_CONFIG_PATH = Path("/etc/triagenode/triagenode.toml")
-"""Where ``serve`` and the CLI look when ``--config`` is not given."""
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
 
-SYSTEM_DATA_DIR = Path("/var/lib/triagenode")
-"""``data_dir`` of an installed node (a config file exists)."""
+from triagenode.config.values import (
+    DEFAULT_CONFIG_PATH,
+    SYSTEM_DATA_DIR,
+    SettingError,
+    check_ae_title,
+    check_port,
+    user_data_dir,
+)
 
-
-def user_data_dir() -> Path:
-    """``data_dir`` when no config file exists: a newcomer runs without root."""
-    xdg = os.environ.get("XDG_DATA_HOME")
-    base = Path(xdg) if xdg else Path.home() / ".local" / "share"
-    return base / "triagenode"
-
-
-class SettingError(ValueError):
-    """A value that cannot be right; ``key`` is the dotted TOML key."""
-
-    def __init__(self, key: str, message: str) -> None:
-        super().__init__(message)
-        self.key = key
-        self.message = message
-
-
-_AE_TITLE_FORBIDDEN = re.compile(r"[\\\x00-\x1f\x7f]")
-
-
-def check_ae_title(key: str, value: str) -> None:
-    """An AE title is 1-16 characters of the default repertoire, not all spaces (PS3.5 6.2)."""
-    if not value.strip():
-        raise SettingError(key, "an AE title must not be empty")
-    if len(value) > 16:
-        raise SettingError(key, f"AE title {value!r} is {len(value)} characters; DICOM allows at most 16")
-    if _AE_TITLE_FORBIDDEN.search(value) or not value.isascii():
-        raise SettingError(key, f"AE title {value!r} holds a backslash, a control or a non-ASCII character")
-
-
-def check_port(key: str, value: int) -> None:
-    if not 1 <= value <= 65535:
-        raise SettingError(key, f"port {value} is out of range; use 1..65535")
+__all__ = [
+    "DEFAULT_CONFIG_PATH",
+    "SYSTEM_DATA_DIR",
+    "SECTIONS",
+    "DeliverySettings",
+    "Destination",
+    "InferenceSettings",
+    "NodeSettings",
+    "SettingError",
+    "Settings",
+    "StudySettings",
+    "check_ae_title",
+    "check_port",
+    "user_data_dir",
+]
 
 
-def check_at_least(key: str, value: int | float, minimum: int | float) -> None:
-    if value < minimum:
-        raise SettingError(key, f"{value} is below the minimum of {minimum}")
+def _ae_title(value: str) -> str:
+    check_ae_title("", value)  # "": the key is where pydantic found the value
+    return value
 
 
-@dataclass(frozen=True)
-class NodeSettings:
+def _port(value: int) -> int:
+    check_port("", value)
+    return value
+
+
+def _not_empty(value: object) -> object:
+    if value == "":  # Path("") would be the current directory
+        raise SettingError("", "a path must not be empty")
+    return value
+
+
+AeTitle = Annotated[str, AfterValidator(_ae_title)]
+Port = Annotated[int, AfterValidator(_port)]
+Directory = Annotated[Path, Field(strict=False), BeforeValidator(_not_empty), AfterValidator(Path.expanduser)]
+"""A path: lax, since TOML gives a string; ``~`` is the service user's home."""
+SrSopClass = Literal["comprehensive3d", "comprehensive"]
+ContentQualification = Literal["RESEARCH", "PRODUCT"]
+
+
+class _Section(BaseModel):
+    """Frozen (shared by threads, pickled to worker processes), closed to unknown keys, strict."""
+
+    # defer_build: the validators are built on first use, not at import, which `--help` never reaches.
+    model_config = ConfigDict(frozen=True, extra="forbid", strict=True, defer_build=True)
+
+
+class NodeSettings(_Section):
     """``[node]``: the node's own DICOM identity, network and storage."""
 
-    ae_title: str = "TRIAGENODE"
+    ae_title: AeTitle = "TRIAGENODE"
     host: str = "0.0.0.0"
-    port: int = 11112
-    data_dir: Path = SYSTEM_DATA_DIR
-    allowed_calling_aets: tuple[str, ...] = ()
+    port: Port = 11112
+    data_dir: Directory = SYSTEM_DATA_DIR
+    allowed_calling_aets: tuple[AeTitle, ...] = Field((), strict=False)
     """Calling AE titles allowed to associate; empty accepts any peer."""
-    max_associations: int = 10
-    min_free_disk_mb: int = 2048
+    max_associations: int = Field(10, ge=1)
+    min_free_disk_mb: int = Field(2048, ge=0)
     """Below this much free space on ``data_dir`` C-STOREs are refused with 0xA700."""
-    network_timeout_s: int = 60
+    network_timeout_s: int = Field(60, ge=1)
     """An association with no traffic for this long is aborted."""
-    shutdown_grace_s: int = 30
+    shutdown_grace_s: int = Field(30, ge=0)
     """On SIGTERM, open associations get this long to finish before they are aborted."""
 
-    def validate(self) -> None:
-        check_ae_title("node.ae_title", self.ae_title)
-        check_port("node.port", self.port)
-        if not self.host:
-            raise SettingError("node.host", "host must not be empty; use 0.0.0.0 to listen on every address")
-        for index, aet in enumerate(self.allowed_calling_aets):
-            check_ae_title(f"node.allowed_calling_aets[{index}]", aet)
-        check_at_least("node.max_associations", self.max_associations, 1)
-        check_at_least("node.min_free_disk_mb", self.min_free_disk_mb, 0)
-        check_at_least("node.network_timeout_s", self.network_timeout_s, 1)
-        check_at_least("node.shutdown_grace_s", self.shutdown_grace_s, 0)
+    @field_validator("host")
+    @classmethod
+    def _host(cls, value: str) -> str:
+        if not value:
+            raise SettingError("", "host must not be empty; use 0.0.0.0 to listen on every address")
+        return value
 
     @property
     def database_path(self) -> Path:
         return self.data_dir / "triagenode.db"
 
 
-@dataclass(frozen=True)
-class StudySettings:
+class StudySettings(_Section):
     """``[study]``: when a study counts as complete."""
 
-    stable_seconds: float = 30
+    stable_seconds: float = Field(30.0, gt=0, description="seconds without a new instance")
     """A study with no new instance for this long moves from ``receiving`` to ``queued``."""
 
-    def validate(self) -> None:
-        if self.stable_seconds <= 0:
-            raise SettingError("study.stable_seconds", f"{self.stable_seconds:g} must be above 0 (seconds without a new instance)")
 
-
-@dataclass(frozen=True)
-class InferenceSettings:
+class InferenceSettings(_Section):
     """``[inference]``: which model runs, where, and what report it writes."""
 
     model: str = "demo"
     """'demo' (the built-in demo model) or the path of a model package (*.tnm)."""
     device: str = "auto"
     """auto (a GPU when there is one), cpu, cuda or cuda:N."""
-    workers: int = 1
+    workers: int = Field(1, ge=0)
     """Worker processes; 0 receives and queues only (no inference)."""
-    batch_size: int = 32
-    decode_processes: int = -1
+    batch_size: int = Field(32, ge=1)
+    decode_processes: int = Field(-1, ge=-1)
     """Processes per worker that decode and preprocess slices ahead of the model; 0 decodes in a
     thread of the worker itself; -1 (auto) leaves that to :meth:`decoders`."""
-    study_timeout_s: int = 600
-    sr_sop_class: str = "comprehensive3d"
+    study_timeout_s: int = Field(600, ge=1)
+    sr_sop_class: SrSopClass = "comprehensive3d"
     """comprehensive3d, or comprehensive for archives that refuse Comprehensive 3D SR."""
-    content_qualification: str = "RESEARCH"
+    content_qualification: ContentQualification = "RESEARCH"
     """RESEARCH, or PRODUCT once the site has validated the model."""
     report_not_applicable: bool = False
     """Also send an SR (finding Indeterminate, with the reason) for studies the model cannot read."""
 
-    def validate(self) -> None:
-        if not self.model:
-            raise SettingError("inference.model", "name a model package path, or 'demo'")
-        if self.device != "auto" and self.device != "cpu" and not re.fullmatch(r"cuda(:\d+)?", self.device):
-            raise SettingError("inference.device", f"{self.device!r}: use auto, cpu, cuda or cuda:N")
-        check_at_least("inference.workers", self.workers, 0)
-        check_at_least("inference.batch_size", self.batch_size, 1)
-        check_at_least("inference.decode_processes", self.decode_processes, -1)
-        check_at_least("inference.study_timeout_s", self.study_timeout_s, 1)
-        if self.sr_sop_class not in ("comprehensive3d", "comprehensive"):
-            raise SettingError("inference.sr_sop_class", f"{self.sr_sop_class!r}: use comprehensive3d or comprehensive")
-        if self.content_qualification not in ("RESEARCH", "PRODUCT"):
-            raise SettingError("inference.content_qualification", "use RESEARCH or PRODUCT")
+    @field_validator("model")
+    @classmethod
+    def _model(cls, value: str) -> str:
+        if not value:
+            raise SettingError("", "name a model package path, or 'demo'")
+        return value
+
+    @field_validator("device")
+    @classmethod
+    def _device(cls, value: str) -> str:
+        if value not in ("auto", "cpu") and not re.fullmatch(r"cuda(:\d+)?", value):
+            raise SettingError("", f"{value!r}: use auto, cpu, cuda or cuda:N")
+        return value
 
     def decoders(self, cpu_count: int | None = None) -> int:
         """Decoder processes per worker: as configured, or for auto the worker's share of the cores less one.
@@ -157,61 +171,71 @@ class InferenceSettings:
         return 0 if share <= 2 else min(8, share - 1)
 
 
-@dataclass(frozen=True)
-class DeliverySettings:
+class DeliverySettings(_Section):
     """``[delivery]``: how hard the node tries to get a report to each destination."""
 
-    max_attempts: int = 8
-    initial_backoff_s: float = 10
-    max_backoff_s: float = 1800
+    max_attempts: int = Field(8, ge=1)
+    initial_backoff_s: float = Field(10.0, gt=0)
+    max_backoff_s: float = 1800.0
 
-    def validate(self) -> None:
-        check_at_least("delivery.max_attempts", self.max_attempts, 1)
-        if self.initial_backoff_s <= 0:
-            raise SettingError("delivery.initial_backoff_s", f"{self.initial_backoff_s} must be above 0")
-        if self.max_backoff_s < self.initial_backoff_s:
-            raise SettingError("delivery.max_backoff_s", "must be at least initial_backoff_s")
+    @field_validator("max_backoff_s")
+    @classmethod
+    def _not_below_initial(cls, value: float, info: ValidationInfo) -> float:
+        initial = info.data.get("initial_backoff_s")  # absent when it was refused itself
+        if initial is not None and value < initial:
+            raise SettingError("", f"{value:g} is below initial_backoff_s ({initial:g}); raise this or lower that")
+        return value
 
 
-@dataclass(frozen=True)
-class Destination:
+class Destination(_Section):
     """One ``[[destinations]]`` entry: a DICOM peer that receives the reports."""
 
     name: str
-    ae_title: str
+    ae_title: AeTitle
     host: str
-    port: int
+    port: Port
 
-    def validate(self, index: int) -> None:
-        key = f"destinations[{index}]"
-        if not self.name.strip():
-            raise SettingError(f"{key}.name", "a destination needs a name")
-        check_ae_title(f"{key}.ae_title", self.ae_title)
-        check_port(f"{key}.port", self.port)
-        if not self.host:
-            raise SettingError(f"{key}.host", "host must not be empty")
+    @field_validator("name")
+    @classmethod
+    def _name(cls, value: str) -> str:
+        if not value.strip():
+            raise SettingError("", "a destination needs a name")
+        return value
+
+    @field_validator("host")
+    @classmethod
+    def _host(cls, value: str) -> str:
+        if not value:
+            raise SettingError("", "host must not be empty")
+        return value
 
 
-@dataclass(frozen=True)
-class Settings:
+class Settings(_Section):
     """All settings of one node, as ``serve`` and the CLI use them."""
 
-    node: NodeSettings = field(default_factory=NodeSettings)
-    study: StudySettings = field(default_factory=StudySettings)
-    inference: InferenceSettings = field(default_factory=InferenceSettings)
-    delivery: DeliverySettings = field(default_factory=DeliverySettings)
-    destinations: tuple[Destination, ...] = ()
+    node: NodeSettings = Field(default_factory=NodeSettings)
+    study: StudySettings = Field(default_factory=StudySettings)
+    inference: InferenceSettings = Field(default_factory=InferenceSettings)
+    delivery: DeliverySettings = Field(default_factory=DeliverySettings)
+    destinations: tuple[Destination, ...] = Field((), strict=False)  # lax: TOML gives an array
     source: str = "embedded defaults"
-    """Where the settings came from (a file path or 'embedded defaults'), for messages."""
+    """Where the settings came from (a file path or 'embedded defaults'), for messages; not a TOML key."""
 
-    def validate(self) -> None:
-        self.node.validate()
-        self.study.validate()
-        self.inference.validate()
-        self.delivery.validate()
+    @model_validator(mode="after")
+    def _names_once(self) -> Settings:
         names: set[str] = set()
         for index, destination in enumerate(self.destinations):
-            destination.validate(index)
             if destination.name in names:
                 raise SettingError(f"destinations[{index}].name", f"name {destination.name!r} is used twice")
             names.add(destination.name)
+        return self
+
+
+SECTIONS: dict[str, type[_Section]] = {
+    "node": NodeSettings,
+    "study": StudySettings,
+    "inference": InferenceSettings,
+    "delivery": DeliverySettings,
+    "destinations": Destination,
+}
+"""The TOML file's top-level keys and the model of each table (``destinations``: of each entry)."""
