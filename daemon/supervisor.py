@@ -32,6 +32,11 @@ from triagenode.storage.queue import StudyQueue
 log = logging.getLogger("triagenode.supervisor")
 
 RESTART_DELAY_S = 2.0
+"""Wait before restarting a worker that died; doubles with each restart in a row, up to 30 times this."""
+
+RAN_WELL_S = 300.0
+"""A worker alive this long ran well: its slot's restart count starts again from zero, so an
+occasional crash weeks apart is restarted after 2 s, not after the 60 s of a crash loop."""
 
 
 def _run_worker(settings: Settings, worker_id: str, busy_since: Synchronized) -> None:
@@ -53,7 +58,11 @@ class _Slot:
     process: BaseProcess | None = None
     busy_since: Synchronized | None = None
     restarts: int = 0
+    """Restarts in a row: reset once a worker has run for RAN_WELL_S."""
     not_before: float = field(default=0.0)
+    started_at: float = 0.0
+    timed_out: bool = False
+    """The supervisor killed this worker for study_timeout_s (not a crash of its own)."""
 
 
 class WorkerPool:
@@ -77,6 +86,7 @@ class WorkerPool:
             target=_run_worker, args=(self._settings, slot.worker_id, slot.busy_since), name=slot.worker_id
         )  # not daemonic: a worker starts its own decoder processes; stop() ends it, and it exits if we die
         slot.process.start()
+        slot.started_at = time.monotonic()
         log.info("worker.started worker=%s pid=%s", slot.worker_id, slot.process.pid)
 
     def check(self) -> None:
@@ -97,14 +107,20 @@ class WorkerPool:
                           process.pid, timeout)  # fmt: skip
                 os.kill(process.pid, signal.SIGKILL)  # type: ignore[arg-type]
                 process.join(5)
+                slot.timed_out = True
             if process.is_alive():
+                if slot.restarts and time.monotonic() - slot.started_at > RAN_WELL_S:
+                    slot.restarts = 0
                 continue
             if slot.not_before == 0.0:
                 # Exit 0 or SIGTERM: the group's stop signal reached the worker before begin_stop().
-                stopped = process.exitcode in (0, -signal.SIGTERM)
-                log.log(logging.INFO if stopped else logging.ERROR, "worker.%s worker=%s pid=%s exitcode=%s",
-                        "exited" if stopped else "died", slot.worker_id, process.pid, process.exitcode)  # fmt: skip
-                returned = self._queue.recover_expired_leases(owner=slot.worker_id)
+                stopped = process.exitcode in (0, -signal.SIGTERM) and not slot.timed_out
+                if not slot.timed_out:
+                    log.log(logging.INFO if stopped else logging.ERROR, "worker.%s worker=%s pid=%s exitcode=%s",
+                            "exited" if stopped else "died", slot.worker_id, process.pid, process.exitcode)  # fmt: skip
+                why = f"killed after study_timeout_s={timeout}" if slot.timed_out else None
+                slot.timed_out = False
+                returned = self._queue.recover_expired_leases(owner=slot.worker_id, why=why)
                 for study_uid in returned:
                     log.warning("study.lease_released study_uid=%s worker=%s", study_uid, slot.worker_id)
                 slot.not_before = time.monotonic() + RESTART_DELAY_S * min(2**slot.restarts, 30)

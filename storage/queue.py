@@ -434,6 +434,7 @@ class StudyQueue:
         all_leases: bool = False,
         owner: str | None = None,
         alive: Collection[str] = (),
+        why: str | None = None,
     ) -> list[str]:
         """Return studies whose worker vanished to ``queued``; fail those that used every attempt.
 
@@ -444,6 +445,8 @@ class StudyQueue:
         taken on expiry, which a step of the wall clock (or a lease renewal
         stuck behind a locked database) can fake; a hung one is the
         supervisor's to kill (``study_timeout_s``, on the monotonic clock).
+        ``why`` replaces the reason the event gives (the supervisor knows it
+        killed a hung worker).
         """
         now = now or utcnow()
         query = select(Study).where(Study.state == S.PROCESSING)
@@ -459,8 +462,10 @@ class StudyQueue:
             studies = session.scalars(query).all()
             for study in studies:
                 holder = study.lease_owner
-                why = "the node restarted" if all_leases else "its worker died" if owner else "its lease expired"
-                self._count_interruption(session, study, f"{holder} stopped holding it ({why})", max_attempts, now)
+                cause = why or (
+                    "the node restarted" if all_leases else "its worker died" if owner else "its lease expired"
+                )
+                self._count_interruption(session, study, f"{holder} stopped holding it ({cause})", max_attempts, now)
             return [study.study_uid for study in studies]
 
     def release_for_stop(self, now: datetime | None = None) -> list[str]:

@@ -1,0 +1,35 @@
+"""The node's policies as plain functions: retry backoff, decoder processes per worker."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+
+from triagenode.config.settings import DeliverySettings, InferenceSettings
+from triagenode.daemon.delivery import backoff
+
+
+def test_backoff_doubles_from_the_initial_wait_with_jitter_and_stops_at_the_cap() -> None:
+    settings = DeliverySettings(max_attempts=8, initial_backoff_s=10, max_backoff_s=100)
+    rng = random.Random(7)
+    for attempt, base in [(1, 10), (2, 20), (3, 40), (4, 80)]:
+        waits = [backoff(attempt, settings, rng) for _ in range(200)]
+        assert min(waits) >= 0.8 * base and max(waits) <= 1.2 * base, (attempt, min(waits), max(waits))
+        assert max(waits) - min(waits) > 0.2 * base, "jitter spreads retries of many studies apart"
+    assert all(backoff(attempt, settings, rng) <= 100 for attempt in range(5, 40)), "never beyond max_backoff_s"
+
+
+@pytest.mark.parametrize(
+    ("configured", "cpus", "workers", "expected"),
+    [
+        (-1, 2, 1, 0),  # auto on two cores: decode in a thread of the worker
+        (-1, 16, 1, 8),  # auto on 16 cores: up to 8 decoders
+        (-1, 16, 4, 3),  # auto shares the cores between workers, less the worker's own
+        (-1, 1, 1, 0),
+        (0, 64, 1, 0),  # as configured
+        (3, 2, 1, 3),
+    ],
+)
+def test_decoder_processes_per_worker(configured: int, cpus: int, workers: int, expected: int) -> None:
+    assert InferenceSettings(workers=workers, decode_processes=configured).decoders(cpus) == expected
