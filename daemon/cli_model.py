@@ -1,0 +1,284 @@
+"""``triagenode phantom``, ``model info/train/evaluate`` and ``infer``: the model's lifecycle and a run without a node.
+
+The only commands that load torch (``model info`` reads the manifest only),
+each inside its own function, so the rest of the CLI never does.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+import click
+
+from triagenode.daemon.cli_shared import EXIT_NO, config_option, fail, json_option, plural, print_json, settings_from
+
+
+@click.command()
+@click.argument("out_dir", type=click.Path(path_type=Path, file_okay=False))
+@click.option("--studies", default=10, show_default=True, type=click.IntRange(1), help="How many studies.")
+@click.option("--positive-fraction", default=0.5, show_default=True, type=click.FloatRange(0, 1))
+@click.option("--seed", default=0, show_default=True, type=int, help="Same seed, same studies (pixels and UIDs).")
+@click.option("--slices", default=64, show_default=True, type=click.IntRange(8, 2000))
+@click.option("--matrix", default=256, show_default=True, type=click.IntRange(64, 1024))
+def phantom(out_dir: Path, studies: int, positive_fraction: float, seed: int, slices: int, matrix: int) -> None:
+    """Write synthetic chest CT studies (real DICOM, one folder each) and labels.csv.
+
+    Positive studies carry 1-3 lung nodules of 4-25 mm; labels.csv gives each
+    study's label and its nodules' positions and diameters. For tests, demos
+    and training the demo model; not patient data.
+    """
+    from triagenode.inference.phantom import LABELS_FILE, write_phantoms
+
+    written = write_phantoms(out_dir, studies, positive_fraction, seed, slices, matrix)
+    positives = sum(study.label for study in written)
+    click.echo(f"wrote {plural(len(written), 'study', 'studies')} ({positives} positive) and {out_dir / LABELS_FILE}")
+
+
+@click.group()
+def model() -> None:
+    """Train, evaluate and inspect model packages (*.tnm)."""
+
+
+@model.command("info")
+@click.argument("package", metavar="FILE")
+@json_option
+def model_info(package: str, as_json: bool) -> None:
+    """Print a model package's manifest (FILE may be 'demo')."""
+    from triagenode.inference.model_package import DEMO_MODEL, ModelPackageError, read_manifest
+
+    try:
+        manifest = read_manifest(DEMO_MODEL if package == "demo" else Path(package))
+    except ModelPackageError as exc:
+        fail(str(exc))
+    data = manifest.to_dict()
+    if as_json:
+        print_json(data)
+        return
+    click.echo(f"{manifest.name} {manifest.version} ({manifest.architecture}, created {manifest.created_at})")
+    spec = manifest.input
+    click.echo(
+        f"input:      {spec.modality}, {spec.normalisation} {list(spec.window)}, {spec.matrix}x{spec.matrix}, "
+        f"{spec.channels} channel(s), spacing {spec.pixel_spacing_mm or 'whole field of view'}"
+    )
+    click.echo(
+        f"finding:    {manifest.finding.meaning} ({manifest.finding.scheme} {manifest.finding.value}), "
+        f"threshold {manifest.threshold}, aggregation {manifest.aggregation}"
+    )
+    click.echo(f"training:   {json.dumps(manifest.training)}")
+    click.echo(f"evaluation: {json.dumps(manifest.evaluation) if manifest.evaluation else 'none recorded'}")
+    click.echo(f"sha256:     {manifest.weights_sha256}")
+    click.echo(f"intended use: {manifest.intended_use or '-'}")
+
+
+@model.command("train")
+@click.option("--data", "data_dir", required=True, type=click.Path(path_type=Path, exists=True, file_okay=False))
+@click.option("--labels", "labels_csv", required=True, type=click.Path(path_type=Path, exists=True, dir_okay=False))
+@click.option(
+    "--arch", default="simplecnn", show_default=True, type=click.Choice(["simplecnn", "resnet18", "densenet121"])
+)
+@click.option(
+    "--out", required=True, type=click.Path(path_type=Path, dir_okay=False), help="The package to write (*.tnm)."
+)
+@click.option("--epochs", default=20, show_default=True, type=click.IntRange(1))
+@click.option("--batch-size", default=32, show_default=True, type=click.IntRange(1))
+@click.option("--optimizer", default="adam", show_default=True, type=click.Choice(["adam", "sgd"]))
+@click.option("--lr", default=1e-3, show_default=True, type=click.FloatRange(0, min_open=True))
+@click.option(
+    "--val-fraction", default=0.25, show_default=True, type=click.FloatRange(0, 1, min_open=True, max_open=True)
+)
+@click.option("--seed", default=0, show_default=True, type=int)
+@click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N.")
+@click.option("--matrix", default=128, show_default=True, type=click.IntRange(32, 1024), help="Input size.")
+@click.option(
+    "--slice-context", default=1, show_default=True, type=click.IntRange(0, 5), help="Neighbours as channels."
+)
+@click.option(
+    "--patience",
+    default=6,
+    show_default=True,
+    type=click.IntRange(1),
+    help="Early stop after N epochs without a better validation AUC.",
+)
+@click.option("--slices-per-epoch", default=None, type=click.IntRange(1), help="Cap on slices drawn per epoch.")
+@click.option("--name", default="lung-nodule-triage", show_default=True)
+@click.option("--version", "model_version", default="0.1.0", show_default=True)
+@click.option("--intended-use", default="", help="Text stored in the manifest.")
+@click.option(
+    "--resume", type=click.Path(path_type=Path, exists=True, dir_okay=False), help="Checkpoint (*.ckpt) to go on from."
+)
+def model_train(
+    data_dir: Path,
+    labels_csv: Path,
+    arch: str,
+    out: Path,
+    epochs: int,
+    batch_size: int,
+    optimizer: str,
+    lr: float,
+    val_fraction: float,
+    seed: int,
+    device: str,
+    matrix: int,
+    slice_context: int,
+    patience: int,
+    slices_per_epoch: int | None,
+    name: str,
+    model_version: str,
+    intended_use: str,
+    resume: Path | None,
+) -> None:
+    """Train a CNN on labelled studies and write a model package.
+
+    Writes OUT, OUT.ckpt (after every epoch, for --resume) and OUT.log.jsonl (one line per epoch).
+    """
+    from triagenode.inference.preprocessing import InputSpec
+    from triagenode.inference.device import DeviceError
+    from triagenode.inference.training import TrainingConfig, TrainingError, train
+
+    config = TrainingConfig(
+        data_dir=data_dir,
+        labels=labels_csv,
+        out=out,
+        arch=arch,
+        input=InputSpec(matrix=matrix, slice_context=slice_context),
+        epochs=epochs,
+        batch_size=batch_size,
+        optimizer=optimizer,
+        lr=lr,
+        val_fraction=val_fraction,
+        seed=seed,
+        device=device,
+        patience=patience,
+        name=name,
+        version=model_version,
+        intended_use=intended_use,
+        resume=resume,
+        slices_per_epoch=slices_per_epoch,
+    )
+    try:
+        train(config, log=lambda line: click.echo(line, err=True))
+    except (TrainingError, DeviceError, ValueError) as exc:
+        fail(str(exc))
+
+
+@model.command("evaluate")
+@click.option("--model", "package", required=True, help="Model package (*.tnm) or 'demo'.")
+@click.option("--data", "data_dir", required=True, type=click.Path(path_type=Path, exists=True, file_okay=False))
+@click.option("--labels", "labels_csv", required=True, type=click.Path(path_type=Path, exists=True, dir_okay=False))
+@click.option(
+    "--out",
+    "out_dir",
+    type=click.Path(path_type=Path, file_okay=False),
+    help="Write metrics.json, roc.png, confusion.png here.",
+)
+@click.option("--target-sensitivity", default=0.95, show_default=True, type=click.FloatRange(0, 1, min_open=True))
+@click.option("--device", default="auto", show_default=True)
+@click.option("--record", is_flag=True, help="Store this evaluation in the package's manifest.")
+@json_option
+def model_evaluate(
+    package: str,
+    data_dir: Path,
+    labels_csv: Path,
+    out_dir: Path | None,
+    target_sensitivity: float,
+    device: str,
+    record: bool,
+    as_json: bool,
+) -> None:
+    """Measure a model on labelled local studies: accuracy, sensitivity, specificity, PPV, NPV, F1, ROC AUC."""
+    from triagenode.inference.evaluation import EvaluationError, evaluate
+    from triagenode.inference.model_package import ModelPackageError, load_package
+    from triagenode.inference.device import DeviceError, resolve_device
+
+    try:
+        loaded = load_package(package)
+        report = evaluate(
+            loaded,
+            data_dir,
+            labels_csv,
+            out_dir,
+            target_sensitivity,
+            resolve_device(device),
+            record,
+            log=(lambda line: click.echo(line, err=True)) if as_json else click.echo,
+        )
+    except (ModelPackageError, EvaluationError, DeviceError, ValueError) as exc:
+        fail(str(exc))
+    if as_json:
+        print_json(report)
+
+
+@click.command()
+@click.argument("path", type=click.Path(path_type=Path, exists=True))
+@config_option
+@click.option("--model", "model_path", help="Model package or 'demo' [default: [inference].model].")
+@click.option("--device", help="auto, cpu, cuda or cuda:N [default: [inference].device].")
+@click.option(
+    "--sr-out", type=click.Path(path_type=Path), help="Write the report: a file for one study, else a folder."
+)
+@json_option
+def infer(
+    config_path: Path | None, path: Path, model_path: str | None, device: str | None, sr_out: Path | None, as_json: bool
+) -> None:
+    """Run the model on DICOM files (a folder or one file) without a daemon and print the result per study.
+
+    The same series selection, preprocessing and aggregation as the node's workers, so the
+    number matches what the node reports. Exits 1 when a study could not be read.
+    """
+    from triagenode.inference.device import DeviceError, resolve_device
+    from triagenode.inference.model_package import ModelPackageError, load_package
+    from triagenode.inference.pipeline import NotApplicable, SeriesGeometryError, analyse_study
+    from triagenode.inference.studies import dicom_files, read_studies
+
+    settings = settings_from(config_path)
+    inference = settings.inference
+    try:
+        package = load_package(model_path or inference.model)
+        torch_device = resolve_device(device or inference.device)
+    except (ModelPackageError, DeviceError) as exc:
+        fail(str(exc))
+    studies = read_studies(dicom_files(path))
+    if not studies:
+        fail(f"no DICOM files with a Study Instance UID under {path}")
+    package.network.to(torch_device)
+    results: list[dict[str, Any]] = []
+    failed = False
+    for study_uid, study in studies.items():
+        try:
+            analysis = analyse_study(package, study, torch_device, inference.batch_size, None, inference,
+                                     settings.node.ae_title, with_report=sr_out is not None)  # fmt: skip
+        except SeriesGeometryError as exc:
+            results.append({"study_uid": study_uid, "status": "failed", "reason": str(exc)})
+            failed = True
+            continue
+        outcome, report = analysis.outcome, analysis.report
+        if isinstance(outcome, NotApplicable):
+            entry: dict[str, Any] = {"study_uid": study_uid, "status": "not applicable", "reason": outcome.reason}
+        else:
+            entry = {"status": "reported", **outcome.to_dict()}
+        if sr_out is not None and report is not None:
+            target = sr_out / f"{study_uid}.dcm" if len(studies) > 1 or sr_out.is_dir() else sr_out
+            target.parent.mkdir(parents=True, exist_ok=True)
+            report.save_as(target, enforce_file_format=True)
+            entry["sr"] = {"path": str(target), "sop_instance_uid": str(report.SOPInstanceUID)}
+        results.append(entry)
+    if as_json:
+        print_json(results)
+    else:
+        for entry in results:
+            written = f"; report {entry['sr']['path']}" if "sr" in entry else ""
+            if entry["status"] != "reported":
+                click.echo(f"{entry['study_uid']}: {entry['status']}: {entry['reason']}{written}")
+                continue
+            verdict = "PRESENT" if entry["finding"] else "absent"
+            click.echo(
+                f"{entry['study_uid']}: {package.manifest.finding.meaning.lower()} {verdict}, probability "
+                f"{entry['probability']:.3f} (threshold {entry['threshold']:.3f}), "
+                f"key slice {entry['key_instance_uid']}, {plural(entry['slices'], 'slice')}, "
+                f"{entry['timings_ms']['total']:.0f} ms{written}"
+            )
+    if failed:
+        sys.exit(EXIT_NO)

@@ -1,0 +1,176 @@
+"""``triagenode serve``, ``status`` and ``echo``: run the node, ask whether it runs, check a DICOM peer.
+
+Imports only click at the top: ``status`` pays for SQLAlchemy when it reads
+the queue, ``echo`` for pynetdicom when it associates, ``serve`` for the
+whole node; ``--help`` for none of them.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import click
+
+from triagenode.daemon.cli_shared import (
+    EXIT_NO,
+    EXIT_USAGE,
+    config_option,
+    fail,
+    human_bytes,
+    human_duration,
+    json_option,
+    open_queue,
+    print_json,
+    settings_from,
+)
+
+if TYPE_CHECKING:
+    from triagenode.config import Settings
+    from triagenode.storage.reports import ReportBook
+
+
+@click.command()
+@config_option
+@click.option("--log-level", default="INFO", show_default=True, type=click.Choice(["DEBUG", "INFO", "WARNING"]))
+def serve(config_path: Path | None, log_level: str) -> None:
+    """Run the node in the foreground (logs to stderr; stops cleanly on SIGTERM)."""
+    from triagenode.config import ConfigError
+    from triagenode.daemon.logs import configure_logging
+    from triagenode.daemon.service import serve as run
+    from triagenode.inference.model_package import ModelPackageError, check_configured_model  # manifest only: no torch
+    from triagenode.storage.filestore import DataDirInUseError
+    from triagenode.storage.migrations import SchemaTooNewError
+
+    settings = settings_from(config_path)
+    try:
+        check_configured_model(settings)
+    except ConfigError as exc:
+        fail(str(exc), EXIT_USAGE)
+    configure_logging(log_level)
+    if settings.source == "embedded defaults":
+        logging.getLogger("triagenode.service").info(
+            "config.defaults reason='no config file' data_dir=%s", settings.node.data_dir
+        )
+    try:
+        run(settings)
+    except ModelPackageError as exc:  # a package that exists but is broken: the configuration names it
+        fail(f"config error in {settings.source}: inference.model: {exc}", EXIT_USAGE)
+    except (DataDirInUseError, SchemaTooNewError) as exc:
+        fail(str(exc))
+    except OSError as exc:
+        fail(
+            f"cannot start on {settings.node.host}:{settings.node.port} with data_dir {settings.node.data_dir}: "
+            f"{exc.strerror or exc}; is another node running, or is [node].port or data_dir wrong?"
+        )
+
+
+@click.command()
+@config_option
+@json_option
+def status(config_path: Path | None, as_json: bool) -> None:
+    """Is the receiver up, how many studies are in each state, how much disk is free.
+
+    Exits 1 when the receiver is not running, so monitoring can call it.
+    """
+    from triagenode.storage.filestore import FileStore
+    from triagenode.storage.heartbeat import Heartbeat
+    from triagenode.storage.overview import QueueOverview
+    from triagenode.storage.reports import ReportBook
+    from triagenode.storage.timeutil import iso, utcnow
+
+    settings = settings_from(config_path)
+    with open_queue(settings) as engine:
+        overview = QueueOverview(engine)
+        now = utcnow()
+        receiver = Heartbeat(engine).state(now)
+        counts = overview.state_counts()
+        oldest = overview.oldest_waiting()
+        free = FileStore(settings.node.data_dir).free_bytes()
+        destinations = destination_rows(settings, ReportBook(engine))
+    uptime = receiver.uptime_s(now)
+    data = {
+        "receiver": {
+            "running": receiver.running,
+            "pid": receiver.pid if receiver.running else None,
+            "ae_title": receiver.ae_title or settings.node.ae_title,
+            "port": receiver.port or settings.node.port,
+            "started_at": iso(receiver.started_at) if receiver.running else None,
+            "uptime_s": round(uptime, 1) if uptime is not None else None,
+            "last_heartbeat_at": iso(receiver.heartbeat_at),
+        },
+        "counts": counts,
+        "oldest_waiting": oldest,
+        "disk": {
+            "data_dir": str(settings.node.data_dir),
+            "free_bytes": free,
+            "min_free_bytes": settings.node.min_free_disk_mb * 1024 * 1024,
+        },
+        "destinations": destinations,
+    }
+    if as_json:
+        print_json(data)
+    else:
+        if receiver.running:
+            click.echo(
+                f"receiver:  running, pid {receiver.pid}, {receiver.ae_title} on port {receiver.port}, "
+                f"up {human_duration(uptime or 0)}"
+            )
+        else:
+            seen = f" (last seen {iso(receiver.heartbeat_at)})" if receiver.heartbeat_at else ""
+            click.echo(f"receiver:  NOT running{seen}")
+        low = " (BELOW the floor: C-STOREs are refused)" if free < data["disk"]["min_free_bytes"] else ""
+        click.echo(f"disk free: {human_bytes(free)} in {settings.node.data_dir}{low}")
+        if oldest:
+            click.echo(f"oldest waiting: {oldest['study_uid']} (queued {human_duration(oldest['waiting_s'])} ago)")
+        click.echo("studies:   " + "  ".join(f"{state} {count}" for state, count in counts.items()))
+        if not destinations:
+            click.echo("reports:   no destinations configured (add [[destinations]] to send reports to a PACS)")
+        for index, d in enumerate(destinations):
+            label = "reports:" if index == 0 else ""
+            where = f"{d['ae_title']}@{d['host']}:{d['port']}" if d["configured"] else "no longer configured"
+            click.echo(
+                f"{label:11}{d['name']} {where}: {d['pending']} pending, {d['failed']} failed, {d['sent']} sent"
+            )
+    if not receiver.running:
+        sys.exit(EXIT_NO)
+
+
+def destination_rows(settings: Settings, book: ReportBook) -> list[dict[str, Any]]:
+    """Where reports go, with each destination's deliveries by state; ones only the database knows come last."""
+    counts = book.destination_counts()
+    rows = []
+    for d in settings.destinations:
+        c = counts.pop(d.name, None)
+        rows.append(
+            {"name": d.name, "ae_title": d.ae_title, "host": d.host, "port": d.port, "configured": True,
+             "pending": c.pending if c else 0, "failed": c.failed if c else 0, "sent": c.sent if c else 0}
+        )  # fmt: skip
+    for name, c in sorted(counts.items()):
+        rows.append(
+            {"name": name, "ae_title": None, "host": None, "port": None, "configured": False,
+             "pending": c.pending, "failed": c.failed, "sent": c.sent}
+        )  # fmt: skip
+    return rows
+
+
+@click.command()
+@config_option
+@click.argument("target", metavar="AE@HOST:PORT")
+@click.option("--timeout", default=10.0, show_default=True, help="Seconds to wait for the peer.")
+def echo(config_path: Path | None, target: str, timeout: float) -> None:
+    """C-ECHO a DICOM peer (a destination, or the node itself) and print the round-trip time."""
+    from triagenode.daemon.verification import EchoError, parse_peer, verify
+
+    settings = settings_from(config_path)
+    try:
+        peer = parse_peer(target)
+    except ValueError as exc:
+        fail(str(exc), EXIT_USAGE)
+    try:
+        elapsed = verify(peer, settings.node.ae_title, timeout)
+    except EchoError as exc:
+        fail(f"C-ECHO to {target} failed: {exc}")
+    click.echo(f"C-ECHO {settings.node.ae_title} -> {target}: Success in {elapsed * 1000:.1f} ms")

@@ -1,0 +1,290 @@
+"""``triagenode queue``: list, inspect, retry, re-send and cancel studies.
+
+Each command opens the queue database through :func:`open_queue` (closed
+however the command ends) and imports the storage layer, with SQLAlchemy,
+only when it runs: ``--help`` and the other groups never pay for it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import click
+
+from triagenode.daemon.cli_shared import (
+    EXIT_USAGE,
+    LazyChoice,
+    config_option,
+    fail,
+    human_bytes,
+    json_option,
+    open_queue,
+    print_json,
+    print_table,
+    settings_from,
+)
+
+if TYPE_CHECKING:
+    from triagenode.config import Settings
+    from triagenode.storage.queue import StudyQueue
+    from triagenode.storage.reports import ReportBook
+
+
+def _study_states() -> list[str]:
+    """The values ``--state`` accepts: the queue's own states (imported when the option is parsed or shown)."""
+    from triagenode.storage.models import StudyState
+
+    return [s.value for s in StudyState]
+
+
+@click.group()
+def queue() -> None:
+    """List, inspect, retry and cancel studies."""
+
+
+OUTCOME_WORDS = {"present": "present", "absent": "absent", "not applicable": "n/a"}
+"""``outcome`` as the RESULT column shows it; '-' for a study without a result yet."""
+
+
+@queue.command("ls")
+@config_option
+@json_option
+@click.option("--state", type=LazyChoice(_study_states), help="Only studies in this state.")
+@click.option("--limit", default=50, show_default=True, type=click.IntRange(1, 100_000), help="At most this many.")
+def queue_ls(config_path: Path | None, as_json: bool, state: str | None, limit: int) -> None:
+    """Studies, most recently changed first."""
+    from triagenode.storage.models import StudyState
+    from triagenode.storage.overview import QueueOverview
+
+    settings = settings_from(config_path)
+    with open_queue(settings) as engine:
+        studies = QueueOverview(engine).list_studies(StudyState(state) if state else None, limit)
+    if as_json:
+        print_json(studies)
+        return
+    if not studies:
+        click.echo("no studies" + (f" in state {state}" if state else ""))
+        return
+    print_table(
+        [
+            (s["study_uid"], s["state"], OUTCOME_WORDS.get(s["outcome"], "-"), s["modality"], s["study_date"],
+             s["series"], s["instances"], s["updated_at"])
+            for s in studies
+        ],
+        ["study uid", "state", "result", "modality", "date", "series", "instances", "updated"],
+    )
+
+
+@queue.command("show")
+@config_option
+@json_option
+@click.argument("study_uid")
+def queue_show(config_path: Path | None, as_json: bool, study_uid: str) -> None:
+    """One study: its series, the AEs that sent it, the result, each destination's delivery and the history."""
+    from triagenode.storage.overview import QueueOverview
+    from triagenode.storage.queue import UnknownStudyError
+
+    settings = settings_from(config_path)
+    with open_queue(settings) as engine:
+        try:
+            details = QueueOverview(engine).study_details(study_uid)
+        except UnknownStudyError as exc:
+            fail(str(exc))
+    if as_json:
+        print_json(details)
+        return
+    for label, key in (
+        ("study", "study_uid"),
+        ("state", "state"),
+        ("modality", "modality"),
+        ("study date", "study_date"),
+        ("description", "description"),
+        ("instances", "instances"),
+        ("received", "received_at"),
+        ("last instance", "last_instance_at"),
+        ("updated", "updated_at"),
+    ):
+        click.echo(f"{label + ':':15}{details[key] if details[key] is not None else '-'}")
+    click.echo(f"{'size:':15}{human_bytes(details['bytes'])}")
+    click.echo(f"{'sent by:':15}{', '.join(details['calling_aets']) or '-'}")
+    if details["lease_owner"]:
+        click.echo(f"{'lease:':15}{details['lease_owner']} until {details['lease_expires_at']}")
+    click.echo("")
+    print_table(
+        [
+            (s["series_number"], s["modality"], s["instances"], s["description"], s["series_uid"])
+            for s in details["series"]
+        ],
+        ["series", "modality", "instances", "description", "series uid"],
+    )
+    click.echo("")
+    print_result(details["result"])
+    print_deliveries(details["deliveries"], details["result"])
+    click.echo("")
+    print_table(
+        [(e["at"], e["from"] or "-", e["to"], e["reason"]) for e in details["events"]],
+        ["at", "from", "to", "reason"],
+    )
+
+
+def print_result(result: dict[str, Any] | None) -> None:
+    """The model's answer for ``queue show``: finding, probability, threshold, key slice, timings, report."""
+    if result is None:
+        click.echo(f"{'result:':15}- (not processed yet)")
+        return
+    model = f"{result['model']} {result['model_version']}"
+    if not result["applicable"]:
+        click.echo(f"{'result:':15}not applicable: {result['reason']}")
+        click.echo(f"{'model:':15}{model}")
+    else:
+        verdict = "PRESENT" if result["finding"] else "absent"
+        click.echo(f"{'finding:':15}{verdict}")
+        threshold = f" (threshold {result['threshold']:.3f})" if result["threshold"] is not None else ""
+        click.echo(f"{'probability:':15}{result['probability']:.3f}{threshold}")
+        click.echo(f"{'model:':15}{model}")
+        click.echo(f"{'key slice:':15}{result['key_instance_uid'] or '-'}")
+        if result.get("slices") is not None:
+            click.echo(f"{'slices read:':15}{result['slices']} in series {result['series_uid']}")
+    timings = result.get("timings_ms") or {}
+    if timings:
+        click.echo(f"{'timings:':15}" + ", ".join(f"{stage} {ms:.0f} ms" for stage, ms in timings.items()))
+    click.echo(f"{'report (SR):':15}{result['sr_sop_instance_uid'] or '- (none for this study)'}")
+
+
+def print_deliveries(deliveries: list[dict[str, Any]], result: dict[str, Any] | None) -> None:
+    """Each destination's delivery for ``queue show``: state, attempts, next attempt, last error."""
+    if not deliveries:
+        if result is not None and result.get("sr_sop_instance_uid"):
+            click.echo(f"{'deliveries:':15}none (no destinations were configured when it was reported)")
+        return
+    click.echo("")
+    print_table(
+        [
+            (d["destination"], d["state"], d["attempts"], d["next_attempt_at"] or "-", d["sent_at"] or "-",
+             d["last_error"] or "-")
+            for d in deliveries
+        ],  # fmt: skip
+        ["destination", "state", "attempts", "next attempt", "sent", "last error"],
+    )
+
+
+def _change_study(config_path: Path | None, action: Callable[[StudyQueue], str | None], done: str) -> None:
+    """Apply one state change through the queue's own rules; an unknown study or a refused change is exit 1."""
+    from triagenode.storage.queue import StudyQueue, TransitionError, UnknownStudyError
+
+    settings = settings_from(config_path)
+    with open_queue(settings) as engine:
+        try:
+            outcome = action(StudyQueue(engine))
+        except (UnknownStudyError, TransitionError) as exc:
+            fail(str(exc))
+    click.echo(f"{done}: {outcome}" if outcome else done)
+
+
+@queue.command("retry")
+@config_option
+@click.argument("study_uid")
+def queue_retry(config_path: Path | None, study_uid: str) -> None:
+    """Try a failed or cancelled study again (re-send its report, or process it again).
+
+    A report about to be re-sent is first rebuilt in [inference] sr_sop_class when it was made in the other class.
+    """
+    from triagenode.storage.models import StudyState
+    from triagenode.storage.queue import StudyQueue, TransitionError, UnknownStudyError
+    from triagenode.storage.reports import NoReportError, ReportBook
+
+    settings = settings_from(config_path)
+    with open_queue(settings) as engine:
+        try:
+            rebuilt = None
+            book = ReportBook(engine)
+            try:
+                state, _, _ = book.report_of(study_uid)
+            except NoReportError:
+                state = None
+            if state == StudyState.FAILED:
+                rebuilt = _rebuild(settings, book, study_uid)
+            outcome = StudyQueue(engine).retry(study_uid)
+        except (UnknownStudyError, TransitionError) as exc:
+            fail(str(exc))
+    if rebuilt:
+        click.echo(f"{study_uid}: {rebuilt}")
+    click.echo(f"{study_uid}: {outcome}")
+
+
+def _rebuild(settings: Settings, book: ReportBook, study_uid: str) -> str | None:
+    """The stored report in the configured SR class (see daemon.delivery.rebuild_report); fails with a line."""
+    from triagenode.daemon.delivery import rebuild_report
+
+    try:
+        return rebuild_report(settings, book, study_uid)
+    except ValueError as exc:
+        fail(
+            f"cannot rebuild the report of {study_uid} as [inference] sr_sop_class = "
+            f"{settings.inference.sr_sop_class!r} asks: {exc}; set it back to send the stored report"
+        )
+    except OSError as exc:
+        fail(
+            f"cannot rebuild the report of {study_uid} in {settings.node.data_dir}: {exc.strerror or exc}; "
+            "run the command as the service user (sudo -u triagenode ...)"
+        )
+
+
+@queue.command("resend")
+@config_option
+@click.argument("study_uid")
+@click.option(
+    "--destination", "destination_name", metavar="NAME", help="Only this destination [default: every destination]."
+)
+def queue_resend(config_path: Path | None, study_uid: str, destination_name: str | None) -> None:
+    """Send a study's report again: to a PACS added later, or to one that lost it.
+
+    For a reported, sent or failed study that has a report. The report is
+    rebuilt first when [inference] sr_sop_class names the other SR class.
+    The running node sends it within a second (or when it next starts).
+    """
+    from triagenode.storage.heartbeat import Heartbeat
+    from triagenode.storage.queue import TransitionError, UnknownStudyError
+    from triagenode.storage.reports import NoReportError, ReportBook
+    from triagenode.storage.timeutil import utcnow
+
+    settings = settings_from(config_path)
+    configured = [d.name for d in settings.destinations]
+    if not configured:
+        fail(
+            f"no destinations in {settings.source}: add a [[destinations]] table (name, ae_title, host, port) "
+            "and restart the node",
+            EXIT_USAGE,
+        )
+    if destination_name is not None and destination_name not in configured:
+        fail(
+            f"no destination {destination_name!r} in {settings.source}; configured: {', '.join(configured)} "
+            "(`triagenode status` lists them)",
+            EXIT_USAGE,
+        )
+    targets = [destination_name] if destination_name else configured
+    with open_queue(settings) as engine:
+        book = ReportBook(engine)
+        try:
+            book.report_of(study_uid)  # unknown study or no report: say so before touching anything
+            rebuilt = _rebuild(settings, book, study_uid)
+            book.resend(study_uid, targets)
+            running = Heartbeat(engine).state(utcnow()).running
+        except (UnknownStudyError, NoReportError, TransitionError) as exc:
+            fail(str(exc))
+    if rebuilt:
+        click.echo(f"{study_uid}: {rebuilt}")
+    click.echo(f"{study_uid}: report scheduled for {', '.join(targets)}")
+    if not running:
+        click.echo("the node is not running: it sends the report when it starts (`triagenode status`)")
+
+
+@queue.command("cancel")
+@config_option
+@click.argument("study_uid")
+def queue_cancel(config_path: Path | None, study_uid: str) -> None:
+    """Stop a study: it will not be processed or sent (its files stay)."""
+    _change_study(config_path, lambda q: q.cancel(study_uid), f"{study_uid}: cancelled")
+
