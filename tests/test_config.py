@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import json
 import os
+import pickle
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 
-from triagenode.config import ConfigError, load_settings
+from triagenode.config import ConfigError, load_settings, settings_as_dict
 
 from conftest import TRIAGENODE
 
@@ -139,3 +141,63 @@ def test_serve_refuses_a_missing_model_with_one_line(tmp_path: Path) -> None:
         f"triagenode: config error in {path}: inference.model: model package /nowhere/lung.tnm does not exist; "
         "check the path (or use 'demo')"
     )
+
+
+ONE_DESTINATION = '[[destinations]]\nname = "a"\nae_title = "A"\nhost = "h"\nport = 1\n'
+
+
+@pytest.mark.parametrize(
+    ("text", "environ", "message"),
+    [
+        ('[inference]\nsr_sop_class = "basic"\n', {}, "sr_sop_class: 'basic': use comprehensive3d or comprehensive"),
+        ('[inference]\ncontent_qualification = "x"\n', {}, "content_qualification: 'x': use RESEARCH or PRODUCT"),
+        ('[inference]\ndevice = "gpu"\n', {}, "inference.device: 'gpu': use auto, cpu, cuda or cuda:N"),
+        ("[delivery]\nmax_backoff_s = 5\n", {}, "delivery.max_backoff_s: 5 is below initial_backoff_s (10)"),
+        ('[node]\nallowed_calling_aets = ["PACS", "A\\\\B"]\n', {}, "allowed_calling_aets[1]: AE title 'A\\\\B' holds"),
+        ("", {"TRIAGENODE_NODE__PORT": "x"}, "variable TRIAGENODE_NODE__PORT: node.port: expected an integer"),
+        ("", {"TRIAGENODE_INFERENCE__REPORT_NOT_APPLICABLE": "maybe"}, "applicable: expected true or false"),
+        (
+            "",
+            {"TRIAGENODE_NODE__ALLOWED_CALLING_AETS": "PACS,A_VERY_LONG_AE_TITLE"},
+            "variable TRIAGENODE_NODE__ALLOWED_CALLING_AETS: node.allowed_calling_aets[1]: AE title",
+        ),
+        ("", {"TRIAGENODE_FOO__BAR": "1"}, "TRIAGENODE_FOO__BAR: not a setting; use TRIAGENODE_<SECTION>__<KEY>"),
+        (
+            ONE_DESTINATION,
+            {"TRIAGENODE_DESTINATIONS__0__PORT": "0"},
+            "variable TRIAGENODE_DESTINATIONS__0__PORT: destinations[0].port: port 0 is out of range",
+        ),
+        (ONE_DESTINATION * 2, {}, "destinations[1].name: name 'a' is used twice"),
+        ('source = "x"\n', {}, "source: unknown section [source]"),
+    ],
+)
+def test_every_refusal_is_one_line_naming_key_and_origin(
+    tmp_path: Path, text: str, environ: dict[str, str], message: str
+) -> None:
+    with pytest.raises(ConfigError) as raised:
+        load_settings(write(tmp_path, text), environ=environ)
+    assert message in str(raised.value)
+    assert str(raised.value).startswith("config error in ") and "\n" not in str(raised.value)
+
+
+def test_the_environment_overrides_before_anything_is_checked(tmp_path: Path) -> None:
+    """A bad value in the file that a variable replaces does not stop the start (a container's override)."""
+    path = write(tmp_path, "[node]\nport = 70000\n")
+    """--help and echo never load settings; they must not pay for importing pydantic (the start-up target)."""
+    settings = load_settings(path, environ=env)
+    assert settings.node.port == 104 and settings.inference.report_not_applicable is True
+
+
+def test_settings_are_frozen_and_travel_to_worker_processes(tmp_path: Path) -> None:
+    settings = load_settings(write(tmp_path, '[node]\ndata_dir = "~/tn"\n' + ONE_DESTINATION), environ={})
+    assert settings.node.data_dir == Path.home() / "tn" and settings.node.database_path.name == "triagenode.db"
+    assert pickle.loads(pickle.dumps(settings)) == settings, "spawned workers get them pickled"
+    with pytest.raises(ValueError):
+        settings.node.port = 1  # type: ignore[misc]
+    assert settings_as_dict(settings)["destinations"] == [{"name": "a", "ae_title": "A", "host": "h", "port": 1}]
+
+
+def test_importing_the_package_does_not_import_pydantic() -> None:
+    """--help and echo never load settings; they must not pay for pydantic's import (the start-up target)."""
+    code = "import sys\nfrom triagenode.config import ConfigError, load_settings\nassert 'pydantic' not in sys.modules"
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=60)
