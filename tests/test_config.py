@@ -183,7 +183,7 @@ def test_every_refusal_is_one_line_naming_key_and_origin(
 def test_the_environment_overrides_before_anything_is_checked(tmp_path: Path) -> None:
     """A bad value in the file that a variable replaces does not stop the start (a container's override)."""
     path = write(tmp_path, "[node]\nport = 70000\n")
-    """--help and echo never load settings; they must not pay for importing pydantic (the start-up target)."""
+    env = {"TRIAGENODE_NODE__PORT": "104", "TRIAGENODE_INFERENCE__REPORT_NOT_APPLICABLE": "yes", "TRIAGENODE_X": "1"}
     settings = load_settings(path, environ=env)
     assert settings.node.port == 104 and settings.inference.report_not_applicable is True
 
