@@ -94,23 +94,66 @@ def test_cli_without_a_database_says_what_to_do(make_node) -> None:
     assert not (node.data_dir / "triagenode.db").exists()
 
 
-def test_help_everywhere(node: NodeProcess) -> None:
+COMMANDS = (
+    [], ["serve"], ["status"], ["echo"], ["infer"], ["phantom"], ["queue"], ["queue", "ls"], ["queue", "show"],
+    ["queue", "retry"], ["queue", "resend"], ["queue", "cancel"], ["config"], ["config", "show"], ["model"],
+    ["model", "info"], ["model", "train"], ["model", "evaluate"],
+)
+"""Every command and group of the CLI, for the checks that must hold for each."""
+
+HEAVY = ("sqlalchemy", "pynetdicom", "pydicom", "numpy", "torch", "pydantic", "monai", "highdicom", "apscheduler")
+
+_IMPORTS_OF = """
+import sys
+from triagenode.daemon.cli import main
+try:
+    main(sys.argv[1:], prog_name="triagenode")
+except SystemExit:
+    pass
+print(sorted({{name.split(".")[0] for name in sys.modules}} & {heavy!r}), file=sys.stderr)
+""".format(heavy=set(HEAVY))
+
+
+def _heavy_imports(*args: str) -> list[str]:
+    """Which of :data:`HEAVY` the CLI's process holds after running ``triagenode ARGS`` (its last stderr line)."""
+    import ast
+    import subprocess
+    import sys
+
+    result = subprocess.run([sys.executable, "-c", _IMPORTS_OF, *args], capture_output=True, text=True, timeout=120)
+    return ast.literal_eval(result.stderr.strip().splitlines()[-1])
+
+
+def test_help_everywhere() -> None:
     import subprocess
 
     from conftest import TRIAGENODE
 
-    for command in (
-        [],
-        ["serve"],
-        ["status"],
-        ["queue"],
-        ["queue", "ls"],
-        ["queue", "show"],
-        ["echo"],
-        ["config", "show"],
-    ):
+    for command in COMMANDS:
         result = subprocess.run([TRIAGENODE, *command, "--help"], capture_output=True, text=True)
         assert result.returncode == 0 and "Usage:" in result.stdout, command
+
+
+def test_commands_import_only_what_they_use(tmp_path: Path) -> None:
+    """--help loads no heavy library; only the model commands load torch; echo needs no database library.
+
+    A monitoring probe runs ``status`` every few seconds and an administrator
+    reads ``--help``: neither should wait for SQLAlchemy, pynetdicom or torch
+    it does not use (tests/bench/cli_startup.py has the times).
+    """
+    from triagenode.storage.database import open_for_daemon
+
+    open_for_daemon(tmp_path / "data" / "triagenode.db").dispose()
+    config = tmp_path / "node.toml"
+    config.write_text(f'[node]\ndata_dir = "{tmp_path / "data"}"\n[inference]\nworkers = 0\n')
+    for command in COMMANDS:
+        if command[-1:] != ["ls"]:  # queue ls --help lists the queue's states, which storage.models defines
+            assert _heavy_imports(*command, "--help") == [], command
+    for command in (["status"], ["queue", "ls"], ["queue", "show", "1.2.3"], ["config", "show"]):
+        loaded = _heavy_imports(*command, "--config", str(config))
+        assert not {"torch", "pynetdicom", "numpy", "monai", "highdicom"} & set(loaded), (command, loaded)
+    loaded = _heavy_imports("echo", "NOBODY@127.0.0.1:1", "--timeout", "1", "--config", str(config))
+    assert not {"torch", "sqlalchemy", "monai", "highdicom"} & set(loaded), loaded
 
 
 def _reported(node: NodeProcess, tmp_path: Path, name: str, destinations: list[str]) -> str:
