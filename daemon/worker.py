@@ -25,8 +25,9 @@ from triagenode.config.settings import Settings
 from triagenode.daemon.signals import stop_on_signals
 from triagenode.inference.loader import SliceLoader, exit_when_orphaned
 from triagenode.inference.model_package import ModelPackage, load_package
-from triagenode.inference.pipeline import NotApplicable, SeriesGeometryError, run_study
-from triagenode.inference.report import read_predecessor, report_for
+from triagenode.inference.pipeline import NotApplicable, SeriesGeometryError, analyse_study
+from triagenode.inference.report import read_predecessor
+from triagenode.inference.studies import read_study
 from triagenode.inference.device import resolve_device
 from triagenode.storage.database import open_for_daemon
 from triagenode.storage.filestore import FileStore
@@ -112,12 +113,14 @@ def _process(
     data_dir = settings.node.data_dir
     inference = settings.inference
     files = overview.instance_files(claim.study_uid, data_dir)
-    outcome = run_study(package, claim.study_uid, files, device, inference.batch_size, loader)
-    manifest = package.manifest
-    started = time.perf_counter()
     previous = book.previous_report(claim.study_uid)  # a re-opened study's new report names the one it replaces
     predecessor = read_predecessor(data_dir / previous.sr_path) if previous is not None else None
-    report = report_for(outcome, manifest, inference, settings.node.ae_title, predecessor)
+    analysis = analyse_study(
+        package, read_study(claim.study_uid, files), device, inference.batch_size, loader, inference,
+        settings.node.ae_title, predecessor,
+    )  # fmt: skip
+    outcome, report, manifest = analysis.outcome, analysis.report, package.manifest
+    started = time.perf_counter()
     sr: tuple[str | None, str | None] = (None, None)
     if report is not None:
         store = FileStore(data_dir)
@@ -133,7 +136,7 @@ def _process(
         log.info("study.not_applicable study_uid=%s reason=%r report=%s recorded=%s", claim.study_uid, outcome.reason,
                  report is not None, recorded)  # fmt: skip
         return
-    outcome.timings_ms["report"] = round((time.perf_counter() - started) * 1000, 1)
+    outcome.timings_ms["report"] = round(analysis.report_ms + (time.perf_counter() - started) * 1000, 1)
     finding = Outcome(
         model=outcome.model,
         model_version=outcome.model_version,

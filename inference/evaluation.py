@@ -1,7 +1,9 @@
 """``triagenode model evaluate``: how a model does on a site's own labelled studies, before it goes live.
 
-Scores every labelled study the way the node will (same preprocessing,
-per-slice probabilities, the manifest's aggregation), then reports accuracy,
+Scores every labelled study through the node's own per-study pipeline (the
+series the node would pick, its decoders and preprocessing, per-slice
+probabilities, the manifest's aggregation), so the probability evaluated for a
+study is the one the node reports for it; then reports accuracy,
 sensitivity, specificity, PPV, NPV, F1 and ROC AUC with a 95% bootstrap
 interval at the model's threshold, the confusion matrix, and the threshold
 that reaches a chosen sensitivity. Writes ``metrics.json``, ``roc.png`` and
@@ -13,7 +15,7 @@ from __future__ import annotations
 import json
 import time
 from collections.abc import Callable
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -21,15 +23,29 @@ from typing import Any
 import numpy as np
 import torch
 
+from triagenode.config.settings import InferenceSettings
+from triagenode.inference.labelled import LabelledDataError, labelled_series
+from triagenode.inference.loader import SliceLoader
 from triagenode.inference.metrics import Metrics, compute_metrics, roc_curve, threshold_for_sensitivity
 from triagenode.inference.model_package import ModelPackage, save_package
+from triagenode.inference.outcomes import StudyResult
 from triagenode.inference.phantom import read_labels
-from triagenode.inference.preprocessing import prepare_volume
-from triagenode.inference.studies import aggregate, labelled_volumes, slice_probabilities
+from triagenode.inference.pipeline import SeriesGeometryError, score_study
 
 
 class EvaluationError(RuntimeError):
     """Evaluation cannot run on this data; the text says what to change."""
+
+
+@dataclass
+class ScoredStudy:
+    """One labelled study as the node would score it: the series it read and the probability it would report."""
+
+    study_uid: str
+    label: int
+    series_uid: str
+    probability: float
+    slices: int
 
 
 def score_studies(
@@ -38,25 +54,42 @@ def score_studies(
     labels_csv: Path,
     device: torch.device,
     log: Callable[[str], None] = print,
-) -> tuple[list[str], np.ndarray, np.ndarray]:
-    """Study UIDs, their labels and the model's study probabilities."""
+    batch_size: int | None = None,
+    decoders: int | None = None,
+) -> list[ScoredStudy]:
+    """Every labelled study through the node's own per-study pipeline (:func:`score_study`).
+
+    Same series selection, decoders, preprocessing, batching and aggregation as
+    a worker, so each probability is the one the node would report for that
+    study. ``batch_size`` and ``decoders`` default to the node's own defaults
+    (``[inference]``); the batch size is kept because a forward pass's numbers
+    may differ in the last bits between batch sizes.
+    """
     labels = read_labels(labels_csv)
     if not labels:
         raise EvaluationError(f"{labels_csv} lists no studies")
-    spec = package.manifest.input
-    network = package.network.to(device).to(memory_format=torch.channels_last)
-    uids, truth, scores = [], [], []
+    studies = labelled_series(data_dir, labels, package.manifest.input)
+    node = InferenceSettings()
+    package.network.to(device)
+    scored = []
     started = time.perf_counter()
-    slices = 0
-    for labelled, volume in labelled_volumes(data_dir, labels, spec):
-        probabilities = slice_probabilities(network, prepare_volume(volume, spec), 128, device)
-        slices += len(probabilities)
-        uids.append(labelled.study_uid)
-        truth.append(labelled.label)
-        scores.append(aggregate(probabilities, package.manifest.aggregation))
+    with SliceLoader(node.decoders() if decoders is None else decoders) as loader:
+        for labelled in studies:
+            try:
+                outcome = score_study(package, labelled.study, device, batch_size or node.batch_size, loader)
+            except SeriesGeometryError as exc:
+                raise LabelledDataError(f"study {labelled.truth.study_uid}: {exc}") from None
+            if not isinstance(outcome, StudyResult):  # labelled_series refused those already: the same rules
+                raise LabelledDataError(f"study {labelled.truth.study_uid}: {outcome.reason}")
+            scored.append(
+                ScoredStudy(
+                    outcome.study_uid, labelled.truth.label, outcome.series_uid, outcome.probability, outcome.slices
+                )
+            )
     elapsed = time.perf_counter() - started
-    log(f"scored {len(uids)} studies ({slices} slices) in {elapsed:.1f} s, {slices / elapsed:.0f} slices/s")
-    return uids, np.array(truth), np.array(scores, dtype=float)
+    slices = sum(s.slices for s in scored)
+    log(f"scored {len(scored)} studies ({slices} slices) in {elapsed:.1f} s, {slices / max(elapsed, 1e-9):.0f} slices/s")
+    return scored
 
 
 def metrics_report(metrics: Metrics, target_sensitivity: float, threshold_at_target: float | None) -> dict[str, Any]:
@@ -142,7 +175,9 @@ def evaluate(
     log: Callable[[str], None] = print,
 ) -> dict[str, Any]:
     device = device or torch.device("cpu")
-    uids, labels, scores = score_studies(package, data_dir, labels_csv, device, log)
+    scored = score_studies(package, data_dir, labels_csv, device, log)
+    labels = np.array([s.label for s in scored])
+    scores = np.array([s.probability for s in scored], dtype=float)
     metrics = compute_metrics(labels, scores, package.manifest.threshold)
     at_target = threshold_for_sensitivity(labels, scores, target_sensitivity)
     report = metrics_report(metrics, target_sensitivity, at_target)
@@ -152,10 +187,7 @@ def evaluate(
     log(format_table(metrics, target_sensitivity, at_target))
     if out_dir is not None:
         out_dir.mkdir(parents=True, exist_ok=True)
-        per_study = [
-            {"study_uid": u, "label": int(t), "probability": float(s)}
-            for u, t, s in zip(uids, labels, scores, strict=True)
-        ]
+        per_study = [asdict(s) for s in scored]
         (out_dir / "metrics.json").write_text(json.dumps({**report, "studies_scored": per_study}, indent=2))
         written = write_plots(out_dir, labels, scores, metrics)
         log(f"wrote {out_dir / 'metrics.json'}, " + ", ".join(str(p) for p in written))

@@ -1,12 +1,24 @@
-"""What a model expects as input: part of its manifest, readable without torch."""
+"""What a model expects as input: part of its manifest, readable without torch.
+
+It says which series of a study the model reads (modality, SOP classes, image
+types it refuses, the fewest slices, and the order of preference among the
+series that qualify) and how their pixels become the model's input. The node,
+``triagenode infer``, training and evaluation all select through
+:func:`triagenode.inference.studies.select_series` with these rules, so a
+model is validated on the very series it later reads in production.
+"""
 
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 Normalisation = Literal["window", "zscore"]
 Denoise = Literal["none", "median", "gaussian"]
+SeriesPreference = Literal["thinnest", "thickest", "most_slices", "fewest_slices"]
+"""One rule to rank the series that qualify; the manifest lists them in order, the first deciding."""
+
+SERIES_PREFERENCES: tuple[str, ...] = get_args(SeriesPreference)
 
 
 @dataclass(frozen=True)
@@ -26,6 +38,23 @@ class InputSpec:
     denoise_size: int = 3
     min_slices: int = 16
     """Fewer slices than this and the series is not suitable for the model."""
+    sop_classes: tuple[str, ...] = ()
+    """SOP Class UIDs the model reads (e.g. CT Image Storage); empty: any class whose instances carry an image.
+
+    Empty by default so that packages written before the field existed keep reading what they read."""
+    excluded_image_types: tuple[str, ...] = ("LOCALIZER",)
+    """A series whose Image Type holds any of these values is never read (scouts, say)."""
+    series_preference: tuple[SeriesPreference, ...] = ("thinnest", "most_slices")
+    """How to choose among the series that qualify, the first rule deciding, the next breaking its ties.
+
+    The last tie-break is the Series Instance UID, so the choice never depends on the order files arrived in."""
+
+    def __post_init__(self) -> None:
+        unknown = [rule for rule in self.series_preference if rule not in SERIES_PREFERENCES]
+        if unknown:
+            raise ValueError(f"unknown series preference {unknown[0]!r}; use {', '.join(SERIES_PREFERENCES)}")
+        if self.min_slices < 1:
+            raise ValueError(f"min_slices {self.min_slices} must be at least 1")
 
     @property
     def channels(self) -> int:
@@ -33,12 +62,14 @@ class InputSpec:
 
     def to_dict(self) -> dict[str, Any]:
         data = asdict(self)
-        data["window"] = list(self.window)
+        for key in ("window", "sop_classes", "excluded_image_types", "series_preference"):
+            data[key] = list(data[key])
         return data
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> InputSpec:
         values = dict(data)
-        if "window" in values:
-            values["window"] = tuple(values["window"])
+        for key in ("window", "sop_classes", "excluded_image_types", "series_preference"):
+            if key in values:
+                values[key] = tuple(values[key])
         return cls(**values)

@@ -1,145 +1,189 @@
-"""One study through the model: pick the series, decode, preprocess, infer, aggregate.
+"""One study through the model: pick the series, decode, preprocess, infer, aggregate, report.
 
-This is what a worker runs for every queued study and what ``triagenode
-infer`` runs on a folder, so both give the same number. Headers are read
-once, to choose the series and lay its slices out; decoder processes
-(:mod:`inference.loader`) decode and preprocess runs of slices while the
-model works on the batches already in, under ``torch.inference_mode``
-(bf16 autocast on CUDA, pinned memory and non-blocking copies). Every stage
-is timed for the result.
+One path for everyone who turns a study into a number. :func:`analyse_study`
+(headers in, outcome and SR out) is what a worker runs for every queued study
+and what ``triagenode infer`` runs on a folder, so both give the same number
+and the same report. :func:`score_study` is its model part, which evaluation
+runs on labelled studies, so the evaluated probability is the one the node
+would report; training reads its inputs through :func:`series_inputs`, the
+same decoders and preprocessing. Headers are read once
+(:func:`inference.studies.read_studies`), to choose the series and lay its
+slices out; decoder processes (:mod:`inference.loader`) decode and preprocess
+runs of slices while the model works on the batches already in, under
+``torch.inference_mode`` (bf16 autocast on CUDA, pinned memory and
+non-blocking copies). Every stage is timed for the result.
 """
 
 from __future__ import annotations
 
 import time
-from collections.abc import Sequence
-from dataclasses import dataclass, field, fields
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import torch
-from pydicom import Dataset, dcmread
-from pydicom.errors import InvalidDicomError
+from pydicom import Dataset
 
+from triagenode.config.settings import InferenceSettings
+from triagenode.inference.input_spec import InputSpec
 from triagenode.inference.loader import DecodeTimings, SliceLoader
 from triagenode.inference.model_package import ModelPackage
-from triagenode.inference.preprocessing import InputSpec, SeriesGeometryError, layout_series
-from triagenode.inference.studies import aggregate, batch_probabilities
-
-_NON_IMAGE_MODALITIES = {"SR", "PR", "KO", "SEG", "RTSTRUCT", "RTPLAN", "RTDOSE", "REG", "DOC"}
-
-
-@dataclass
-class SeriesCandidate:
-    """One series of a study as its headers describe it."""
-
-    series_uid: str
-    modality: str
-    files: list[Path]
-    slice_thickness: float | None
-    localizer: bool
-    has_pixels: bool
-    headers: list[Dataset] = field(default_factory=list, repr=False)
-    """Header of each file (no pixel data): the report's evidence, read once."""
+from triagenode.inference.outcomes import NotApplicable, StudyResult
+from triagenode.inference.preprocessing import SeriesGeometryError, SeriesLayout, layout_series
+from triagenode.inference.report import Predecessor, report_for
+from triagenode.inference.studies import (
+    SeriesCandidate,
+    StudyHeaders,
+    aggregate,
+    batch_probabilities,
+    read_study,
+    select_series,
+)
 
 
 @dataclass
-class NotApplicable:
-    """The study has nothing this model can read; the reason is shown and stored."""
+class StudyAnalysis:
+    """A study run through the model: the outcome, and the SR the site gets for it (None when it gets none)."""
 
-    study_uid: str
-    reason: str
-    evidence: list[Dataset] = field(default_factory=list, repr=False)
-    """Headers of every instance of the study, for a report that says so (when the site wants one)."""
-
-
-@dataclass
-class StudyResult:
-    """What the model found in a study; stored in the queue and carried by the report."""
-
-    study_uid: str
-    series_uid: str
-    finding: bool
-    probability: float
-    threshold: float
-    model: str
-    model_version: str
-    key_instance_uid: str
-    slices: int
-    timings_ms: dict[str, float] = field(default_factory=dict)
-    evidence: list[Dataset] = field(default_factory=list, repr=False)
-    """Headers of the evaluated series (for the report); not part of the stored result."""
-
-    def to_dict(self) -> dict[str, Any]:
-        return {f.name: getattr(self, f.name) for f in fields(self) if f.name != "evidence"}
+    outcome: StudyResult | NotApplicable
+    report: Dataset | None
+    report_ms: float = 0.0
+    """Time spent building the report (the worker adds it to the result's timings)."""
 
 
-def files_by_study(root: Path) -> dict[str, list[Path]]:
-    """Every DICOM file under ``root`` (a file or a folder), grouped by Study Instance UID."""
-    paths = [root] if root.is_file() else sorted(p for p in root.rglob("*") if p.is_file())
-    studies: dict[str, list[Path]] = {}
-    for path in paths:
-        try:
-            ds = dcmread(path, stop_before_pixels=True, specific_tags=["StudyInstanceUID"])
-        except (InvalidDicomError, OSError, ValueError):
-            continue
-        uid = str(ds.get("StudyInstanceUID", ""))
-        if uid:
-            studies.setdefault(uid, []).append(path)
-    return studies
+def analyse_study(
+    package: ModelPackage,
+    study: StudyHeaders,
+    device: torch.device | str,
+    batch_size: int,
+    loader: SliceLoader | None,
+    inference_settings: InferenceSettings,
+    node_ae_title: str,
+    predecessor: Predecessor | None = None,
+    with_report: bool = True,
+) -> StudyAnalysis:
+    """Run study -> result -> SR: the one path of the node's workers and ``triagenode infer``.
+
+    Raises :class:`SeriesGeometryError` for a chosen series that is not one
+    volume. ``predecessor`` is the study's earlier report, which the new one
+    replaces; ``with_report=False`` skips building the SR (``infer`` without
+    ``--sr-out``), nothing else changes.
+    """
+    outcome = score_study(package, study, device, batch_size, loader)
+    started = time.perf_counter()
+    report = (
+        report_for(outcome, package.manifest, inference_settings, node_ae_title, predecessor) if with_report else None
+    )
+    return StudyAnalysis(outcome, report, round((time.perf_counter() - started) * 1000, 1))
 
 
-def describe_series(files: Sequence[Path]) -> list[SeriesCandidate]:
-    """Group files into series from their headers (no pixel data read)."""
-    series: dict[str, SeriesCandidate] = {}
-    for path in files:
-        try:
-            ds = dcmread(path, stop_before_pixels=True)
-        except (InvalidDicomError, OSError, ValueError):
-            continue
-        uid = str(ds.get("SeriesInstanceUID", ""))
-        if not uid:
-            continue
-        if uid not in series:
-            image_type = [str(v).upper() for v in ds.get("ImageType", [])]
-            thickness = ds.get("SliceThickness")
-            series[uid] = SeriesCandidate(
-                series_uid=uid,
-                modality=str(ds.get("Modality", "")),
-                files=[],
-                slice_thickness=float(thickness) if thickness not in (None, "") else None,
-                localizer="LOCALIZER" in image_type,
-                has_pixels="Rows" in ds and str(ds.get("Modality", "")) not in _NON_IMAGE_MODALITIES,
-            )
-        series[uid].files.append(path)
-        series[uid].headers.append(ds)
-    return list(series.values())
+def score_study(
+    package: ModelPackage,
+    study: StudyHeaders,
+    device: torch.device | str = "cpu",
+    batch_size: int = 32,
+    loader: SliceLoader | None = None,
+) -> StudyResult | NotApplicable:
+    """Select the series by the manifest's rules and score it; what the node and evaluation both run.
+
+    ``loader`` holds the worker's decoder processes; without one, slices are
+    decoded by a thread of this process, ahead of the model. Raises
+    :class:`SeriesGeometryError` for a series that is not one volume.
+    """
+    started = time.perf_counter()
+    chosen = select_series(study, package.manifest.input)
+    if isinstance(chosen, NotApplicable):
+        return chosen
+    return score_series(package, chosen, device, batch_size, loader, selected_ms=study.read_ms, started=started)
 
 
-def select_series(
-    study_uid: str, candidates: Sequence[SeriesCandidate], spec: InputSpec
-) -> SeriesCandidate | NotApplicable:
-    """The series the model reads: right modality, images only, no localisers, enough slices;
-    then the thinnest slices, then the most instances. Otherwise why none fits."""
-    reasons = []
-    suitable = []
-    for candidate in candidates:
-        if candidate.modality != spec.modality:
-            reasons.append(f"{candidate.modality or 'unknown'} series")
-        elif not candidate.has_pixels:
-            reasons.append("a series without images")
-        elif candidate.localizer:
-            reasons.append("a localiser")
-        elif len(candidate.files) < spec.min_slices:
-            count = len(candidate.files)
-            reasons.append(f"a {spec.modality} series of {count} slice{'' if count == 1 else 's'} (needs {spec.min_slices})")
-        else:
-            suitable.append(candidate)
-    if not suitable:
-        found = ", ".join(sorted(set(reasons))) or "no readable series"
-        return NotApplicable(study_uid, f"no {spec.modality} image series the model can read ({found})")
-    return min(suitable, key=lambda s: (s.slice_thickness or float("inf"), -len(s.files)))
+def score_series(
+    package: ModelPackage,
+    series: SeriesCandidate,
+    device: torch.device | str = "cpu",
+    batch_size: int = 32,
+    loader: SliceLoader | None = None,
+    selected_ms: float = 0.0,
+    started: float | None = None,
+) -> StudyResult:
+    """Decode, preprocess, infer and aggregate one series: the study's result.
+
+    ``selected_ms`` and ``started`` carry the time already spent reading
+    headers and choosing the series into the 'select' and 'total' timings.
+    """
+    manifest = package.manifest
+    started = time.perf_counter() if started is None else started
+    layout, ordered = ordered_files(series)
+    selected = time.perf_counter()
+    device = torch.device(device)
+    loading = DecodeTimings()
+    parts, model_s = [], 0.0
+    package.network.eval()
+    with _loader(loader) as slices:
+        pin = device.type == "cuda"
+        for batch in slices.batches(ordered, layout, manifest.input, batch_size, loading, pin_memory=pin):
+            mark = time.perf_counter()
+            parts.append(batch_probabilities(package.network, batch, device))
+            model_s += time.perf_counter() - mark
+    probabilities = torch.cat(parts).numpy()
+    probability = aggregate(probabilities, manifest.aggregation)
+    key = int(np.argmax(probabilities))
+    timings = {
+        "select": (selected - started) * 1000 + selected_ms,
+        "decode": loading.decode_ms,
+        "preprocess": loading.preprocess_ms,
+        "input_wait": loading.wait_ms,
+        "model": model_s * 1000,
+        "total": (time.perf_counter() - started) * 1000 + selected_ms,
+    }
+    return StudyResult(
+        study_uid=series.study_uid,
+        series_uid=series.series_uid,
+        finding=probability >= manifest.threshold,
+        probability=round(probability, 6),
+        threshold=manifest.threshold,
+        model=manifest.name,
+        model_version=manifest.version,
+        key_instance_uid=layout.sop_instance_uids[key],
+        slices=len(probabilities),
+        timings_ms={k: round(v, 1) for k, v in timings.items()},
+        evidence=series.headers,
+    )
+
+
+def series_inputs(
+    series: SeriesCandidate, spec: InputSpec, loader: SliceLoader | None = None, batch_size: int = 64
+) -> tuple[SeriesLayout, torch.Tensor]:
+    """A whole series as the model's input (slices, channels, matrix, matrix), with its layout.
+
+    Training holds its studies in memory; it reads them through the node's
+    decoders and preprocessing, so it trains on the numbers the node computes.
+    """
+    layout, ordered = ordered_files(series)
+    with _loader(loader) as slices:
+        batches = list(slices.batches(ordered, layout, spec, batch_size, DecodeTimings()))
+    return layout, torch.cat(batches)
+
+
+def ordered_files(series: SeriesCandidate) -> tuple[SeriesLayout, list[Path]]:
+    """The series' layout from its headers and its files in slice order; raises SeriesGeometryError."""
+    layout = layout_series(series.headers)
+    return layout, [series.files[i] for i in layout.order]
+
+
+@contextmanager
+def _loader(loader: SliceLoader | None) -> Iterator[SliceLoader]:
+    """The caller's loader as it is (a worker's, kept for its life), or a one-thread loader closed afterwards."""
+    if loader is not None:
+        yield loader
+        return
+    own = SliceLoader(0)
+    try:
+        yield own
+    finally:
+        own.close()
 
 
 def run_study(
@@ -150,60 +194,20 @@ def run_study(
     batch_size: int = 32,
     loader: SliceLoader | None = None,
 ) -> StudyResult | NotApplicable:
-    """Run the model on one study's files; raises SeriesGeometryError for a series that is not one volume.
-
-    ``loader`` holds the worker's decoder processes; without one, slices are
-    decoded by a thread of this process, ahead of the model.
-    """
-    manifest = package.manifest
-    started = time.perf_counter()
-    candidates = describe_series(files)
-    chosen = select_series(study_uid, candidates, manifest.input)
-    if isinstance(chosen, NotApplicable):
-        chosen.evidence = [header for candidate in candidates for header in candidate.headers]
-        return chosen
-    layout = layout_series(chosen.headers)
-    selected = time.perf_counter()
-    device = torch.device(device)
-    owned = loader is None
-    loader = loader or SliceLoader(0)
-    loading = DecodeTimings()
-    ordered = [chosen.files[i] for i in layout.order]
-    parts, model_s = [], 0.0
-    package.network.eval()
-    try:
-        pin = device.type == "cuda"
-        for batch in loader.batches(ordered, layout, manifest.input, batch_size, loading, pin_memory=pin):
-            mark = time.perf_counter()
-            parts.append(batch_probabilities(package.network, batch, device))
-            model_s += time.perf_counter() - mark
-    finally:
-        if owned:
-            loader.close()
-    probabilities = torch.cat(parts).numpy()
-    probability = aggregate(probabilities, manifest.aggregation)
-    key = int(np.argmax(probabilities))
-    timings = {
-        "select": (selected - started) * 1000,
-        "decode": loading.decode_ms,
-        "preprocess": loading.preprocess_ms,
-        "input_wait": loading.wait_ms,
-        "model": model_s * 1000,
-        "total": (time.perf_counter() - started) * 1000,
-    }
-    return StudyResult(
-        study_uid=study_uid,
-        series_uid=chosen.series_uid,
-        finding=probability >= manifest.threshold,
-        probability=round(probability, 6),
-        threshold=manifest.threshold,
-        model=manifest.name,
-        model_version=manifest.version,
-        key_instance_uid=layout.sop_instance_uids[key],
-        slices=len(probabilities),
-        timings_ms={k: round(v, 1) for k, v in timings.items()},
-        evidence=chosen.headers,
-    )
+    """:func:`score_study` on one study's files (headers read here): for callers that hold paths, not headers."""
+    return score_study(package, read_study(study_uid, files), device, batch_size, loader)
 
 
-__all__ = ["NotApplicable", "SeriesGeometryError", "StudyResult", "run_study", "select_series"]
+__all__ = [
+    "NotApplicable",
+    "SeriesGeometryError",
+    "StudyAnalysis",
+    "StudyResult",
+    "analyse_study",
+    "ordered_files",
+    "run_study",
+    "score_series",
+    "score_study",
+    "select_series",
+    "series_inputs",
+]

@@ -62,7 +62,7 @@ from pydicom.valuerep import DA, TM
 
 from triagenode.config.settings import InferenceSettings
 from triagenode.inference.model_package import CodedConcept, Manifest
-from triagenode.inference.pipeline import NotApplicable, StudyResult
+from triagenode.inference.outcomes import NotApplicable, StudyResult
 
 SrClass = Literal["comprehensive3d", "comprehensive"]
 SR_CLASS_UIDS: dict[str, str] = {"comprehensive3d": Comprehensive3DSRStorage, "comprehensive": ComprehensiveSRStorage}

@@ -1,104 +1,206 @@
-"""Labelled studies on disk, and a model's per-slice and per-study scores.
+"""A study's series from their headers, the one series a model reads, and a model's per-slice scores.
 
-Training and evaluation find studies by Study Instance UID (the labels file
-names studies, not folders), read each through :mod:`inference.preprocessing`
-and score it the way the node will: per-slice probabilities of the finding,
-aggregated to the study as the manifest says.
+One header walker (:func:`read_studies`) and one selection routine
+(:func:`select_series`), whose rules are the model's own (its manifest's
+:class:`InputSpec`: modality, SOP classes, excluded image types, the fewest
+slices, the order of preference). The node's workers, ``triagenode infer``,
+training and evaluation all go through both, so a model is trained and
+validated on the very series the node later gives it for the same study.
+Before, the lifecycle picked the series with the most instances while the
+node picked the thinnest slices: on a study with a thin and a thick series the
+model was validated on pixels it never saw in production.
+
+Nothing here knows about labels: the model lifecycle (:mod:`inference.labelled`)
+builds on this module, never the other way round.
 """
 
 from __future__ import annotations
 
-from collections import defaultdict
-from collections.abc import Iterable, Iterator
-from dataclasses import dataclass
+import time
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import torch
-from pydicom import dcmread
+from pydicom import Dataset, dcmread
 from pydicom.errors import InvalidDicomError
 from torch import nn
 
-from triagenode.inference.phantom import Nodule, PhantomStudy
-from triagenode.inference.preprocessing import InputSpec, SeriesGeometryError, Volume, read_series
+from triagenode.inference.input_spec import InputSpec
+from triagenode.inference.outcomes import NotApplicable
 
-_HEADER_TAGS = ["StudyInstanceUID", "SeriesInstanceUID", "Modality", "ImageType"]
+NON_IMAGE_MODALITIES = frozenset({"SR", "PR", "KO", "SEG", "RTSTRUCT", "RTPLAN", "RTDOSE", "REG", "DOC"})
+
+SELECTION_TAGS = (
+    "StudyInstanceUID",
+    "SeriesInstanceUID",
+    "SOPInstanceUID",
+    "SOPClassUID",
+    "Modality",
+    "ImageType",
+    "SliceThickness",
+    "Rows",
+    "Columns",
+    "PixelSpacing",
+    "ImageOrientationPatient",
+    "ImagePositionPatient",
+)
+"""Every element selection (:func:`select_series`) and layout (``layout_series``) read.
+
+Reading only these keeps the lifecycle's index of thousands of studies small;
+the node reads whole headers because the report copies patient and study from
+them. The choice and the layout are the same either way (a test holds it)."""
 
 
 @dataclass
-class SeriesFiles:
+class SeriesCandidate:
+    """One series of a study as its headers describe it."""
+
     study_uid: str
     series_uid: str
     modality: str
     files: list[Path]
+    slice_thickness: float | None
+    image_type: tuple[str, ...]
+    sop_classes: frozenset[str]
+    has_pixels: bool
+    headers: list[Dataset] = field(default_factory=list, repr=False)
+    """Header of each file (no pixel data), in the order of ``files``: layout and the report's evidence, read once."""
+
+    @property
+    def localizer(self) -> bool:
+        return "LOCALIZER" in self.image_type
 
 
-def index_series(data_dir: Path) -> dict[str, list[SeriesFiles]]:
-    """Every DICOM file below ``data_dir``, grouped: study UID -> its series (headers only)."""
-    groups: dict[tuple[str, str], SeriesFiles] = {}
-    for path in sorted(p for p in data_dir.rglob("*") if p.is_file()):
+@dataclass
+class StudyHeaders:
+    """Every readable instance of one study, grouped by series, from one pass over the headers."""
+
+    study_uid: str
+    series: list[SeriesCandidate] = field(default_factory=list)
+    read_ms: float = 0.0
+    """Time spent reading this study's headers: part of the result's 'select' timing."""
+
+    @property
+    def headers(self) -> list[Dataset]:
+        """Headers of every instance: the evidence of a "not applicable" report."""
+        return [header for series in self.series for header in series.headers]
+
+
+def dicom_files(root: Path) -> list[Path]:
+    """``root`` itself when it is a file, else every file below it, in a stable order."""
+    return [root] if root.is_file() else sorted(p for p in root.rglob("*") if p.is_file())
+
+
+def read_studies(paths: Iterable[Path], whole_headers: bool = True) -> dict[str, StudyHeaders]:
+    """The header walker: files grouped by study, then series, headers only (no pixel data).
+
+    Files that are not DICOM, or lack a Study or Series Instance UID, are
+    skipped. ``whole_headers=False`` keeps only :data:`SELECTION_TAGS` (the
+    lifecycle, which writes no report and may index thousands of studies).
+    """
+    tags = None if whole_headers else list(SELECTION_TAGS)
+    studies: dict[str, StudyHeaders] = {}
+    series: dict[tuple[str, str], SeriesCandidate] = {}
+    for path in paths:
+        started = time.perf_counter()
         try:
-            ds = dcmread(path, stop_before_pixels=True, specific_tags=_HEADER_TAGS)
+            ds = dcmread(path, stop_before_pixels=True, specific_tags=tags)
         except (InvalidDicomError, OSError, ValueError):
             continue
-        if "StudyInstanceUID" not in ds or "SeriesInstanceUID" not in ds:
+        study_uid, series_uid = str(ds.get("StudyInstanceUID", "")), str(ds.get("SeriesInstanceUID", ""))
+        if not study_uid or not series_uid:
             continue
-        if "LOCALIZER" in [str(v).upper() for v in ds.get("ImageType", [])]:
-            continue
-        key = (str(ds.StudyInstanceUID), str(ds.SeriesInstanceUID))
-        if key not in groups:
-            groups[key] = SeriesFiles(key[0], key[1], str(ds.get("Modality", "")), [])
-        groups[key].files.append(path)
-    studies: dict[str, list[SeriesFiles]] = defaultdict(list)
-    for series in groups.values():
-        studies[series.study_uid].append(series)
-    return dict(studies)
+        study = studies.setdefault(study_uid, StudyHeaders(study_uid))
+        candidate = series.get((study_uid, series_uid))
+        if candidate is None:
+            modality = str(ds.get("Modality", ""))
+            thickness = ds.get("SliceThickness")
+            candidate = SeriesCandidate(
+                study_uid=study_uid,
+                series_uid=series_uid,
+                modality=modality,
+                files=[],
+                slice_thickness=float(thickness) if thickness not in (None, "") else None,
+                image_type=tuple(str(v).upper() for v in _values(ds.get("ImageType"))),
+                sop_classes=frozenset(),
+                has_pixels="Rows" in ds and modality not in NON_IMAGE_MODALITIES,
+            )
+            series[(study_uid, series_uid)] = candidate
+            study.series.append(candidate)
+        candidate.files.append(path)
+        candidate.headers.append(ds)
+        candidate.sop_classes |= {str(ds.get("SOPClassUID", ""))}
+        study.read_ms += (time.perf_counter() - started) * 1000
+    return studies
 
 
-class LabelledDataError(ValueError):
-    """Labelled data that training or evaluation cannot use; the text says what to fix."""
+def read_study(study_uid: str, files: Iterable[Path]) -> StudyHeaders:
+    """One study's headers from its files (a worker's claimed study); files of other studies are left out."""
+    return read_studies(files).get(study_uid) or StudyHeaders(study_uid)
 
 
-def labelled_volumes(
-    data_dir: Path, labels: dict[str, PhantomStudy], spec: InputSpec
-) -> Iterator[tuple[PhantomStudy, Volume]]:
-    """Each labelled study with the volume of its main series, refusing missing or unreadable studies."""
-    index = index_series(data_dir)
-    missing = [uid for uid in labels if uid not in index]
-    if missing:
-        raise LabelledDataError(
-            f"{len(missing)} labelled studies are not under {data_dir}, e.g. {missing[0]}; "
-            "check --data and --labels belong together"
+def _values(value: object) -> list[object]:
+    if value is None or value == "":
+        return []
+    return [value] if isinstance(value, str) else list(value)  # type: ignore[call-overload]
+
+
+def select_series(study: StudyHeaders, spec: InputSpec) -> SeriesCandidate | NotApplicable:
+    """The series the model reads, by the rules in its manifest; otherwise why none fits.
+
+    Qualifies: the model's modality, images, an accepted SOP class, no excluded
+    image type (localisers), at least ``min_slices`` instances. Among those,
+    ``spec.series_preference`` decides (by default the thinnest slices, then the
+    most instances), then the Series Instance UID, so that the same study gives
+    the same series whatever order its files came in.
+    """
+    reasons = []
+    suitable = []
+    for candidate in study.series:
+        excluded = [value for value in spec.excluded_image_types if value.upper() in candidate.image_type]
+        if candidate.modality != spec.modality:
+            reasons.append(f"{candidate.modality or 'unknown'} series")
+        elif not candidate.has_pixels:
+            reasons.append("a series without images")
+        elif excluded:
+            reasons.append("a localiser" if excluded[0].upper() == "LOCALIZER" else f"a {excluded[0]} series")
+        elif spec.sop_classes and not candidate.sop_classes <= set(spec.sop_classes):
+            other = sorted(candidate.sop_classes - set(spec.sop_classes))
+            reasons.append(f"a {spec.modality} series of SOP class {other[0]}")
+        elif len(candidate.files) < spec.min_slices:
+            count = len(candidate.files)
+            reasons.append(f"a {spec.modality} series of {count} slice{'' if count == 1 else 's'} (needs {spec.min_slices})")
+        else:
+            suitable.append(candidate)
+    if not suitable:
+        found = ", ".join(sorted(set(reasons))) or "no readable series"
+        return NotApplicable(
+            study.study_uid, f"no {spec.modality} image series the model can read ({found})", study.headers
         )
-    for uid, labelled in labels.items():
-        series = main_series(index[uid], spec)
-        if series is None:
-            raise LabelledDataError(f"study {uid} has no {spec.modality} series with at least {spec.min_slices} slices")
-        try:
-            yield labelled, read_series(series.files)
-        except SeriesGeometryError as exc:
-            raise LabelledDataError(f"study {uid}: {exc}") from None
+    return min(suitable, key=lambda s: (*(_rank(s, rule) for rule in spec.series_preference), s.series_uid))
 
 
-def main_series(series: Iterable[SeriesFiles], spec: InputSpec) -> SeriesFiles | None:
-    """The series a model reads from a labelled study: the right modality, then the most instances."""
-    candidates = [s for s in series if s.modality == spec.modality and len(s.files) >= spec.min_slices]
-    return max(candidates, key=lambda s: len(s.files), default=None)
-
-
-def slice_labels(volume: Volume, nodules: list[Nodule]) -> np.ndarray:
-    """1 for slices that pass through a nodule's central 80%, else 0 (positions along the normal)."""
-    labels = np.zeros(len(volume.positions_mm), dtype=np.int64)
-    for nodule in nodules:
-        labels[np.abs(volume.positions_mm - nodule.z) <= 0.4 * nodule.diameter] = 1
-    return labels
+def _rank(series: SeriesCandidate, rule: str) -> float:
+    """Lower ranks first; a series without Slice Thickness comes last for either thickness rule."""
+    thickness = series.slice_thickness
+    if rule == "thinnest":
+        return thickness if thickness is not None else float("inf")
+    if rule == "thickest":
+        return -thickness if thickness is not None else float("inf")
+    if rule == "most_slices":
+        return -len(series.files)
+    if rule == "fewest_slices":
+        return len(series.files)
+    raise ValueError(f"unknown series preference {rule!r}")
 
 
 @torch.inference_mode()
 def slice_probabilities(
     network: nn.Module, inputs: torch.Tensor, batch_size: int = 64, device: torch.device | str = "cpu"
 ) -> np.ndarray:
-    """Probability of the finding (class 1) for each slice."""
+    """Probability of the finding (class 1) for each slice of inputs already in memory (training's validation)."""
     network.eval()
     device = torch.device(device)
     out = [batch_probabilities(network, inputs[start : start + batch_size], device)
@@ -124,3 +226,17 @@ def aggregate(probabilities: np.ndarray, how: str = "max") -> float:
     if how == "mean":
         return float(np.mean(probabilities))
     raise ValueError(f"unknown aggregation {how!r}; use 'max' or 'mean'")
+
+
+__all__ = [
+    "SELECTION_TAGS",
+    "SeriesCandidate",
+    "StudyHeaders",
+    "aggregate",
+    "batch_probabilities",
+    "dicom_files",
+    "read_studies",
+    "read_study",
+    "select_series",
+    "slice_probabilities",
+]

@@ -30,13 +30,17 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from triagenode.config.settings import InferenceSettings
 from triagenode.inference.architectures import build_network
 from triagenode.inference.device import resolve_device
+from triagenode.inference.labelled import LabelledDataError, labelled_series, slice_labels
+from triagenode.inference.loader import SliceLoader
 from triagenode.inference.metrics import roc_auc, threshold_for_sensitivity
 from triagenode.inference.model_package import Manifest, save_package
 from triagenode.inference.phantom import PhantomStudy, read_labels
-from triagenode.inference.preprocessing import InputSpec, prepare_volume
-from triagenode.inference.studies import aggregate, labelled_volumes, slice_labels, slice_probabilities
+from triagenode.inference.pipeline import SeriesGeometryError, series_inputs
+from triagenode.inference.preprocessing import InputSpec
+from triagenode.inference.studies import aggregate, slice_probabilities
 
 
 class TrainingError(RuntimeError):
@@ -68,12 +72,16 @@ class TrainingConfig:
     resume: Path | None = None
     slices_per_epoch: int | None = None
     """Cap on training slices drawn per epoch (slice-level mode); None uses every training slice once."""
+    decoders: int | None = None
+    """Decoder processes reading the studies; None: as a node's worker would on this machine."""
 
 
 @dataclass
 class LabelledStudy:
     study_uid: str
     label: int
+    series_uid: str
+    """The series read: the one the node would read for this study (the manifest's selection rules)."""
     inputs: torch.Tensor
     """(slices, channels, H, W), float16 on the CPU."""
     slice_labels: np.ndarray | None
@@ -81,18 +89,33 @@ class LabelledStudy:
 
 
 def load_studies(
-    data_dir: Path, labels: dict[str, PhantomStudy], spec: InputSpec, log: Callable[[str], None]
+    data_dir: Path,
+    labels: dict[str, PhantomStudy],
+    spec: InputSpec,
+    log: Callable[[str], None],
+    decoders: int | None = None,
 ) -> list[LabelledStudy]:
-    """Read and preprocess every labelled study once; refuse missing or unreadable ones with the reason."""
+    """Read and preprocess every labelled study once, as the node would; refuse missing or unreadable ones.
+
+    The series is the node's choice and its input comes from the node's decoders
+    and preprocessing (:func:`series_inputs`), so the model trains on the numbers
+    it will see in production.
+    """
     out = []
     started = time.perf_counter()
-    for truth, volume in labelled_volumes(data_dir, labels, spec):
-        inputs = prepare_volume(volume, spec).to(torch.float16)
-        if truth.label == 1 and not truth.nodules:
-            per_slice = None
-        else:
-            per_slice = slice_labels(volume, truth.nodules)
-        out.append(LabelledStudy(truth.study_uid, truth.label, inputs, per_slice))
+    with SliceLoader(InferenceSettings().decoders() if decoders is None else decoders) as loader:
+        for labelled in labelled_series(data_dir, labels, spec):
+            truth = labelled.truth
+            try:
+                layout, inputs = series_inputs(labelled.series, spec, loader)
+            except SeriesGeometryError as exc:
+                raise LabelledDataError(f"study {truth.study_uid}: {exc}") from None
+            if truth.label == 1 and not truth.nodules:
+                per_slice = None
+            else:
+                per_slice = slice_labels(layout.positions_mm, truth.nodules)
+            out.append(LabelledStudy(truth.study_uid, truth.label, labelled.series.series_uid,
+                                     inputs.to(torch.float16), per_slice))  # fmt: skip
     log(f"read {len(out)} studies in {time.perf_counter() - started:.1f} s")
     return out
 
@@ -162,7 +185,7 @@ def train(config: TrainingConfig, log: Callable[[str], None] = print) -> Manifes
     generator = torch.Generator().manual_seed(config.seed)
 
     labels = read_labels(config.labels)
-    studies = load_studies(config.data_dir, labels, config.input, log)
+    studies = load_studies(config.data_dir, labels, config.input, log, config.decoders)
     train_idx, val_idx = stratified_split(studies, config.val_fraction, config.seed)
     train_studies = [studies[i] for i in train_idx]
     val_studies = [studies[i] for i in val_idx]
