@@ -15,7 +15,7 @@ Nothing else in the node imports TOML. The rules an administrator relies on:
 
 Types and constraints are pydantic's (the models); this module layers the
 sources and words the first error. pydantic-settings' environment source was
-measured and left out: it imports asyncio and ssl (~110 ms on every command
+measured and left out: it imports asyncio and ssl (~70 ms CPU more, on every command
 that loads settings, ``status`` included), and the index-wise destinations,
 the refusal of unknown variables and the naming of the variable in errors
 would still be ours. pydantic itself is imported on the first
@@ -39,8 +39,6 @@ if TYPE_CHECKING:
     from triagenode.config.settings import Settings
 
 ENV_PREFIX = "TRIAGENODE_"
-
-_DESTINATION_KEYS = ("name", "ae_title", "host", "port")
 
 
 class ConfigError(Exception):
@@ -101,6 +99,8 @@ def _override(data: dict[str, Any], environ: Mapping[str, str]) -> None:
 
     A table the file got wrong (``node = 5``) is left for validation to name.
     """
+    from triagenode.config.settings import Destination
+
     sections, destinations = _environment(environ)
     for section, values in sections.items():
         table = data.setdefault(section, {})
@@ -120,7 +120,7 @@ def _override(data: dict[str, Any], environ: Mapping[str, str]) -> None:
         if index != len(listed):
             gap = f"destination {index} would leave a gap; the next destination is {len(listed)}"
             raise ConfigError(f"config error in {variable}: {gap}")
-        missing = [key for key in _DESTINATION_KEYS if key not in values]
+        missing = [key for key in Destination.model_fields if key not in values]
         if missing:
             needed = ", ".join(f"{ENV_PREFIX}DESTINATIONS__{index}__{key.upper()}" for key in missing)
             needs = f"a destination defined in the environment also needs {needed}"
