@@ -7,7 +7,6 @@ whole node; ``--help`` for none of them.
 
 from __future__ import annotations
 
-import logging
 import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -37,6 +36,8 @@ if TYPE_CHECKING:
 @click.option("--log-level", default="INFO", show_default=True, type=click.Choice(["DEBUG", "INFO", "WARNING"]))
 def serve(config_path: Path | None, log_level: str) -> None:
     """Run the node in the foreground (logs to stderr; stops cleanly on SIGTERM)."""
+    import logging
+
     from triagenode.config import ConfigError
     from triagenode.daemon.logs import configure_logging
     from triagenode.daemon.service import serve as run
