@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from pynetdicom import AE
 from pynetdicom.sop_class import Verification
 
-from triagenode.config.settings import SettingError, check_ae_title, check_port
+from triagenode.config.values import SettingError, check_ae_title, check_port
 
 
 class EchoError(RuntimeError):

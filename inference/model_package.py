@@ -20,12 +20,14 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from triagenode.config import ConfigError, Settings
+from triagenode.config import ConfigError
 from triagenode.config.loader import origin_of
 from triagenode.inference.input_spec import InputSpec
 
 if TYPE_CHECKING:
     from torch import nn
+
+    from triagenode.config import Settings
 
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"

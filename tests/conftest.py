@@ -188,3 +188,40 @@ def send(
     finally:
         assoc.release()
     return statuses
+
+
+NODE_FIXTURES = frozenset({"make_node", "node"})
+SLOW_MODULES = frozenset(
+    {
+        "test_deploy",  # install scripts, pip, image roots
+        "test_layers",  # builds a wheel, runs lint-imports
+        "test_model_lifecycle",  # trains and evaluates models
+        "test_orthanc",  # a private Orthanc
+        "test_phantom",  # the CLI and dciodvfy
+        "test_readme",  # installs the project as the README says
+        "test_report",  # the CLI's infer, DCMTK's dsr2html and dciodvfy
+        "test_series_selection",  # models on phantoms
+    }
+)
+"""Modules whose tests start processes or run models although they start no node."""
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line("markers", "fast: the fast tier: no node process, no model run (`pytest -m fast`)")
+    config.addinivalue_line("markers", "slow: runs processes or a model although it starts no node; not in the fast tier")
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Every test that starts no node and is not marked ``slow`` belongs to the fast tier.
+
+    ``.ci/run`` runs the fast tier first (a broken build shows in under a
+    minute), then the rest.
+    """
+    for item in items:
+        slow = (
+            not NODE_FIXTURES.isdisjoint(getattr(item, "fixturenames", ()))
+            or item.get_closest_marker("slow") is not None
+            or item.module is not None and item.module.__name__.rsplit(".", 1)[-1] in SLOW_MODULES
+        )
+        if not slow:
+            item.add_marker(pytest.mark.fast)
