@@ -88,7 +88,8 @@ def score_studies(
             )
     elapsed = time.perf_counter() - started
     slices = sum(s.slices for s in scored)
-    log(f"scored {len(scored)} studies ({slices} slices) in {elapsed:.1f} s, {slices / max(elapsed, 1e-9):.0f} slices/s")
+    rate = slices / max(elapsed, 1e-9)
+    log(f"scored {len(scored)} studies ({slices} slices) in {elapsed:.1f} s, {rate:.0f} slices/s")
     return scored
 
 

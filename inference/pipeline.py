@@ -86,35 +86,18 @@ def score_study(
     batch_size: int = 32,
     loader: SliceLoader | None = None,
 ) -> StudyResult | NotApplicable:
-    """Select the series by the manifest's rules and score it; what the node and evaluation both run.
+    """Select the series by the manifest's rules, decode, preprocess, infer, aggregate: the node's and evaluation's.
 
     ``loader`` holds the worker's decoder processes; without one, slices are
     decoded by a thread of this process, ahead of the model. Raises
-    :class:`SeriesGeometryError` for a series that is not one volume.
+    :class:`SeriesGeometryError` for a series that is not one volume. The
+    time spent reading the study's headers counts in 'select' and 'total'.
     """
     started = time.perf_counter()
-    chosen = select_series(study, package.manifest.input)
-    if isinstance(chosen, NotApplicable):
-        return chosen
-    return score_series(package, chosen, device, batch_size, loader, selected_ms=study.read_ms, started=started)
-
-
-def score_series(
-    package: ModelPackage,
-    series: SeriesCandidate,
-    device: torch.device | str = "cpu",
-    batch_size: int = 32,
-    loader: SliceLoader | None = None,
-    selected_ms: float = 0.0,
-    started: float | None = None,
-) -> StudyResult:
-    """Decode, preprocess, infer and aggregate one series: the study's result.
-
-    ``selected_ms`` and ``started`` carry the time already spent reading
-    headers and choosing the series into the 'select' and 'total' timings.
-    """
+    series = select_series(study, package.manifest.input)
+    if isinstance(series, NotApplicable):
+        return series
     manifest = package.manifest
-    started = time.perf_counter() if started is None else started
     layout, ordered = ordered_files(series)
     selected = time.perf_counter()
     device = torch.device(device)
@@ -131,12 +114,12 @@ def score_series(
     probability = aggregate(probabilities, manifest.aggregation)
     key = int(np.argmax(probabilities))
     timings = {
-        "select": (selected - started) * 1000 + selected_ms,
+        "select": (selected - started) * 1000 + study.read_ms,
         "decode": loading.decode_ms,
         "preprocess": loading.preprocess_ms,
         "input_wait": loading.wait_ms,
         "model": model_s * 1000,
-        "total": (time.perf_counter() - started) * 1000 + selected_ms,
+        "total": (time.perf_counter() - started) * 1000 + study.read_ms,
     }
     return StudyResult(
         study_uid=series.study_uid,
@@ -206,7 +189,6 @@ __all__ = [
     "analyse_study",
     "ordered_files",
     "run_study",
-    "score_series",
     "score_study",
     "select_series",
     "series_inputs",

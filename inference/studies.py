@@ -17,7 +17,7 @@ builds on this module, never the other way round.
 from __future__ import annotations
 
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -171,7 +171,8 @@ def select_series(study: StudyHeaders, spec: InputSpec) -> SeriesCandidate | Not
             reasons.append(f"a {spec.modality} series of SOP class {other[0]}")
         elif len(candidate.files) < spec.min_slices:
             count = len(candidate.files)
-            reasons.append(f"a {spec.modality} series of {count} slice{'' if count == 1 else 's'} (needs {spec.min_slices})")
+            slices = f"{count} slice{'' if count == 1 else 's'}"
+            reasons.append(f"a {spec.modality} series of {slices} (needs {spec.min_slices})")
         else:
             suitable.append(candidate)
     if not suitable:

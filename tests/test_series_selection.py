@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import random
 import subprocess
+import zipfile
 from dataclasses import replace
 from pathlib import Path
 
@@ -23,7 +24,13 @@ from triagenode.config.settings import InferenceSettings
 from triagenode.inference.evaluation import score_studies
 from triagenode.inference.input_spec import InputSpec
 from triagenode.inference.labelled import LabelledDataError, labelled_series
-from triagenode.inference.model_package import ModelPackage, ModelPackageError, load_package, read_manifest, save_package
+from triagenode.inference.model_package import (
+    ModelPackage,
+    ModelPackageError,
+    load_package,
+    read_manifest,
+    save_package,
+)
 from triagenode.inference.outcomes import NotApplicable, StudyResult
 from triagenode.inference.phantom import PhantomStudy, read_labels, write_labels, write_phantom_study
 from triagenode.inference.pipeline import analyse_study
@@ -64,8 +71,9 @@ def two_series(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, PhantomS
     thick_source = write_phantom_study(scratch, seed=41, index=1, positive=True, slices=60, matrix=64)
     data = tmp_path_factory.mktemp("two-series")
     study_uid, thin_uid, thick_uid = thin_source.study_uid, generate_uid(), generate_uid()
-    _restack(list(thin_source.directory.glob("*.dcm")), study_uid, thin_uid, 1.0, data / "study")  # type: ignore[union-attr]
-    _restack(list(thick_source.directory.glob("*.dcm")), study_uid, thick_uid, 5.0, data / "study")  # type: ignore[union-attr]
+    assert thin_source.directory is not None and thick_source.directory is not None
+    _restack(list(thin_source.directory.glob("*.dcm")), study_uid, thin_uid, 1.0, data / "study")
+    _restack(list(thick_source.directory.glob("*.dcm")), study_uid, thick_uid, 5.0, data / "study")
     truth = PhantomStudy(study_uid, 1, thin_source.nodules)
     write_labels(data / "labels.csv", [truth])
     return data, truth, thin_uid, thick_uid
@@ -104,7 +112,9 @@ def test_training_and_evaluation_read_the_series_the_node_reads(
     assert evaluated.probability == pytest.approx(node.outcome.probability, abs=1e-6)
 
 
-def test_evaluate_and_infer_give_the_same_probability(two_series: tuple[Path, PhantomStudy, str, str], tmp_path: Path) -> None:
+def test_evaluate_and_infer_give_the_same_probability(
+    two_series: tuple[Path, PhantomStudy, str, str], tmp_path: Path
+) -> None:
     """Through the CLI, as a user runs both: the evaluated probability is the one `infer` (and the node) reports."""
     data, truth, thin_uid, _ = two_series
     inferred = subprocess.run(
@@ -127,26 +137,33 @@ def test_evaluate_and_infer_give_the_same_probability(two_series: tuple[Path, Ph
 def test_the_preference_order_is_the_models_own(two_series: tuple[Path, PhantomStudy, str, str]) -> None:
     data, truth, thin_uid, thick_uid = two_series
     [study] = read_studies(dicom_files(data)).values()
-    assert select_series(study, InputSpec()).series_uid == thin_uid  # type: ignore[union-attr]
-    assert select_series(study, InputSpec(series_preference=("most_slices",))).series_uid == thick_uid  # type: ignore[union-attr]
-    assert select_series(study, InputSpec(series_preference=("thickest",))).series_uid == thick_uid  # type: ignore[union-attr]
-    assert select_series(study, InputSpec(min_slices=50)).series_uid == thick_uid  # type: ignore[union-attr]
+
+    def chosen(spec: InputSpec) -> str:
+        series = select_series(study, spec)
+        assert not isinstance(series, NotApplicable), series.reason
+        return series.series_uid
+
+    assert chosen(InputSpec()) == thin_uid, "by default the thinnest slices, as the node always chose"
+    assert chosen(InputSpec(series_preference=("most_slices",))) == thick_uid
+    assert chosen(InputSpec(series_preference=("thickest",))) == thick_uid
+    assert chosen(InputSpec(min_slices=50)) == thick_uid
+    assert chosen(InputSpec(sop_classes=("1.2.840.10008.5.1.4.1.1.2",))) == thin_uid
     refused = select_series(study, InputSpec(min_slices=61))
     assert isinstance(refused, NotApplicable)
     assert refused.reason == (
-        "no CT image series the model can read (a CT series of 40 slices (needs 61), a CT series of 60 slices (needs 61))"
+        "no CT image series the model can read "
+        "(a CT series of 40 slices (needs 61), a CT series of 60 slices (needs 61))"
     )
     assert len(refused.evidence) == 100, "every instance of the study is the evidence of a not-applicable report"
     assert isinstance(select_series(study, InputSpec(modality="MR")), NotApplicable)
     mr_only = select_series(study, InputSpec(sop_classes=(MRImageStorage,)))
     assert isinstance(mr_only, NotApplicable) and "of SOP class 1.2.840.10008.5.1.4.1.1.2" in mr_only.reason
-    ct = select_series(study, InputSpec(sop_classes=("1.2.840.10008.5.1.4.1.1.2",)))
-    assert not isinstance(ct, NotApplicable) and ct.series_uid == thin_uid
 
 
 def test_a_tie_is_broken_by_series_uid_not_by_file_order(tmp_path: Path) -> None:
     source = write_phantom_study(tmp_path / "src", seed=3, index=0, positive=False, slices=20, matrix=32)
-    files = list(source.directory.glob("*.dcm"))  # type: ignore[union-attr]
+    assert source.directory is not None
+    files = list(source.directory.glob("*.dcm"))
     uids = sorted([generate_uid(), generate_uid()])
     written = [_restack(files, source.study_uid, uid, 2.0, tmp_path / "study" / uid[-8:]) for uid in uids]
     for order in (written[0] + written[1], written[1] + written[0]):
@@ -191,8 +208,6 @@ def test_the_selection_rules_travel_in_the_manifest(tmp_path: Path, demo: ModelP
     bad = tmp_path / "bad.tnm"
     manifest = read_manifest(path).to_dict()
     manifest["input"]["series_preference"] = ["newest"]
-    import zipfile
-
     with zipfile.ZipFile(path) as source, zipfile.ZipFile(bad, "w") as target:
         target.writestr("manifest.json", json.dumps(manifest))
         target.writestr("weights.pt", source.read("weights.pt"))
@@ -203,7 +218,7 @@ def test_the_selection_rules_travel_in_the_manifest(tmp_path: Path, demo: ModelP
 def test_infer_writes_the_report_the_worker_path_builds(
     two_series: tuple[Path, PhantomStudy, str, str], demo: ModelPackage, tmp_path: Path
 ) -> None:
-    """`infer --sr-out` and the worker share analyse_study: the same study gives the same SR (its UID is its content)."""
+    """`infer --sr-out` and the worker share analyse_study: the same study, the same SR (its UID is its content)."""
     data, truth, *_ = two_series
     result = subprocess.run(
         [TRIAGENODE, "infer", str(data / "study"), "--device", "cpu", "--sr-out", str(tmp_path / "sr.dcm")],
