@@ -1,4 +1,4 @@
-"""A worker process: load the model once, then take queued studies by lease until told to stop.
+"""A worker process (:class:`Worker`): load the model once, then take queued studies by lease until told to stop.
 
 It runs in its own (spawned) process, so a crash, an out-of-memory kill or a
 hang never takes the receiver down: the supervisor in ``triagenode serve``
@@ -42,121 +42,123 @@ LEASE_SECONDS = 60
 IDLE_POLL_S = 0.5
 
 
-def worker_main(
-    settings: Settings, worker_id: str, busy_since: Synchronized, stop: threading.Event | None = None
-) -> None:
-    """Entry point of a worker process (spawned by the supervisor)."""
+def worker_main(settings: Settings, worker_id: str, busy_since: Synchronized) -> None:
+    """Entry point of a worker process (spawned by the supervisor): set the process up, then run a Worker."""
     from triagenode.daemon.logs import configure_logging
 
     configure_logging()
     faulthandler.register(signal.SIGUSR1, all_threads=True)  # `kill -USR1 <pid>`: every thread's stack to the log
     exit_when_orphaned()
-    stop = stop or threading.Event()
+    stop = threading.Event()
     stop_on_signals(stop, [signal.SIGTERM])
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the supervisor decides
-    inference = settings.inference
-    package = load_package(inference.model)
-    device = resolve_device(inference.device)
-    package.network.to(device)
-    loader = SliceLoader(inference.decoders())
-    loader.start()
-    engine = open_for_daemon(settings.node.database_path)
-    queue, book, overview = StudyQueue(engine), ReportBook(engine), QueueOverview(engine)
-    destinations = [d.name for d in settings.destinations]
-    log.info(
-        "worker.ready worker=%s model=%s version=%s device=%s decoders=%d",
-        worker_id,
-        package.manifest.name,
-        package.manifest.version,
-        device,
-        loader.processes,
-    )
-    while not stop.is_set():
-        claim = queue.claim(worker_id, LEASE_SECONDS)
-        if claim is None:
-            stop.wait(IDLE_POLL_S)
-            continue
-        busy_since.value = time.monotonic()  # the supervisor measures on the same (system-wide) clock
-        renewer = _LeaseRenewer(queue, claim)
+    Worker(settings, worker_id, busy_since, stop).run()
+
+
+class Worker:
+    """One worker: its model, decoders and queue connection, its loop of claims, and what it does with a study.
+
+    The loop (:meth:`run`) takes a study under a lease, has a thread renew
+    the lease, publishes when it started (the supervisor kills it after
+    ``study_timeout_s``), runs :meth:`process` and ends the lease with the
+    study's next state: ``reported`` with the outcome, ``failed`` with the
+    reason, or back to the queue when a decoder died (an interrupted run).
+    """
+
+    def __init__(self, settings: Settings, worker_id: str, busy_since: Synchronized, stop: threading.Event) -> None:
+        self.settings, self.worker_id = settings, worker_id
+        self._busy_since, self._stop = busy_since, stop
+        inference = settings.inference
+        self.package: ModelPackage = load_package(inference.model)
+        self.device: torch.device = resolve_device(inference.device)
+        self.package.network.to(self.device)
+        self.loader = SliceLoader(inference.decoders())
+        self._engine = open_for_daemon(settings.node.database_path)
+        self.queue, self.book = StudyQueue(self._engine), ReportBook(self._engine)
+        self.overview = QueueOverview(self._engine)
+        self.store = FileStore(settings.node.data_dir)
+        self.destinations = [d.name for d in settings.destinations]
+
+    def run(self) -> None:
+        """Take studies until told to stop, then close what the worker holds."""
+        self.loader.start()
+        manifest = self.package.manifest
+        log.info("worker.ready worker=%s model=%s version=%s device=%s decoders=%d", self.worker_id, manifest.name,
+                 manifest.version, self.device, self.loader.processes)  # fmt: skip
+        try:
+            while not self._stop.is_set():
+                claim = self.queue.claim(self.worker_id, LEASE_SECONDS)
+                if claim is None:
+                    self._stop.wait(IDLE_POLL_S)
+                    continue
+                self._run_claimed(claim)
+        finally:
+            self.loader.close()
+            self._engine.dispose()
+            log.info("worker.stopped worker=%s", self.worker_id)
+
+    def _run_claimed(self, claim: Claim) -> None:
+        self._busy_since.value = time.monotonic()  # the supervisor measures on the same (system-wide) clock
+        renewer = _LeaseRenewer(self.queue, claim)
         renewer.start()
         try:
-            _process(settings, package, device, loader, claim, overview, book, destinations)
+            self.process(claim)
         except SeriesGeometryError as exc:
-            queue.finish(claim, StudyState.FAILED, f"the series cannot be read as one volume: {exc}")
+            self.queue.finish(claim, StudyState.FAILED, f"the series cannot be read as one volume: {exc}")
         except BrokenProcessPool:
             # A decoder died (most likely killed for memory): like a worker crash, the study gets another try.
-            log.error(
-                "worker.decoder_died worker=%s study_uid=%s attempt=%d", worker_id, claim.study_uid, claim.attempt
-            )
-            queue.interrupted(claim, "a decoder process died (out of memory?)")
+            log.error("worker.decoder_died worker=%s study_uid=%s attempt=%d", self.worker_id, claim.study_uid,
+                      claim.attempt)  # fmt: skip
+            self.queue.interrupted(claim, "a decoder process died (out of memory?)")
         except Exception as exc:  # noqa: BLE001 - the study fails with the reason; the worker goes on
-            log.exception("worker.error worker=%s study_uid=%s", worker_id, claim.study_uid)
-            queue.finish(claim, StudyState.FAILED, f"worker error: {type(exc).__name__}; see the node's log")
+            log.exception("worker.error worker=%s study_uid=%s", self.worker_id, claim.study_uid)
+            self.queue.finish(claim, StudyState.FAILED, f"worker error: {type(exc).__name__}; see the node's log")
         finally:
             renewer.stop()
-            busy_since.value = 0.0
-    loader.close()
-    engine.dispose()
-    log.info("worker.stopped worker=%s", worker_id)
+            self._busy_since.value = 0.0
 
-
-def _process(
-    settings: Settings,
-    package: ModelPackage,
-    device: torch.device,
-    loader: SliceLoader,
-    claim: Claim,
-    overview: QueueOverview,
-    book: ReportBook,
-    destinations: list[str],
-) -> None:
-    data_dir = settings.node.data_dir
-    inference = settings.inference
-    files = overview.instance_files(claim.study_uid, data_dir)
-    previous = book.previous_report(claim.study_uid)  # a re-opened study's new report names the one it replaces
-    predecessor = read_predecessor(data_dir / previous.sr_path) if previous is not None else None
-    analysis = analyse_study(
-        package, read_study(claim.study_uid, files), device, inference.batch_size, loader, inference,
-        settings.node.ae_title, predecessor,
-    )  # fmt: skip
-    outcome, report, manifest = analysis.outcome, analysis.report, package.manifest
-    started = time.perf_counter()
-    sr: tuple[str | None, str | None] = (None, None)
-    if report is not None:
-        store = FileStore(data_dir)
-        relative = Path("reports") / claim.study_uid / f"{report.SOPInstanceUID}.dcm"
-        spooled = store.spool_dir / f"{report.SOPInstanceUID}.sr"
-        report.save_as(spooled, enforce_file_format=True)
-        store.commit_file(spooled, relative)
-        sr = (str(relative), str(report.SOPInstanceUID))
-    if isinstance(outcome, NotApplicable):
-        recorded = book.record_result(
-            claim, Outcome.not_applicable(manifest.name, manifest.version, outcome.reason), destinations, *sr
+    def process(self, claim: Claim) -> None:
+        """One claimed study: analyse it (result and SR), keep the SR, record the outcome (``reported``)."""
+        data_dir = self.settings.node.data_dir
+        inference = self.settings.inference
+        files = self.overview.instance_files(claim.study_uid, data_dir)
+        previous = self.book.previous_report(claim.study_uid)  # a re-opened study's new report names the old one
+        predecessor = read_predecessor(data_dir / previous.sr_path) if previous is not None else None
+        analysis = analyse_study(
+            self.package, read_study(claim.study_uid, files), self.device, inference.batch_size, self.loader,
+            inference, self.settings.node.ae_title, predecessor,
+        )  # fmt: skip
+        outcome, report, manifest = analysis.outcome, analysis.report, self.package.manifest
+        started = time.perf_counter()
+        sr: tuple[str | None, str | None] = (None, None)
+        if report is not None:
+            relative = Path("reports") / claim.study_uid / f"{report.SOPInstanceUID}.dcm"
+            spooled = self.store.spool_dir / f"{report.SOPInstanceUID}.sr"
+            report.save_as(spooled, enforce_file_format=True)
+            self.store.commit_file(spooled, relative)
+            sr = (str(relative), str(report.SOPInstanceUID))
+        if isinstance(outcome, NotApplicable):
+            recorded = self.book.record_result(
+                claim, Outcome.not_applicable(manifest.name, manifest.version, outcome.reason), self.destinations, *sr
+            )
+            log.info("study.not_applicable study_uid=%s reason=%r report=%s recorded=%s", claim.study_uid,
+                     outcome.reason, report is not None, recorded)  # fmt: skip
+            return
+        outcome.timings_ms["report"] = round(analysis.report_ms + (time.perf_counter() - started) * 1000, 1)
+        finding = Outcome(
+            model=outcome.model,
+            model_version=outcome.model_version,
+            finding=outcome.finding,
+            probability=outcome.probability,
+            threshold=outcome.threshold,
+            series_uid=outcome.series_uid,
+            key_instance_uid=outcome.key_instance_uid,
+            slices=outcome.slices,
+            timings_ms=outcome.timings_ms,
         )
-        log.info("study.not_applicable study_uid=%s reason=%r report=%s recorded=%s", claim.study_uid, outcome.reason,
-                 report is not None, recorded)  # fmt: skip
-        return
-    outcome.timings_ms["report"] = round(analysis.report_ms + (time.perf_counter() - started) * 1000, 1)
-    finding = Outcome(
-        model=outcome.model,
-        model_version=outcome.model_version,
-        finding=outcome.finding,
-        probability=outcome.probability,
-        threshold=outcome.threshold,
-        series_uid=outcome.series_uid,
-        key_instance_uid=outcome.key_instance_uid,
-        slices=outcome.slices,
-        timings_ms=outcome.timings_ms,
-    )
-    recorded = book.record_result(claim, finding, destinations, *sr)
-    log.info(
-        "study.result study_uid=%s finding=%s probability=%.4f recorded=%s timings_ms=%s",
-        claim.study_uid,
-        outcome.finding,
-        outcome.probability,
-        recorded,
-        outcome.timings_ms,
-    )
+        recorded = self.book.record_result(claim, finding, self.destinations, *sr)
+        log.info("study.result study_uid=%s finding=%s probability=%.4f recorded=%s timings_ms=%s", claim.study_uid,
+                 outcome.finding, outcome.probability, recorded, outcome.timings_ms)  # fmt: skip
 
 
 class _LeaseRenewer(threading.Thread):
