@@ -90,8 +90,10 @@ def test_orthanc_stopped_for_a_while_then_gets_exactly_one_report(make_node, tmp
     wait_until(lambda: node.study(study.study_uid)["deliveries"][0]["attempts"] >= 2, 30, "failed attempts")
     orthanc.start()
     try:
-        node.wait_for_state(study.study_uid, "sent", timeout=30)
-        time.sleep(3)
+        details = node.wait_for_state(study.study_uid, "sent", timeout=30)
+        # Sent with nothing pending: no further send is scheduled, so what Orthanc holds now is final
+        # (Orthanc answers a C-STORE only once it has stored the instance).
+        assert [d["state"] for d in details["deliveries"]] == ["sent"]
         assert len(sr_in_orthanc(orthanc, study.study_uid)) == 1
     finally:
         orthanc.stop()
