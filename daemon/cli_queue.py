@@ -34,7 +34,7 @@ if TYPE_CHECKING:
 
 def _study_states() -> list[str]:
     """The values ``--state`` accepts: the queue's own states (imported when the option is parsed or shown)."""
-    from triagenode.storage.models import StudyState
+    from triagenode.storage.states import StudyState
 
     return [s.value for s in StudyState]
 

@@ -1,0 +1,40 @@
+"""The states of a study and of a delivery: plain enums, without SQLAlchemy.
+
+Their own module so that what only names a state (the CLI's ``--state``
+choices, scripts) does not pay for importing the database layer;
+:mod:`triagenode.storage.models` stores them.
+"""
+
+from __future__ import annotations
+
+import enum
+
+
+class StudyState(enum.StrEnum):
+    """Where a study is in its life on the node."""
+
+    RECEIVING = "receiving"
+    """Instances are arriving; the stability clock runs."""
+    QUEUED = "queued"
+    """Complete (no instance for ``stable_seconds``), waiting for a worker."""
+    PROCESSING = "processing"
+    """Held by a worker under a lease."""
+    REPORTED = "reported"
+    """The result exists; its report is waiting to reach every destination."""
+    SENT = "sent"
+    """Every destination has the report."""
+    FAILED = "failed"
+    """Gave up, with the reason in the event history; ``queue retry`` re-queues it."""
+    CANCELLED = "cancelled"
+    """An administrator stopped it; ``queue retry`` re-queues it."""
+
+
+class DeliveryState(enum.StrEnum):
+    """Where one report is on its way to one destination."""
+
+    PENDING = "pending"
+    """Waiting for its next attempt (``next_attempt_at``)."""
+    SENT = "sent"
+    """The destination answered Success."""
+    FAILED = "failed"
+    """Gave up after ``max_attempts``; ``queue retry`` or ``queue resend`` sends again."""
