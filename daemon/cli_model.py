@@ -134,8 +134,8 @@ def model_train(
 
     Writes OUT, OUT.ckpt (after every epoch, for --resume) and OUT.log.jsonl (one line per epoch).
     """
-    from triagenode.inference.preprocessing import InputSpec
     from triagenode.inference.device import DeviceError
+    from triagenode.inference.preprocessing import InputSpec
     from triagenode.inference.training import TrainingConfig, TrainingError, train
 
     config = TrainingConfig(
@@ -189,9 +189,9 @@ def model_evaluate(
     as_json: bool,
 ) -> None:
     """Measure a model on labelled local studies: accuracy, sensitivity, specificity, PPV, NPV, F1, ROC AUC."""
+    from triagenode.inference.device import DeviceError, resolve_device
     from triagenode.inference.evaluation import EvaluationError, evaluate
     from triagenode.inference.model_package import ModelPackageError, load_package
-    from triagenode.inference.device import DeviceError, resolve_device
 
     try:
         loaded = load_package(package)
@@ -249,7 +249,7 @@ def infer(
     for study_uid, study in studies.items():
         try:
             analysis = analyse_study(package, study, torch_device, inference.batch_size, None, inference,
-                                     settings.node.ae_title, with_report=sr_out is not None)  # fmt: skip
+                                     settings.node.ae_title, with_report=sr_out is not None)
         except SeriesGeometryError as exc:
             results.append({"study_uid": study_uid, "status": "failed", "reason": str(exc)})
             failed = True

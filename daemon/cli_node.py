@@ -148,12 +148,12 @@ def destination_rows(settings: Settings, book: ReportBook) -> list[dict[str, Any
         rows.append(
             {"name": d.name, "ae_title": d.ae_title, "host": d.host, "port": d.port, "configured": True,
              "pending": c.pending if c else 0, "failed": c.failed if c else 0, "sent": c.sent if c else 0}
-        )  # fmt: skip
+        )
     for name, c in sorted(counts.items()):
         rows.append(
             {"name": name, "ae_title": None, "host": None, "port": None, "configured": False,
              "pending": c.pending, "failed": c.failed, "sent": c.sent}
-        )  # fmt: skip
+        )
     return rows
 
 

@@ -165,7 +165,7 @@ def print_deliveries(deliveries: list[dict[str, Any]], result: dict[str, Any] | 
             (d["destination"], d["state"], d["attempts"], d["next_attempt_at"] or "-", d["sent_at"] or "-",
              d["last_error"] or "-")
             for d in deliveries
-        ],  # fmt: skip
+        ],
         ["destination", "state", "attempts", "next attempt", "sent", "last error"],
     )
 

@@ -141,7 +141,9 @@ def rebuild_report(settings: Settings, book: ReportBook, study_uid: str) -> str 
     store.commit_file(spooled, relative)
     old_class = SR_CLASS_NAMES.get(str(stored.SOPClassUID), str(stored.SOPClassUID))
     new_class = SR_CLASS_NAMES[SR_CLASS_UIDS[settings.inference.sr_sop_class]]
-    sentence = f"report rebuilt as {new_class} {new_uid} from the stored {old_class} {old_uid} ([inference] sr_sop_class)"
+    sentence = (
+        f"report rebuilt as {new_class} {new_uid} from the stored {old_class} {old_uid} ([inference] sr_sop_class)"
+    )
     book.replace_report(study_uid, str(relative), new_uid, sentence)
     return sentence
 
@@ -210,7 +212,7 @@ class DestinationSender:
             except SQLAlchemyError as exc:  # locked or full: the deliveries stay pending and come back
                 if not self._database_failing:
                     log.error("delivery.database_failing destination=%s error=%s detail=%r: retried every second",
-                              self.destination.name, type(exc).__name__, str(getattr(exc, "orig", exc)))  # fmt: skip
+                              self.destination.name, type(exc).__name__, str(getattr(exc, "orig", exc)))
                     self._database_failing = True
             finally:
                 with self._lock:
@@ -224,24 +226,23 @@ class DestinationSender:
             record_failure(self._book, self._settings.delivery, self._rng, delivery, str(exc))
             return
         except (InvalidDicomError, ValueError, AttributeError, KeyError) as exc:  # a stored report pydicom cannot read
-            record_failure(self._book, self._settings.delivery, self._rng, delivery,
-                           f"the stored report cannot be read ({type(exc).__name__}); see `triagenode queue show`")  # fmt: skip
+            why = f"the stored report cannot be read ({type(exc).__name__}); see `triagenode queue show`"
+            record_failure(self._book, self._settings.delivery, self._rng, delivery, why)
             return
         self._book.succeeded(delivery.id)
         log.info("delivery.sent study_uid=%s destination=%s attempt=%d", delivery.study_uid, delivery.destination,
-                 delivery.attempts + 1)  # fmt: skip
+                 delivery.attempts + 1)
 
 
 def record_failure(
     book: ReportBook, settings: DeliverySettings, rng: random.Random, delivery: DueDelivery, error: str,
     max_attempts: int | None = None,
-) -> None:  # fmt: skip
+) -> None:
     """Record a failed attempt with its backoff and log it."""
     attempt = delivery.attempts + 1
     wait = backoff(attempt, settings, rng)
-    last = book.failed_attempt(
-        delivery.id, error, utcnow() + timedelta(seconds=wait), settings.max_attempts if max_attempts is None else max_attempts
-    )
+    limit = settings.max_attempts if max_attempts is None else max_attempts
+    last = book.failed_attempt(delivery.id, error, utcnow() + timedelta(seconds=wait), limit)
     log.warning(
         "delivery.failed study_uid=%s destination=%s attempt=%d error=%r %s",
         delivery.study_uid,
@@ -262,7 +263,7 @@ class ReportDelivery:
     def __init__(self, settings: Settings, book: ReportBook) -> None:
         self._settings = settings
         self._book = book
-        self._rng = random.Random()
+        self._rng = random.Random()  # noqa: S311 - jitter spreads retries; nothing secret
         self.senders = {d.name: DestinationSender(d, settings, book, self._rng) for d in settings.destinations}
         self._started = False
         self._start_lock = threading.Lock()
@@ -316,5 +317,5 @@ class ReportDelivery:
                 f"destination {delivery.destination!r} is no longer configured; "
                 "`triagenode queue resend` sends the report to the configured ones",
                 max_attempts=0,
-            )  # fmt: skip
+            )
         return len(due)

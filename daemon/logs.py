@@ -43,7 +43,7 @@ def escape_unprintable(text: str) -> str:
 class _EscapingFormatter(logging.Formatter):
     """Formats the message with its control characters escaped; the traceback, if any, as it is."""
 
-    def formatMessage(self, record: logging.LogRecord) -> str:  # noqa: N802 - logging's name
+    def formatMessage(self, record: logging.LogRecord) -> str:  # logging names it so
         record.message = escape_unprintable(record.message)
         return super().formatMessage(record)
 

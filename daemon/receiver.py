@@ -40,13 +40,13 @@ from pynetdicom.transport import ThreadedAssociationServer
 from sqlalchemy.exc import SQLAlchemyError
 
 from triagenode.config.settings import NodeSettings
+from triagenode.daemon import pynetdicom_internals as internals
 from triagenode.daemon.contexts import (
     ACCEPTED_TRANSFER_SYNTAXES,
     STORAGE_SOP_CLASSES,
     VERIFICATION_SOP_CLASS,
     VERIFICATION_TRANSFER_SYNTAXES,
 )
-from triagenode.daemon import pynetdicom_internals as internals
 from triagenode.daemon.incoming import RefusedDatasetError, read_incoming
 from triagenode.daemon.spool import install_spool, refusal_of
 from triagenode.daemon.statuses import StoreStatus, status_dataset
@@ -190,7 +190,7 @@ class StorageReceiver:
             association.abort()
         if busy:
             log.warning("receiver.stopped aborted_transfers=%d grace_s=%g ended_idle=%d", len(busy), grace_s,
-                        ended_idle)  # fmt: skip
+                        ended_idle)
         else:
             log.info("receiver.stopped ended_idle=%d", ended_idle)
         return len(busy)
@@ -290,7 +290,7 @@ class StorageReceiver:
             tally.storing = True
         try:
             status, detail, size = self._store_instance(event)
-        except Exception as exc:  # noqa: BLE001 - the peer must get a deliberate status, never 0xC211
+        except Exception as exc:  # whatever it is, the peer gets a deliberate status, never 0xC211
             # The message of a foreign exception may quote attribute values, so
             # log its type and the traceback's frames (code only), not its text.
             where = traceback.extract_tb(exc.__traceback__)[-1]
@@ -523,7 +523,7 @@ def _guard_incoming_pdus(association: Association, peer_ip: str) -> None:
                 log.warning(
                     "association.pdu_too_long peer_ae=%s peer_ip=%s pdu_length=%d max_pdu_length=%d: aborting",
                     _peer_ae(association), peer_ip, length, MAX_PDU_SIZE,
-                )  # fmt: skip
+                )
                 _refuse_connection(
                     transport, _A_ABORT_INVALID_PDU_PARAMETER, f"P-DATA-TF of {length} bytes exceeds {MAX_PDU_SIZE}"
                 )

@@ -82,7 +82,7 @@ class Node:
         )
         for destination in self.settings.destinations:
             log.info("destination name=%s ae_title=%s host=%s port=%d", destination.name, destination.ae_title,
-                     destination.host, destination.port)  # fmt: skip
+                     destination.host, destination.port)
         if not self.settings.destinations:
             log.info("destination none: reports stay on the node (add [[destinations]] to send them)")
         self.receiver = StorageReceiver(node, queue, self.store)
@@ -119,7 +119,7 @@ class Node:
             return
         if released:
             log.info("node.leases_released studies=%d reason='stopped mid-study; processed again at the next start'",
-                     len(released))  # fmt: skip
+                     len(released))
 
     def _every(self, seconds: float, job_id: str, function: Callable[..., object], *args: object) -> None:
         assert self._scheduler is not None
@@ -145,7 +145,7 @@ class Node:
                 self._heartbeat.stopped()
             except SQLAlchemyError as exc:  # a full disk or a locked database must not turn a stop into a crash
                 log.warning("node.stop_not_recorded error=%s: `triagenode status` reads the lock instead",
-                            type(exc).__name__)  # fmt: skip
+                            type(exc).__name__)
         if self._lock_fd is not None:
             os.close(self._lock_fd)
         if self.engine is not None:
@@ -172,8 +172,9 @@ class _ScheduledJob:
         except (SQLAlchemyError, OSError) as exc:
             if self._failing_since is None:
                 self._failing_since = time.monotonic()
+                detail = str(getattr(exc, "orig", exc))
                 log.error("job.failing job=%s error=%s detail=%r: retried every run; check the disk and "
-                          "`triagenode status`", self._name, type(exc).__name__, str(getattr(exc, "orig", exc)))  # fmt: skip
+                          "`triagenode status`", self._name, type(exc).__name__, detail)
             return
         if self._failing_since is not None:
             log.info("job.recovered job=%s after_s=%.0f", self._name, time.monotonic() - self._failing_since)

@@ -104,7 +104,7 @@ class WorkerPool:
             busy = slot.busy_since.value if slot.busy_since is not None else 0.0
             if process.is_alive() and busy and time.monotonic() - busy > timeout:
                 log.error("worker.timeout worker=%s pid=%s study_timeout_s=%d: killing it", slot.worker_id,
-                          process.pid, timeout)  # fmt: skip
+                          process.pid, timeout)
                 os.kill(process.pid, signal.SIGKILL)  # type: ignore[arg-type]
                 process.join(5)
                 slot.timed_out = True
@@ -117,7 +117,7 @@ class WorkerPool:
                 stopped = process.exitcode in (0, -signal.SIGTERM) and not slot.timed_out
                 if not slot.timed_out:
                     log.log(logging.INFO if stopped else logging.ERROR, "worker.%s worker=%s pid=%s exitcode=%s",
-                            "exited" if stopped else "died", slot.worker_id, process.pid, process.exitcode)  # fmt: skip
+                            "exited" if stopped else "died", slot.worker_id, process.pid, process.exitcode)
                 why = f"killed after study_timeout_s={timeout}" if slot.timed_out else None
                 slot.timed_out = False
                 returned = self._queue.recover_expired_leases(owner=slot.worker_id, why=why)
@@ -153,7 +153,7 @@ class WorkerPool:
                 slot.process.join(max(0.0, deadline - time.monotonic()))
                 if slot.process.is_alive():
                     log.warning("worker.killed worker=%s pid=%s reason='still busy after shutdown_grace_s=%g'",
-                                slot.worker_id, slot.process.pid, grace_s)  # fmt: skip
+                                slot.worker_id, slot.process.pid, grace_s)
                     slot.process.kill()
                     slot.process.join(5)
                 else:

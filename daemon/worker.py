@@ -23,12 +23,12 @@ import torch
 
 from triagenode.config.settings import Settings
 from triagenode.daemon.signals import stop_on_signals
+from triagenode.inference.device import resolve_device
 from triagenode.inference.loader import SliceLoader, exit_when_orphaned
 from triagenode.inference.model_package import ModelPackage, load_package
 from triagenode.inference.pipeline import NotApplicable, SeriesGeometryError, analyse_study
 from triagenode.inference.report import read_predecessor
 from triagenode.inference.studies import read_study
-from triagenode.inference.device import resolve_device
 from triagenode.storage.database import open_for_daemon
 from triagenode.storage.filestore import FileStore
 from triagenode.storage.models import StudyState
@@ -84,7 +84,7 @@ class Worker:
         self.loader.start()
         manifest = self.package.manifest
         log.info("worker.ready worker=%s model=%s version=%s device=%s decoders=%d", self.worker_id, manifest.name,
-                 manifest.version, self.device, self.loader.processes)  # fmt: skip
+                 manifest.version, self.device, self.loader.processes)
         try:
             while not self._stop.is_set():
                 claim = self.queue.claim(self.worker_id, LEASE_SECONDS)
@@ -108,9 +108,9 @@ class Worker:
         except BrokenProcessPool:
             # A decoder died (most likely killed for memory): like a worker crash, the study gets another try.
             log.error("worker.decoder_died worker=%s study_uid=%s attempt=%d", self.worker_id, claim.study_uid,
-                      claim.attempt)  # fmt: skip
+                      claim.attempt)
             self.queue.interrupted(claim, "a decoder process died (out of memory?)")
-        except Exception as exc:  # noqa: BLE001 - the study fails with the reason; the worker goes on
+        except Exception as exc:  # the study fails with the reason; the worker goes on
             log.exception("worker.error worker=%s study_uid=%s", self.worker_id, claim.study_uid)
             self.queue.finish(claim, StudyState.FAILED, f"worker error: {type(exc).__name__}; see the node's log")
         finally:
@@ -127,7 +127,7 @@ class Worker:
         analysis = analyse_study(
             self.package, read_study(claim.study_uid, files), self.device, inference.batch_size, self.loader,
             inference, self.settings.node.ae_title, predecessor,
-        )  # fmt: skip
+        )
         outcome, report, manifest = analysis.outcome, analysis.report, self.package.manifest
         started = time.perf_counter()
         sr: tuple[str | None, str | None] = (None, None)
@@ -142,7 +142,7 @@ class Worker:
                 claim, Outcome.not_applicable(manifest.name, manifest.version, outcome.reason), self.destinations, *sr
             )
             log.info("study.not_applicable study_uid=%s reason=%r report=%s recorded=%s", claim.study_uid,
-                     outcome.reason, report is not None, recorded)  # fmt: skip
+                     outcome.reason, report is not None, recorded)
             return
         outcome.timings_ms["report"] = round(analysis.report_ms + (time.perf_counter() - started) * 1000, 1)
         finding = Outcome(
@@ -158,7 +158,7 @@ class Worker:
         )
         recorded = self.book.record_result(claim, finding, self.destinations, *sr)
         log.info("study.result study_uid=%s finding=%s probability=%.4f recorded=%s timings_ms=%s", claim.study_uid,
-                 outcome.finding, outcome.probability, recorded, outcome.timings_ms)  # fmt: skip
+                 outcome.finding, outcome.probability, recorded, outcome.timings_ms)
 
 
 class _LeaseRenewer(threading.Thread):

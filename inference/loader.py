@@ -41,7 +41,13 @@ import numpy as np
 import torch
 from pydicom import dcmread
 
-from triagenode.inference.preprocessing import InputSpec, SeriesLayout, modality_values, prepare_slices, stack_neighbours
+from triagenode.inference.preprocessing import (
+    InputSpec,
+    SeriesLayout,
+    modality_values,
+    prepare_slices,
+    stack_neighbours,
+)
 
 RUN_SLICES = 16
 """Slices per decoder task: small enough that the first batch is ready early, large enough to amortise a task."""

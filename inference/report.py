@@ -51,8 +51,8 @@ from typing import Literal
 
 import highdicom as hd
 from pydicom import Dataset, dcmread
-from pydicom.errors import InvalidDicomError
 from pydicom.dataset import FileMetaDataset
+from pydicom.errors import InvalidDicomError
 from pydicom.filebase import DicomBytesIO
 from pydicom.filewriter import write_dataset
 from pydicom.sr.codedict import codes
@@ -116,9 +116,9 @@ class Predecessor:
             for study in sr.get("PredecessorDocumentsSequence", [])
             for series in study.get("ReferencedSeriesSequence", [])
             for ref in series.get("ReferencedSOPSequence", [])
-        )  # fmt: skip
+        )
         return cls(str(sr.StudyInstanceUID), str(sr.SeriesInstanceUID), str(sr.SOPClassUID), str(sr.SOPInstanceUID),
-                   earlier)  # fmt: skip
+                   earlier)
 
 
 def read_predecessor(path: Path) -> Predecessor | None:
@@ -131,7 +131,7 @@ def read_predecessor(path: Path) -> Predecessor | None:
             path,
             specific_tags=["StudyInstanceUID", "SeriesInstanceUID", "SOPClassUID", "SOPInstanceUID",
                            "PredecessorDocumentsSequence"],
-        )  # fmt: skip
+        )
         return Predecessor.of(sr)
     except (OSError, InvalidDicomError, AttributeError, ValueError):
         return None
@@ -202,7 +202,7 @@ def build_measurement_report(
     return _document(
         manifest, group, evaluated_series, key, result.study_uid, node_ae_title, sr_class, product, predecessor, now,
         f"AI triage: {manifest.finding.meaning.lower()} (not for diagnosis)",
-    )  # fmt: skip
+    )
 
 
 def build_not_applicable_report(
@@ -230,7 +230,7 @@ def build_not_applicable_report(
     return _document(
         manifest, group, study_headers, None, outcome.study_uid, node_ae_title, sr_class, product, predecessor, now,
         f"AI triage: {manifest.finding.meaning.lower()} not assessed",
-    )  # fmt: skip
+    )
 
 
 def report_for(
@@ -463,7 +463,7 @@ def _seal(sr: Dataset, predecessor: Predecessor | None) -> None:
         del sr.PredecessorDocumentsSequence
 
 
-def _document(  # noqa: PLR0913 - one place that turns the content into the SR document
+def _document(
     manifest: Manifest,
     group: hd.sr.MeasurementsAndQualitativeEvaluations,
     evidence: Sequence[Dataset],

@@ -205,7 +205,7 @@ def slice_probabilities(
     network.eval()
     device = torch.device(device)
     out = [batch_probabilities(network, inputs[start : start + batch_size], device)
-           for start in range(0, len(inputs), batch_size)]  # fmt: skip
+           for start in range(0, len(inputs), batch_size)]
     return torch.cat(out).numpy() if out else np.zeros(0, dtype=np.float32)
 
 

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import enum
 from datetime import datetime
-
 from typing import Any
 
 from sqlalchemy import Dialect, ForeignKey, Index, String, UniqueConstraint

@@ -23,7 +23,6 @@ from triagenode.storage.queue import UnknownStudyError
 from triagenode.storage.reports import ReportBook
 from triagenode.storage.timeutil import iso, utcnow
 
-
 OUTCOMES = ("present", "absent", "not applicable")
 """Values of ``outcome``; ``None`` when the study has no result yet."""
 

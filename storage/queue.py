@@ -484,7 +484,7 @@ class StudyQueue:
             studies = session.scalars(processing).all()
             for study in studies:
                 transition(session, study, S.QUEUED, "the node stopped while it was processed; back in the queue",
-                           now)  # fmt: skip
+                           now)
             return [study.study_uid for study in studies]
 
     def retry(self, study_uid: str, reason: str = "retried by an administrator", now: datetime | None = None) -> str:

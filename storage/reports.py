@@ -267,7 +267,7 @@ class ReportBook:
             session.add(
                 StudyEvent(study=study, at=now, from_state=study.state, to_state=study.state,
                            reason=f"report delivered to {delivery.destination}")
-            )  # fmt: skip
+            )
             session.flush()
             summarise(session, study, now)
             return True
@@ -296,7 +296,7 @@ class ReportBook:
                 StudyEvent(study=study, at=now, from_state=study.state, to_state=study.state,
                            reason=f"gave up delivering the report to {delivery.destination} after "
                                   f"{delivery.attempts} attempts (last: {error[:200]})")
-            )  # fmt: skip
+            )
             session.flush()
             summarise(session, study, now)
             return True
@@ -321,7 +321,7 @@ class ReportBook:
             return study.state, row.sr_path, row.sr_sop_instance_uid
 
     def replace_report(self, study_uid: str, sr_path: str, sr_sop_instance_uid: str, reason: str,
-                       now: datetime | None = None) -> None:  # fmt: skip
+                       now: datetime | None = None) -> None:
         """Point a study's result at a rebuilt report (another SR class); the old file stays."""
         now = now or utcnow()
         with self._write.begin() as session:
@@ -357,16 +357,15 @@ class ReportBook:
                     f"study {study_uid} has no report to send "
                     "(the model could not read it and [inference] report_not_applicable is off)"
                 )
-            existing = {d.destination: d for d in session.scalars(select(Delivery).where(Delivery.study_id == study.id))}
+            rows = session.scalars(select(Delivery).where(Delivery.study_id == study.id))
+            existing = {d.destination: d for d in rows}
             for name in destinations:
                 delivery = existing.get(name) or Delivery(study_id=study.id, destination=name)
                 delivery.state, delivery.attempts, delivery.next_attempt_at = PENDING, 0, now
                 delivery.last_error = delivery.sent_at = None
                 session.add(delivery)
-            session.add(
-                StudyEvent(study=study, at=now, from_state=study.state, to_state=study.state,
-                           reason=f"report to be sent again to {', '.join(destinations)} (requested by an administrator)")
-            )  # fmt: skip
+            reason = f"report to be sent again to {', '.join(destinations)} (requested by an administrator)"
+            session.add(StudyEvent(study=study, at=now, from_state=study.state, to_state=study.state, reason=reason))
             session.flush()
             summarise(session, study, now, "report to be sent again (requested by an administrator)")
             return list(destinations)
@@ -375,7 +374,9 @@ class ReportBook:
         """Deliveries per destination and state, for ``status``."""
         with self._read() as session:
             rows = session.execute(
-                select(Delivery.destination, Delivery.state, func.count()).group_by(Delivery.destination, Delivery.state)
+                select(Delivery.destination, Delivery.state, func.count()).group_by(
+                    Delivery.destination, Delivery.state
+                )
             ).all()
         out: dict[str, dict[str, int]] = {}
         for name, state, count in rows:
@@ -434,11 +435,11 @@ class ReportBook:
                        ResultRecord.model_version, ResultRecord.created_at)
                 .join(Study, Study.id == ResultRecord.study_id)
                 .where(Study.study_uid == study_uid)
-            ).one_or_none()  # fmt: skip
+            ).one_or_none()
         if row is None or row.sr_path is None or row.sr_sop_instance_uid is None:
             return None
         return PreviousReport(study_uid, row.sr_path, row.sr_sop_instance_uid, row.model, row.model_version,
-                              row.created_at)  # fmt: skip
+                              row.created_at)
 
 
 @dataclass(frozen=True)

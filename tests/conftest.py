@@ -208,7 +208,7 @@ SLOW_MODULES = frozenset(
 
 def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line("markers", "fast: the fast tier: no node process, no model run (`pytest -m fast`)")
-    config.addinivalue_line("markers", "slow: runs processes or a model although it starts no node; not in the fast tier")
+    config.addinivalue_line("markers", "slow: runs processes or a model, starts no node; not in the fast tier")
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:

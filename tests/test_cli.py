@@ -103,15 +103,15 @@ COMMANDS = (
 
 HEAVY = ("sqlalchemy", "pynetdicom", "pydicom", "numpy", "torch", "pydantic", "monai", "highdicom", "apscheduler")
 
-_IMPORTS_OF = """
+_IMPORTS_OF = f"""
 import sys
 from triagenode.daemon.cli import main
 try:
     main(sys.argv[1:], prog_name="triagenode")
 except SystemExit:
     pass
-print(sorted({{name.split(".")[0] for name in sys.modules}} & {heavy!r}), file=sys.stderr)
-""".format(heavy=set(HEAVY))
+print(sorted({{name.split(".")[0] for name in sys.modules}} & {set(HEAVY)!r}), file=sys.stderr)
+"""
 
 
 def _heavy_imports(*args: str) -> list[str]:
@@ -164,11 +164,12 @@ def _reported(node: NodeProcess, tmp_path: Path, name: str, destinations: list[s
     """
     from datetime import timedelta
 
+    from test_delivery import write_sr
+
     from triagenode.storage.database import open_for_cli
     from triagenode.storage.queue import StudyQueue
     from triagenode.storage.reports import Outcome, ReportBook
     from triagenode.storage.timeutil import utcnow
-    from test_delivery import write_sr
 
     study = write_study(tmp_path / name, slices=1)
     send(node.port, study.files)
@@ -180,7 +181,7 @@ def _reported(node: NodeProcess, tmp_path: Path, name: str, destinations: list[s
         sr_path, sr_uid = write_sr(node.data_dir, study.study_uid)
         result = Outcome(model="lung", model_version="2.1", finding=True, probability=0.875, threshold=0.5,
                          series_uid="1.2.3", key_instance_uid="1.2.3.4", slices=1,
-                         timings_ms={"decode": 12.0, "model": 30.0, "total": 45.0})  # fmt: skip
+                         timings_ms={"decode": 12.0, "model": 30.0, "total": 45.0})
         assert ReportBook(engine).record_result(claim, result, destinations, sr_path, sr_uid)
     finally:
         engine.dispose()
@@ -188,15 +189,16 @@ def _reported(node: NodeProcess, tmp_path: Path, name: str, destinations: list[s
 
 
 def test_resend_show_ls_and_status_with_two_destinations(make_node, tmp_path: Path) -> None:
-    from conftest import free_port, wait_until
     from peers import RecordingPacs
+
+    from conftest import free_port, wait_until
 
     a, b = RecordingPacs(free_port(), "A").start(), RecordingPacs(free_port(), "B").start()
     try:
         node = make_node(
             destinations=[{"name": "a", "ae_title": "A", "host": "127.0.0.1", "port": a.port},
                           {"name": "b", "ae_title": "B", "host": "127.0.0.1", "port": b.port}]
-        )  # fmt: skip
+        )
         study_uid = _reported(node, tmp_path, "s1", ["a", "b"])
         node.wait_for_state(study_uid, "sent", timeout=15)
 
@@ -205,15 +207,16 @@ def test_resend_show_ls_and_status_with_two_destinations(make_node, tmp_path: Pa
         assert node.cli("queue", "ls").stdout.splitlines()[1].split()[1:3] == ["sent", "present"]
         text = node.cli("queue", "show", study_uid).stdout
         for line in ("finding:       PRESENT", "probability:   0.875 (threshold 0.500)", "model:         lung 2.1",
-                     "key slice:     1.2.3.4", "timings:       decode 12 ms, model 30 ms, total 45 ms"):  # fmt: skip
+                     "key slice:     1.2.3.4", "timings:       decode 12 ms, model 30 ms, total 45 ms"):
             assert line in text, (line, text)
         sr_uid = node.cli_json("queue", "show", study_uid)["result"]["sr_sop_instance_uid"]
         assert f"report (SR):   {sr_uid}" in text
         assert any(row.split()[:3] == ["a", "sent", "1"] for row in text.splitlines()), text
 
         status = node.cli_json("status")
-        assert [(d["name"], d["ae_title"], d["port"], d["pending"], d["failed"], d["sent"])
-                for d in status["destinations"]] == [("a", "A", a.port, 0, 0, 1), ("b", "B", b.port, 0, 0, 1)]  # fmt: skip
+        shown = [(d["name"], d["ae_title"], d["port"], d["pending"], d["failed"], d["sent"])
+                 for d in status["destinations"]]
+        assert shown == [("a", "A", a.port, 0, 0, 1), ("b", "B", b.port, 0, 0, 1)]
         assert f"a A@127.0.0.1:{a.port}: 0 pending, 0 failed, 1 sent" in node.cli("status").stdout
 
         resent = node.cli("queue", "resend", study_uid, "--destination", "b")
@@ -229,7 +232,7 @@ def test_resend_show_ls_and_status_with_two_destinations(make_node, tmp_path: Pa
         assert "no destination 'nope'" in unknown.stderr and "configured: a, b" in unknown.stderr
         missing = node.cli("queue", "resend", "1.2.3.4.5", check=False)
         assert (missing.returncode, missing.stderr.strip()) == (
-            1, "triagenode: no study 1.2.3.4.5 on this node; `triagenode queue ls` lists them")  # fmt: skip
+            1, "triagenode: no study 1.2.3.4.5 on this node; `triagenode queue ls` lists them")
 
         waiting = write_study(tmp_path / "s2", slices=1)
         send(node.port, waiting.files)
@@ -250,7 +253,7 @@ def test_words_agree_with_their_counts(tmp_path: Path) -> None:
     from conftest import TRIAGENODE
 
     out = subprocess.run([TRIAGENODE, "phantom", str(tmp_path / "p"), "--studies", "1", "--slices", "8",
-                          "--matrix", "64"], capture_output=True, text=True, check=True).stdout  # fmt: skip
+                          "--matrix", "64"], capture_output=True, text=True, check=True).stdout
     assert out.startswith("wrote 1 study (")
 
 
@@ -261,14 +264,16 @@ def test_a_missing_model_is_a_configuration_error_for_serve_and_config_show(tmp_
     from conftest import TRIAGENODE
 
     config = tmp_path / "node.toml"
-    config.write_text(f'[node]\ndata_dir = "{tmp_path / "data"}"\nport = 11999\n[inference]\nmodel = "/nowhere/lung.tnm"\n')
+    config.write_text(
+        f'[node]\ndata_dir = "{tmp_path / "data"}"\nport = 11999\n[inference]\nmodel = "/nowhere/lung.tnm"\n'
+    )
     expected = (
         f"triagenode: config error in {config}: inference.model: model package /nowhere/lung.tnm does not exist; "
         "check the path (or use 'demo')"
     )
     for command in (["serve"], ["config", "show"], ["config", "show", "--json"]):
         result = subprocess.run([TRIAGENODE, *command, "--config", str(config)], capture_output=True, text=True,
-                                timeout=60)  # fmt: skip
+                                timeout=60)
         assert (result.returncode, result.stderr.strip()) == (2, expected), command
 
     broken = tmp_path / "broken.tnm"

@@ -97,7 +97,7 @@ def test_the_environment_can_add_a_destination_after_the_files(tmp_path: Path) -
     result = run("config", "show", "--json", "--config", str(path), env=env)
     assert result.returncode == 0, result.stderr
     assert json.loads(result.stdout)["destinations"][1] == {"name": "archive", "ae_title": "ARCHIVE",
-                                                            "host": "10.0.0.9", "port": 104}  # fmt: skip
+                                                            "host": "10.0.0.9", "port": 104}
     env.pop("TRIAGENODE_DESTINATIONS__1__HOST")
     result = run("config", "show", "--config", str(path), env=env)
     assert result.returncode == 2 and "also needs TRIAGENODE_DESTINATIONS__1__HOST" in result.stderr

@@ -10,7 +10,6 @@ import struct
 import subprocess
 import threading
 import time
-from pathlib import Path
 
 from pydicom.uid import generate_uid
 from pynetdicom import AE
@@ -163,7 +162,7 @@ def test_sigterm_to_the_process_group_stops_a_node_with_idle_connections_within_
     node.process = subprocess.Popen(
         [TRIAGENODE, "serve", "--config", str(node.config_path)],
         stdout=log, stderr=log, env={**os.environ, "PYTHONUNBUFFERED": "1"}, start_new_session=True,
-    )  # fmt: skip
+    )
     log.close()
     wait_until(lambda: "worker.ready" in node.log(), 90, "the worker loaded its model")
     study_uid, series_uid = generate_uid(), generate_uid()

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from peers import HangingPeer, RecordingPacs
 from pydicom import Dataset
 from pydicom.dataset import FileMetaDataset
 from pydicom.uid import PYDICOM_IMPLEMENTATION_UID, ExplicitVRLittleEndian, generate_uid
@@ -32,7 +33,6 @@ from triagenode.storage.reports import NoReportError, Outcome, ReportBook
 from triagenode.storage.timeutil import utcnow
 
 from conftest import free_port, wait_until
-from peers import HangingPeer, RecordingPacs
 
 
 def write_sr(data_dir: Path, study_uid: str) -> tuple[str, str]:
@@ -89,13 +89,13 @@ class Bench:
         self.queue.record_instance(
             ReceivedInstance(study_uid, generate_uid(), generate_uid(), "1.2.840.10008.5.1.4.1.1.2",
                              "1.2.840.10008.1.2.1", f"studies/{study_uid}/x.dcm", 1000, "CT1", "CT")
-        )  # fmt: skip
+        )
         self.queue.complete_stable_studies(0, now=utcnow() + timedelta(seconds=1))
         claim = self.queue.claim("worker-test", 60)
         assert claim is not None and claim.study_uid == study_uid
         sr_path, sr_uid = write_sr(self.data_dir, study_uid)
         result = Outcome(model="m", model_version="1", finding=True, probability=0.9, threshold=0.5,
-                         timings_ms={"total": 1.0})  # fmt: skip
+                         timings_ms={"total": 1.0})
         names = destinations if destinations is not None else [d.name for d in self.settings.destinations]
         assert self.book.record_result(claim, result, names, sr_path, sr_uid)
         return study_uid
@@ -213,7 +213,7 @@ def test_a_study_without_a_report_cannot_be_resent(bench: Callable[..., Bench]) 
     node.queue.record_instance(
         ReceivedInstance(study_uid, generate_uid(), generate_uid(), "1.2.840.10008.5.1.4.1.1.2",
                          "1.2.840.10008.1.2.1", "x.dcm", 10, "CT1", "CT")
-    )  # fmt: skip
+    )
     node.queue.complete_stable_studies(0, now=utcnow() + timedelta(seconds=1))
     claim = node.queue.claim("w", 60)
     assert claim is not None

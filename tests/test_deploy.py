@@ -69,7 +69,7 @@ def test_the_example_config_sends_nowhere_until_its_destination_is_uncommented(t
     uncommented = tmp_path / "triagenode.toml"
     uncommented.write_text(
         "\n".join(line[1:] if line == "#[[destinations]]" or line.startswith(("#name", "#ae_title", "#host", "#port"))
-                  else line for line in example.read_text().splitlines())  # fmt: skip
+                  else line for line in example.read_text().splitlines())
     )
     destinations = load_settings(uncommented, environ={}).destinations
     assert [(d.name, d.ae_title, d.host, d.port) for d in destinations] == [("pacs", "PACS", "127.0.0.1", 4242)]
@@ -137,7 +137,10 @@ def test_a_staged_image_root_runs_at_its_final_paths(tmp_path: Path) -> None:
     left = [
         str(path.relative_to(staging))
         for path in staging.rglob("*")
-        if path.is_file() and not path.is_symlink() and path.suffix != ".pyc" and str(staging).encode() in path.read_bytes()
+        if path.is_file()
+        and not path.is_symlink()
+        and path.suffix != ".pyc"
+        and str(staging).encode() in path.read_bytes()
     ]
     assert left == [], "files that still name the build host's staging path"
 
@@ -155,7 +158,7 @@ def test_a_staged_image_root_runs_at_its_final_paths(tmp_path: Path) -> None:
     booted = subprocess.run(
         ["unshare", "-m", "--propagation", "private", "bash", "-c", script],
         capture_output=True, text=True, env={**os.environ, "IMAGE": str(image)}, timeout=120,
-    )  # fmt: skip
+    )
     assert booted.returncode == 0, booted.stderr
     pip_line, prefix_line = booted.stdout.splitlines()[-2:]
     assert "/opt/triagenode/venv/lib/" in pip_line, "pip runs from the venv at its final path"
@@ -222,14 +225,14 @@ def torch_install(python: Path, *args: str, **env: str) -> subprocess.CompletedP
         ["bash", str(TORCH_INSTALL), *args[:1], str(python), *args[1:]] if args[:1] == ("--dry-run",)
         else ["bash", str(TORCH_INSTALL), str(python), *args],
         capture_output=True, text=True, env=environment, timeout=300,
-    )  # fmt: skip
+    )
 
 
 def installed_torch(python: Path) -> str:
     return subprocess.run(
         [str(python), "-c", "import importlib.metadata as m; print(m.version('torch'))"],
         capture_output=True, text=True, check=True, timeout=60,
-    ).stdout.strip()  # fmt: skip
+    ).stdout.strip()
 
 
 def gpu_listed() -> bool:
@@ -256,7 +259,7 @@ def test_torch_builds_are_chosen_installed_and_switched_from_local_wheels(tmp_pa
 
     # The CUDA build is exactly 2.13.0: the +cpu wheel never stands in for it.
     missing = torch_install(venv, TRIAGENODE_TORCH="cuda", TRIAGENODE_PIP_OPTIONS="--no-index",
-                            PIP_FIND_LINKS=str(wheels))  # fmt: skip
+                            PIP_FIND_LINKS=str(wheels))
     assert missing.returncode == 2
     assert "pip runs with --no-index and finds no wheel for torch===2.13.0" in missing.stderr
     assert installed_torch(venv) == "2.13.0+cpu"

@@ -10,6 +10,7 @@ import time
 from pathlib import Path
 
 import pytest
+from peers import RecordingPacs
 from pydicom import dcmread
 from pydicom.uid import generate_uid
 from pynetdicom.sop_class import Comprehensive3DSRStorage, ComprehensiveSRStorage
@@ -17,7 +18,6 @@ from pynetdicom.sop_class import Comprehensive3DSRStorage, ComprehensiveSRStorag
 from triagenode.inference.phantom import write_phantom_study
 
 from conftest import NODE_AE, TRIAGENODE, NodeProcess, free_port, send, wait_until
-from peers import RecordingPacs
 from dicom_factory import ct_slice
 
 
@@ -28,7 +28,7 @@ def phantom_study(tmp_path: Path) -> Path:
     return study.directory
 
 
-def start_inferring_node(make_node, pacs_port: int, **extra) -> NodeProcess:  # noqa: ANN001
+def start_inferring_node(make_node, pacs_port: int, **extra) -> NodeProcess:
     return make_node(
         inference={"workers": 1, "device": "cpu"},
         destinations=[{"name": "pacs", "ae_title": "PACS", "host": "127.0.0.1", "port": pacs_port}],
@@ -45,7 +45,7 @@ def test_a_study_comes_back_as_a_structured_report(make_node, phantom_study: Pat
             sent = subprocess.run(
                 ["storescu", "-aec", NODE_AE, "127.0.0.1", str(node.port), *map(str, files)],
                 env={"TCP_NODELAY": "1", "PATH": "/usr/bin:/bin"}, capture_output=True, timeout=120,
-            )  # fmt: skip
+            )
             assert sent.returncode == 0, sent.stderr
         else:
             assert send(node.port, files) == [0] * len(files)
@@ -62,14 +62,14 @@ def test_a_study_comes_back_as_a_structured_report(make_node, phantom_study: Pat
         assert details["deliveries"] == [
             {"destination": "pacs", "state": "sent", "attempts": 1, "next_attempt_at": None, "last_error": None,
              "sent_at": details["deliveries"][0]["sent_at"]}
-        ]  # fmt: skip
+        ]
         assert [e["to"] for e in details["events"]][:4] == ["receiving", "queued", "processing", "reported"]
         assert sr.SOPInstanceUID == result["sr_sop_instance_uid"]
 
         offline = json.loads(
             subprocess.run([TRIAGENODE, "infer", str(phantom_study), "--json", "--device", "cpu"], capture_output=True,
                            text=True, timeout=300).stdout
-        )[0]  # fmt: skip
+        )[0]
         assert offline["probability"] == pytest.approx(result["probability"], abs=1e-6)
         assert offline["key_instance_uid"] == result["key_instance_uid"]
         shown = node.cli_json("queue", "show", study_uid)
@@ -147,7 +147,7 @@ def _children(pid: int) -> set[int]:
     return children
 
 
-def _node_busy_with_a_study(make_node, tmp_path: Path, **phantom: int) -> tuple[NodeProcess, str, int]:  # noqa: ANN001
+def _node_busy_with_a_study(make_node, tmp_path: Path, **phantom: int) -> tuple[NodeProcess, str, int]:
     """A node (one CPU worker, two decoders) processing a phantom study: (node, study UID, worker pid)."""
     study = write_phantom_study(tmp_path / "big", index=1, positive=True, **phantom)
     assert study.directory is not None
@@ -190,7 +190,8 @@ def test_a_decoder_killed_mid_study_is_replaced_and_the_study_is_reported_once(m
     details = node.wait_for_state(study_uid, "reported", timeout=120)
     assert [e["to"] for e in details["events"]].count("reported") == 1 and details["result"]["slices"] == 200
     if details["processing_attempts"] == 1:  # it died while decoding this study, not before
-        assert any("a decoder process died (out of memory?) on attempt 1 of 3" in e["reason"] for e in details["events"])
+        died = "a decoder process died (out of memory?) on attempt 1 of 3"
+        assert any(died in e["reason"] for e in details["events"])
     assert _worker_pids(node) == [worker], "the worker itself lives on"
     fresh = _children(worker)
     assert len(fresh) == 2 and not fresh & decoders, "with two fresh decoders"
@@ -225,9 +226,9 @@ def _storescp(port: int, ae_title: str, out: Path) -> subprocess.Popen[bytes]:
     process = subprocess.Popen(
         ["storescp", "-aet", ae_title, "-od", str(out), "-uf", str(port)],
         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-    )  # fmt: skip
+    )
     wait_until(lambda: subprocess.run(["echoscu", "-aec", ae_title, "127.0.0.1", str(port)],
-                                      capture_output=True).returncode == 0, 10, "storescp answers")  # fmt: skip
+                                      capture_output=True).returncode == 0, 10, "storescp answers")
     return process
 
 
@@ -248,7 +249,7 @@ def test_a_hanging_destination_delays_no_other_end_to_end(make_node, phantom_stu
             inference={"workers": 1, "device": "cpu"},
             destinations=[{"name": "stuck", "ae_title": "STUCK", "host": "127.0.0.1", "port": hanging.port},
                           {"name": "pacs", "ae_title": "STORESCP", "host": "127.0.0.1", "port": port}],
-        )  # fmt: skip
+        )
         files = sorted(phantom_study.glob("*.dcm"))
         assert send(node.port, files) == [0] * len(files)
         study_uid = str(dcmread(files[0], stop_before_pixels=True).StudyInstanceUID)

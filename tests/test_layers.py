@@ -45,7 +45,7 @@ def test_the_wheel_installs_nothing_outside_triagenode(tmp_path: Path) -> None:
         [sys.executable, "-m", "pip", "wheel", "--quiet", "--no-deps", "--no-build-isolation", "-w", str(tmp_path),
          str(source)],
         check=True, capture_output=True, timeout=300,
-    )  # fmt: skip
+    )
     [wheel] = tmp_path.glob("triagenode-*.whl")
     with zipfile.ZipFile(wheel) as archive:
         tops = {name.split("/")[0] for name in archive.namelist()}

@@ -18,7 +18,13 @@ from pydicom.data import get_testdata_file
 from triagenode.inference.architectures import build_network
 from triagenode.inference.model_package import Manifest, ModelPackageError, load_package, read_manifest, save_package
 from triagenode.inference.phantom import read_labels, write_phantoms
-from triagenode.inference.preprocessing import InputSpec, SeriesGeometryError, prepare_volume, read_series, volume_from_datasets
+from triagenode.inference.preprocessing import (
+    InputSpec,
+    SeriesGeometryError,
+    prepare_volume,
+    read_series,
+    volume_from_datasets,
+)
 
 from conftest import TRIAGENODE
 
@@ -147,14 +153,14 @@ def test_a_decoder_that_dies_fails_that_series_and_the_next_gets_fresh_decoders(
     layout = layout_series([dcmread(path, stop_before_pixels=True) for path in files])
     ordered = [files[i] for i in layout.order]
     with SliceLoader(2) as loader:
-        decoders = set(loader._pool._processes)  # type: ignore[union-attr] # noqa: SLF001
+        decoders = set(loader._pool._processes)  # type: ignore[union-attr]
         batches = loader.batches(ordered, layout, InputSpec(), 4, DecodeTimings())
         next(batches)
         os.kill(min(decoders), signal.SIGKILL)
         with pytest.raises(BrokenProcessPool):
             list(batches)
         again = torch.cat(list(loader.batches(ordered, layout, InputSpec(), 4, DecodeTimings())))
-        assert not set(loader._pool._processes) & decoders  # type: ignore[union-attr] # noqa: SLF001
+        assert not set(loader._pool._processes) & decoders  # type: ignore[union-attr]
     assert torch.equal(again, prepare_volume(read_series(files), InputSpec()))
 
 
@@ -207,7 +213,7 @@ def test_train_one_epoch_then_evaluate_end_to_end_on_cpu(phantoms: Path, tmp_pat
          "--out", str(model), "--epochs", "1", "--val-fraction", "0.5", "--device", "cpu", "--matrix", "64",
          "--slices-per-epoch", "256", "--seed", "1"],
         capture_output=True, text=True, timeout=300,
-    )  # fmt: skip
+    )
     assert train.returncode == 0, train.stderr
     assert "epoch 1/1" in train.stderr and model.is_file()
     log = [json.loads(line) for line in model.with_suffix(".log.jsonl").read_text().splitlines()]
@@ -221,7 +227,7 @@ def test_train_one_epoch_then_evaluate_end_to_end_on_cpu(phantoms: Path, tmp_pat
         [TRIAGENODE, "model", "evaluate", "--model", str(model), "--data", str(phantoms),
          "--labels", str(phantoms / "labels.csv"), "--out", str(out), "--device", "cpu", "--record"],
         capture_output=True, text=True, timeout=300,
-    )  # fmt: skip
+    )
     assert evaluated.returncode == 0, evaluated.stderr
     assert "ROC AUC" in evaluated.stdout and "confusion matrix" in evaluated.stdout
     metrics = json.loads((out / "metrics.json").read_text())
@@ -240,7 +246,7 @@ def test_training_is_deterministic_for_a_seed_on_cpu(phantoms: Path, tmp_path: P
         config = TrainingConfig(
             phantoms, phantoms / "labels.csv", tmp_path / f"run{run}.tnm", epochs=1, input=InputSpec(matrix=48),
             val_fraction=0.5, seed=7, device="cpu", slices_per_epoch=64,
-        )  # fmt: skip
+        )
         digests.append(train(config, log=lambda _line: None).weights_sha256)
     assert digests[0] == digests[1]
 
@@ -303,7 +309,7 @@ def test_without_nodule_positions_training_uses_multiple_instance_learning(phant
         TrainingConfig(phantoms, labels, tmp_path / "mil.tnm", epochs=1, input=InputSpec(matrix=48), val_fraction=0.5,
                        seed=0, device="cpu"),
         log=lines.append,
-    )  # fmt: skip
+    )
     assert any("multiple-instance learning" in line for line in lines)
     assert manifest.training["labels"] == "study-level (multiple-instance)"
 
@@ -324,6 +330,6 @@ def test_labels_that_name_missing_studies_are_a_clear_error(phantoms: Path, tmp_
         result = subprocess.run(
             [TRIAGENODE, "model", *command, "--data", str(phantoms), "--labels", str(labels), "--device", "cpu"],
             capture_output=True, text=True, timeout=300,
-        )  # fmt: skip
+        )
         assert result.returncode == 1
         assert "1 labelled studies are not under" in result.stderr and "1.2.3.4.5" in result.stderr

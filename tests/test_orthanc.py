@@ -18,7 +18,7 @@ from orthanc import Orthanc
 pytestmark = pytest.mark.skipif(not Orthanc.available(), reason="Orthanc (Debian package orthanc) not installed")
 
 
-def inferring_node(make_node, destination_port: int, **settings) -> NodeProcess:  # noqa: ANN001
+def inferring_node(make_node, destination_port: int, **settings) -> NodeProcess:
     return make_node(
         start=False,
         inference={"workers": 1, "device": "cpu"},

@@ -34,7 +34,7 @@ def test_every_kind_of_phantom_object_passes_dciodvfy(tmp_path: Path) -> None:
         [TRIAGENODE, "phantom", str(out), "--studies", "2", "--positive-fraction", "0.5", "--seed", "3",
          "--slices", "16", "--matrix", "64"],
         capture_output=True, text=True, timeout=120,
-    )  # fmt: skip
+    )
     assert written.returncode == 0, written.stderr
     kinds: dict[tuple[str, str], Path] = {}
     for path in sorted(out.rglob("*.dcm")):

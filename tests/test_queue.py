@@ -13,7 +13,14 @@ from triagenode.storage.database import DatabaseUnavailableError, open_for_cli, 
 from triagenode.storage.migrations import LATEST_VERSION, SchemaTooNewError, upgrade
 from triagenode.storage.models import Base, StudyState
 from triagenode.storage.overview import QueueOverview
-from triagenode.storage.queue import Claim, ReceivedInstance, Registration, StudyQueue, TransitionError, UnknownStudyError
+from triagenode.storage.queue import (
+    Claim,
+    ReceivedInstance,
+    Registration,
+    StudyQueue,
+    TransitionError,
+    UnknownStudyError,
+)
 from triagenode.storage.timeutil import utcnow
 
 

@@ -40,7 +40,7 @@ def fresh_checkout(target: Path) -> Path:
     listed = subprocess.run(
         ["git", "ls-files", "--cached", "--others", "--exclude-standard", "-z"],
         cwd=ROOT, capture_output=True, check=True,
-    ).stdout.decode()  # fmt: skip
+    ).stdout.decode()
     for name in filter(None, listed.split("\0")):
         source = ROOT / name
         if source.is_file():
@@ -90,7 +90,7 @@ def test_the_readmes_run_it_commands_work_as_written(tmp_path: Path) -> None:
     # 1. The node on its embedded defaults: echo it, send the phantom, see it queued.
     with serving(serve, checkout, env, tmp_path / "serve.log"):
         wait_until(lambda: subprocess.run(echo, shell=True, cwd=checkout, env=env, capture_output=True).returncode == 0,
-                   120, "the node answers the README's echo")  # fmt: skip
+                   120, "the node answers the README's echo")
         shell(send, checkout, env)
         assert study_uid in shell(queue_ls, checkout, env).stdout
     assert (tmp_path / "home" / ".local" / "share" / "triagenode" / "triagenode.db").exists()

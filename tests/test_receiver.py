@@ -295,7 +295,7 @@ def test_dcmtk_storescu_with_each_transfer_syntax_is_stored_as_sent(
     result = subprocess.run(
         ["storescu", option, "-R", "-aec", NODE_AE, "127.0.0.1", str(node.port), str(source)],
         env=DCMTK_ENV, capture_output=True, text=True, timeout=60,
-    )  # fmt: skip
+    )
     assert result.returncode == 0, result.stderr
     sent, uid = dcmread(source), dcmread(source, stop_before_pixels=True).SOPInstanceUID
     [stored_path] = [p for p in stored_files(node) if p.stem == uid]

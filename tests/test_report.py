@@ -303,7 +303,7 @@ def test_a_stored_report_is_rebuilt_in_the_other_sr_class(studies: Path, tmp_pat
     assert converted.SOPInstanceUID != stored.SOPInstanceUID
     assert (converted.SeriesInstanceUID, converted.ContentDate, converted.ContentTime) == (
         stored.SeriesInstanceUID, stored.ContentDate, stored.ContentTime,
-    )  # fmt: skip
+    )
     assert converted.ContentSequence == stored.ContentSequence
     [study] = converted.PredecessorDocumentsSequence
     [document] = study.ReferencedSeriesSequence[0].ReferencedSOPSequence
@@ -414,7 +414,7 @@ def test_a_late_slice_gives_a_new_report_that_names_the_first(make_node: Any, tm
         and s["result"]["sr_sop_instance_uid"] != first and s,
         120,
         "the re-opened study reported again",
-    )  # fmt: skip
+    )
     second = details["result"]["sr_sop_instance_uid"]
     reports = node.data_dir / "reports" / phantom.study_uid
     newer = dcmread(reports / f"{second}.dcm")

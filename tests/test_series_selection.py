@@ -120,14 +120,14 @@ def test_evaluate_and_infer_give_the_same_probability(
     inferred = subprocess.run(
         [TRIAGENODE, "infer", str(data / "study"), "--json", "--device", "cpu"], capture_output=True, text=True,
         timeout=300,
-    )  # fmt: skip
+    )
     assert inferred.returncode == 0, inferred.stderr
     [entry] = json.loads(inferred.stdout)
     evaluated = subprocess.run(
         [TRIAGENODE, "model", "evaluate", "--model", "demo", "--data", str(data), "--labels",
          str(data / "labels.csv"), "--device", "cpu", "--out", str(tmp_path / "eval")],
         capture_output=True, text=True, timeout=300,
-    )  # fmt: skip
+    )
     assert evaluated.returncode == 0, evaluated.stderr
     [scored] = json.loads((tmp_path / "eval" / "metrics.json").read_text())["studies_scored"]
     assert entry["series_uid"] == scored["series_uid"] == thin_uid
@@ -223,12 +223,12 @@ def test_infer_writes_the_report_the_worker_path_builds(
     result = subprocess.run(
         [TRIAGENODE, "infer", str(data / "study"), "--device", "cpu", "--sr-out", str(tmp_path / "sr.dcm")],
         capture_output=True, text=True, timeout=300,
-    )  # fmt: skip
+    )
     assert result.returncode == 0, result.stderr
     written = dcmread(tmp_path / "sr.dcm")
     analysis = analyse_study(
         demo, read_study(truth.study_uid, dicom_files(data / "study")), "cpu", 32, None, InferenceSettings(),
         NODE_AE_TITLE,
-    )  # fmt: skip
+    )
     assert analysis.report is not None and analysis.report_ms > 0
     assert written.SOPInstanceUID == analysis.report.SOPInstanceUID

@@ -13,9 +13,10 @@ import pytest
 from pydicom.uid import generate_uid
 from pynetdicom.sop_class import CTImageStorage
 
+from triagenode.storage.queue import ReceivedInstance, StudyQueue
+
 from conftest import NODE_AE, NodeProcess, send, store_scu
 from dicom_factory import ct_slice
-from triagenode.storage.queue import ReceivedInstance, StudyQueue
 
 
 def stored_file(node: NodeProcess, sop_instance_uid: str) -> Path | None:
@@ -99,7 +100,7 @@ def _mount_tmpfs(directory: Path, size_mb: int) -> None:
 
 
 @pytest.fixture
-def small_disk(tmp_path: Path):  # noqa: ANN201
+def small_disk(tmp_path: Path):
     mount_point = tmp_path / "small-disk"
     _mount_tmpfs(mount_point, 48)
     yield mount_point

@@ -66,7 +66,7 @@ def prepare(root: Path, port: int) -> Path:
                  "processing_attempts": 0}
                 for i in range(200)
             ],
-        )  # fmt: skip
+        )
     engine.dispose()
     return config
 
@@ -125,7 +125,7 @@ def main() -> None:
                 ("triagenode queue ls", [TRIAGENODE, "queue", "ls", "--config", str(config)]),
                 ("triagenode echo (closed port)",
                  [TRIAGENODE, "echo", f"NOBODY@127.0.0.1:{closed}", "--timeout", "2", "--config", str(config)]),
-            ]  # fmt: skip
+            ]
             print(f"{args.runs} runs each{' (node running)' if node else ''}; exit status, then wall time")
             for label, command in commands:
                 times, code = timed(command, args.runs)

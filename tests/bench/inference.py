@@ -23,15 +23,15 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
-from triagenode.config.settings import InferenceSettings  # noqa: E402
-from triagenode.inference.architectures import build_network  # noqa: E402
-from triagenode.inference.loader import SliceLoader  # noqa: E402
-from triagenode.inference.model_package import Manifest, ModelPackage, load_package  # noqa: E402
-from triagenode.inference.phantom import write_phantom_study  # noqa: E402
-from triagenode.inference.pipeline import run_study  # noqa: E402
-from triagenode.inference.preprocessing import InputSpec, prepare_volume, read_series  # noqa: E402
-from triagenode.inference.studies import slice_probabilities  # noqa: E402
-from triagenode.inference.device import resolve_device  # noqa: E402
+from triagenode.config.settings import InferenceSettings
+from triagenode.inference.architectures import build_network
+from triagenode.inference.device import resolve_device
+from triagenode.inference.loader import SliceLoader
+from triagenode.inference.model_package import Manifest, ModelPackage, load_package
+from triagenode.inference.phantom import write_phantom_study
+from triagenode.inference.pipeline import run_study
+from triagenode.inference.preprocessing import InputSpec, prepare_volume, read_series
+from triagenode.inference.studies import slice_probabilities
 
 
 def main() -> None:
@@ -51,7 +51,7 @@ def main() -> None:
     if args.arch:
         spec = InputSpec(matrix=args.input_matrix, slice_context=1)
         package = ModelPackage(Manifest(name=args.arch, version="bench", architecture=args.arch, input=spec),
-                               build_network(args.arch, spec.channels).eval())  # fmt: skip
+                               build_network(args.arch, spec.channels).eval())
     else:
         package = load_package(args.model)
     package.network.to(device).to(memory_format=torch.channels_last)
@@ -74,7 +74,7 @@ def main() -> None:
             result = run_study(package, study.study_uid, files, device, args.batch_size, loader)
             pipeline.append(len(files) / (time.perf_counter() - started))
     print(f"device: {name}; model {package.manifest.name} at {package.manifest.input.matrix}px; "
-          f"study {args.slices} slices of {args.matrix}x{args.matrix}; {decoders} decoder processes")  # fmt: skip
+          f"study {args.slices} slices of {args.matrix}x{args.matrix}; {decoders} decoder processes")
     print(f"pure forward      {max(forward):8.0f} slices/s")
     print(f"whole pipeline    {max(pipeline):8.0f} slices/s  ({max(pipeline) / max(forward):.0%} of forward)")
     print(f"one study         {args.slices / max(pipeline):8.2f} s   stages (ms): {result.timings_ms}")  # type: ignore[union-attr]

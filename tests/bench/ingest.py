@@ -32,7 +32,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from dicom_factory import write_study  # noqa: E402
+from dicom_factory import write_study
 
 TRIAGENODE = str(Path(sys.executable).parent / "triagenode")
 ENV = {**os.environ, "TCP_NODELAY": "1"}

@@ -27,7 +27,7 @@ from pynetdicom import AE, evt
 from pynetdicom.sop_class import Comprehensive3DSRStorage, ComprehensiveSRStorage
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
-from triagenode.inference.phantom import write_phantom_study  # noqa: E402
+from triagenode.inference.phantom import write_phantom_study
 
 TRIAGENODE = str(Path(sys.executable).parent / "triagenode")
 STABLE_SECONDS = 2.0
@@ -86,7 +86,7 @@ def main() -> None:
                 subprocess.run(
                     ["storescu", "-aec", "TRIAGENODE", "127.0.0.1", str(node_port), *map(str, files)],
                     env={**os.environ, "TCP_NODELAY": "1"}, check=True, capture_output=True,
-                )  # fmt: skip
+                )
                 sent = time.perf_counter()
                 while study.study_uid not in arrivals:
                     if time.perf_counter() - sent > 300:

@@ -20,8 +20,8 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
-from triagenode.inference.phantom import write_phantoms  # noqa: E402
-from triagenode.inference.preprocessing import InputSpec, prepare_volume, read_series  # noqa: E402
+from triagenode.inference.phantom import write_phantoms
+from triagenode.inference.preprocessing import InputSpec, prepare_volume, read_series
 
 
 def main() -> None:

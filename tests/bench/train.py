@@ -19,9 +19,9 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
-from triagenode.inference.architectures import build_network  # noqa: E402
-from triagenode.inference.device import resolve_device  # noqa: E402
-from triagenode.inference.training import augment  # noqa: E402
+from triagenode.inference.architectures import build_network
+from triagenode.inference.device import resolve_device
+from triagenode.inference.training import augment
 
 
 def rate(step, batch: int, seconds: float = 5.0, device: torch.device | None = None) -> float:
