@@ -83,8 +83,21 @@ def load_settings(path: Path | None = None, environ: Mapping[str, str] | None = 
 
 
 def settings_as_dict(settings: Settings) -> dict[str, Any]:
-    """The effective settings as plain data (``config show``), in TOML's shape."""
-    return settings.model_dump(mode="json", exclude={"source"})
+    """The effective settings as plain data (``config show``), in TOML's shape.
+
+    A whole number of seconds prints as the administrator wrote it, ``30``, not ``30.0``.
+    """
+
+    def plain(value: Any) -> Any:
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+        if isinstance(value, dict):
+            return {key: plain(item) for key, item in value.items()}
+        if isinstance(value, list):
+            return [plain(item) for item in value]
+        return value
+
+    return plain(settings.model_dump(mode="json", exclude={"source"}))
 
 
 def origin_of(key: str, environ: Mapping[str, str], source: str) -> str:

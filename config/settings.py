@@ -176,7 +176,8 @@ class DeliverySettings(_Section):
 
     max_attempts: int = Field(8, ge=1)
     initial_backoff_s: float = Field(10.0, gt=0)
-    max_backoff_s: float = 1800.0
+    max_backoff_s: float = Field(1800.0, validate_default=True)
+    """Checked against initial_backoff_s even when left at its default (a large initial_backoff_s alone)."""
 
     @field_validator("max_backoff_s")
     @classmethod

@@ -34,13 +34,13 @@ class _StateColumn(TypeDecorator[enum.StrEnum]):
 
     def __init__(self, states: type[enum.StrEnum]) -> None:
         super().__init__()
-        self._states = states
+        self.states = states  # the name of __init__'s argument: SQLAlchemy's cache key reads it
 
     def process_bind_param(self, value: Any, dialect: Dialect) -> str | None:
-        return None if value is None else str(self._states(value))
+        return None if value is None else str(self.states(value))
 
     def process_result_value(self, value: Any, dialect: Dialect) -> enum.StrEnum | None:
-        return None if value is None else self._states(value)
+        return None if value is None else self.states(value)
 
 
 class Base(DeclarativeBase):

@@ -201,3 +201,15 @@ def test_importing_the_package_does_not_import_pydantic() -> None:
     """--help and echo never load settings; they must not pay for pydantic's import (the start-up target)."""
     code = "import sys\nfrom triagenode.config import ConfigError, load_settings\nassert 'pydantic' not in sys.modules"
     subprocess.run([sys.executable, "-c", code], check=True, timeout=60)
+
+
+def test_a_large_initial_backoff_alone_is_refused_against_the_default_maximum(tmp_path: Path) -> None:
+    path = write(tmp_path, "[delivery]\ninitial_backoff_s = 3000\n")
+    with pytest.raises(ConfigError, match=r"delivery\.max_backoff_s: 1800 is below initial_backoff_s \(3000\)"):
+        load_settings(path, environ={})
+
+
+def test_config_show_prints_whole_seconds_as_written() -> None:
+    shown = settings_as_dict(load_settings(None, environ={}))
+    assert shown["study"]["stable_seconds"] == 30 and isinstance(shown["study"]["stable_seconds"], int)
+    assert (shown["delivery"]["initial_backoff_s"], shown["delivery"]["max_backoff_s"]) == (10, 1800)
