@@ -126,6 +126,16 @@ def decode_run(
     return (decoded - started) * 1000, (prepared - decoded) * 1000
 
 
+def pool_is_broken(pool: Executor) -> bool:
+    """Whether a process pool lost a process and can run nothing more.
+
+    concurrent.futures has no public way to ask; this reads the executor's
+    private ``_broken``, and ``tests/test_model_lifecycle.py`` checks that it
+    still means what it meant (CPython 3.11-3.13).
+    """
+    return bool(getattr(pool, "_broken", False))
+
+
 class SliceLoader:
     """A worker's decoder processes; ``processes=0`` decodes in one thread of the calling process instead."""
 
@@ -139,7 +149,7 @@ class SliceLoader:
         A pool one of whose processes died (killed for memory, say) cannot be
         used again; it is replaced here, before the next study.
         """
-        if self._pool is not None and getattr(self._pool, "_broken", False):
+        if self._pool is not None and pool_is_broken(self._pool):
             self._pool.shutdown(wait=False, cancel_futures=True)
             self._pool = None
         if not self.processes and self._pool is None:

@@ -144,7 +144,7 @@ def test_a_decoder_that_dies_fails_that_series_and_the_next_gets_fresh_decoders(
     import signal
     from concurrent.futures.process import BrokenProcessPool
 
-    from triagenode.inference.loader import DecodeTimings, SliceLoader
+    from triagenode.inference.loader import DecodeTimings, SliceLoader, pool_is_broken
     from triagenode.inference.phantom import write_phantom_study
     from triagenode.inference.preprocessing import layout_series
 
@@ -156,9 +156,11 @@ def test_a_decoder_that_dies_fails_that_series_and_the_next_gets_fresh_decoders(
         decoders = set(loader._pool._processes)  # type: ignore[union-attr]
         batches = loader.batches(ordered, layout, InputSpec(), 4, DecodeTimings())
         next(batches)
+        assert not pool_is_broken(loader._pool)  # type: ignore[arg-type]
         os.kill(min(decoders), signal.SIGKILL)
         with pytest.raises(BrokenProcessPool):
             list(batches)
+        assert pool_is_broken(loader._pool), "concurrent.futures' private _broken no longer says so"  # type: ignore[arg-type]
         again = torch.cat(list(loader.batches(ordered, layout, InputSpec(), 4, DecodeTimings())))
         assert not set(loader._pool._processes) & decoders  # type: ignore[union-attr]
     assert torch.equal(again, prepare_volume(read_series(files), InputSpec()))
