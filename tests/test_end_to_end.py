@@ -189,9 +189,10 @@ def test_a_decoder_killed_mid_study_is_replaced_and_the_study_is_reported_once(m
 
     details = node.wait_for_state(study_uid, "reported", timeout=120)
     assert [e["to"] for e in details["events"]].count("reported") == 1 and details["result"]["slices"] == 200
-    if details["processing_attempts"] == 1:  # it died while decoding this study, not before
-        died = "a decoder process died (out of memory?) on attempt 1 of 3"
-        assert any(died in e["reason"] for e in details["events"])
+    # Killed while the study decoded, the death costs one attempt, with its event; killed just before
+    # or after (the loader replaces a broken pool at each study's start), it costs none. Never more.
+    died = [e for e in details["events"] if "a decoder process died (out of memory?) on attempt 1 of 3" in e["reason"]]
+    assert details["processing_attempts"] == len(died) <= 1, details["events"]
     assert _worker_pids(node) == [worker], "the worker itself lives on"
     fresh = _children(worker)
     assert len(fresh) == 2 and not fresh & decoders, "with two fresh decoders"
