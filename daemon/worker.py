@@ -145,18 +145,7 @@ class Worker:
                      outcome.reason, report is not None, recorded)
             return
         outcome.timings_ms["report"] = round(analysis.report_ms + (time.perf_counter() - started) * 1000, 1)
-        finding = Outcome(
-            model=outcome.model,
-            model_version=outcome.model_version,
-            finding=outcome.finding,
-            probability=outcome.probability,
-            threshold=outcome.threshold,
-            series_uid=outcome.series_uid,
-            key_instance_uid=outcome.key_instance_uid,
-            slices=outcome.slices,
-            timings_ms=outcome.timings_ms,
-        )
-        recorded = self.book.record_result(claim, finding, self.destinations, *sr)
+        recorded = self.book.record_result(claim, outcome.to_outcome(), self.destinations, *sr)
         log.info("study.result study_uid=%s finding=%s probability=%.4f recorded=%s timings_ms=%s", claim.study_uid,
                  outcome.finding, outcome.probability, recorded, outcome.timings_ms)
 

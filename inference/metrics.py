@@ -123,21 +123,19 @@ def compute_metrics(
     scores = np.asarray(scores, dtype=float)
     c = confusion_at(labels, scores, threshold)
     undefined: dict[str, str] = {}
-    sensitivity = _ratio(c.tp, c.tp + c.fn)
-    if sensitivity is None:
-        undefined["sensitivity"] = "no positive study in the data"
-    specificity = _ratio(c.tn, c.tn + c.fp)
-    if specificity is None:
-        undefined["specificity"] = "no negative study in the data"
-    ppv = _ratio(c.tp, c.tp + c.fp)
-    if ppv is None:
-        undefined["ppv"] = "no study was called positive at this threshold"
-    npv = _ratio(c.tn, c.tn + c.fn)
-    if npv is None:
-        undefined["npv"] = "no study was called negative at this threshold"
-    f1 = _ratio(2 * c.tp, 2 * c.tp + c.fp + c.fn)
-    if f1 is None:
-        undefined["f1"] = "no positive study and none called positive"
+
+    def defined(name: str, numerator: int, denominator: int, why_not: str) -> float | None:
+        """The ratio, or None with the reason it is undefined on this data (the report says why)."""
+        value = _ratio(numerator, denominator)
+        if value is None:
+            undefined[name] = why_not
+        return value
+
+    sensitivity = defined("sensitivity", c.tp, c.tp + c.fn, "no positive study in the data")
+    specificity = defined("specificity", c.tn, c.tn + c.fp, "no negative study in the data")
+    ppv = defined("ppv", c.tp, c.tp + c.fp, "no study was called positive at this threshold")
+    npv = defined("npv", c.tn, c.tn + c.fn, "no study was called negative at this threshold")
+    f1 = defined("f1", 2 * c.tp, 2 * c.tp + c.fp + c.fn, "no positive study and none called positive")
     auc = roc_auc(labels, scores)
     if auc is None:
         undefined["auc"] = "the ROC AUC needs positive and negative studies; the data holds only one class"

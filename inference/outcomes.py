@@ -12,6 +12,8 @@ from typing import Any
 
 from pydicom import Dataset
 
+from triagenode.storage.reports import Outcome
+
 
 @dataclass
 class NotApplicable:
@@ -42,6 +44,10 @@ class StudyResult:
 
     def to_dict(self) -> dict[str, Any]:
         return {f.name: getattr(self, f.name) for f in fields(self) if f.name != "evidence"}
+
+    def to_outcome(self) -> Outcome:
+        """What the queue records of it (everything but the evidence)."""
+        return Outcome(**{f.name: getattr(self, f.name) for f in fields(Outcome) if hasattr(self, f.name)})
 
 
 __all__ = ["NotApplicable", "StudyResult"]
