@@ -7,7 +7,7 @@ from pathlib import Path
 
 import click
 
-from triagenode.daemon.cli_shared import EXIT_USAGE, config_option, fail, json_option, print_json, settings_from
+from triagenode.daemon.cli_shared import config_option, json_option, print_json, settings_to_serve
 
 
 @click.group("config")
@@ -20,14 +20,9 @@ def config_group() -> None:
 @json_option
 def config_show(config_path: Path | None, as_json: bool) -> None:
     """The effective settings, after the file and the TRIAGENODE_* environment variables."""
-    from triagenode.config import ConfigError, settings_as_dict
-    from triagenode.inference.model_package import check_configured_model  # the manifest only: no torch
+    from triagenode.config import settings_as_dict
 
-    settings = settings_from(config_path)
-    try:
-        check_configured_model(settings)
-    except ConfigError as exc:  # the settings parse, but serve would refuse them: say so, like serve
-        fail(str(exc), EXIT_USAGE)
+    settings = settings_to_serve(config_path)  # settings that parse but that serve would refuse: say so, like serve
     data = settings_as_dict(settings)
     if as_json:
         print_json({"source": settings.source, **data})

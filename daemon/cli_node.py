@@ -24,6 +24,7 @@ from triagenode.daemon.cli_shared import (
     open_queue,
     print_json,
     settings_from,
+    settings_to_serve,
 )
 
 if TYPE_CHECKING:
@@ -38,18 +39,13 @@ def serve(config_path: Path | None, log_level: str) -> None:
     """Run the node in the foreground (logs to stderr; stops cleanly on SIGTERM)."""
     import logging
 
-    from triagenode.config import ConfigError
     from triagenode.daemon.logs import configure_logging
     from triagenode.daemon.service import serve as run
-    from triagenode.inference.model_package import ModelPackageError, check_configured_model  # manifest only: no torch
+    from triagenode.inference.model_package import ModelPackageError
     from triagenode.storage.filestore import DataDirInUseError
     from triagenode.storage.migrations import SchemaTooNewError
 
-    settings = settings_from(config_path)
-    try:
-        check_configured_model(settings)
-    except ConfigError as exc:
-        fail(str(exc), EXIT_USAGE)
+    settings = settings_to_serve(config_path)
     configure_logging(log_level)
     if settings.source == "embedded defaults":
         logging.getLogger("triagenode.service").info(

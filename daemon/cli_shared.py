@@ -67,6 +67,20 @@ def settings_from(config_path: Path | None) -> Settings:
         fail(str(exc), EXIT_USAGE)
 
 
+def settings_to_serve(config_path: Path | None) -> Settings:
+    """The settings ``serve`` would run with, or exit 2: a missing or broken model package is a configuration
+    error too (``serve`` and ``config show`` say the same). Reads the package's manifest only: no torch."""
+    from triagenode.config import ConfigError
+    from triagenode.inference.model_package import check_configured_model
+
+    settings = settings_from(config_path)
+    try:
+        check_configured_model(settings)
+    except ConfigError as exc:
+        fail(str(exc), EXIT_USAGE)
+    return settings
+
+
 @contextmanager
 def open_queue(settings: Settings) -> Iterator[Engine]:
     """The node's queue database for one command, closed however the command ends.

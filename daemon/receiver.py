@@ -399,7 +399,12 @@ class StorageReceiver:
             stored = self._queue.stored_path(header.sop_instance_uid)
             if stored is not None and self._store.holds(stored):
                 return StoreStatus.SUCCESS, "duplicate", size
-            relative = Path(stored) if stored is not None else relative
+            if stored is not None and Path(stored) != relative:
+                relative = Path(stored)
+                try:
+                    self._store.make_room(relative)
+                except OSError as exc:
+                    return self._write_failure(exc, relative)
         try:
             self._store.place(spool, relative)
         except OSError as exc:

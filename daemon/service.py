@@ -55,6 +55,7 @@ class Node:
         self._lock_fd: int | None = None
         self.workers: WorkerPool | None = None
         self.delivery: ReportDelivery | None = None
+        self.queue: StudyQueue | None = None
 
     def start(self) -> None:
         node = self.settings.node
@@ -70,7 +71,7 @@ class Node:
         if leftovers:
             log.info("spool.cleaned leftovers=%d reason='transfers interrupted before Success'", leftovers)
         self.engine = open_for_daemon(node.database_path)
-        queue = StudyQueue(self.engine)
+        self.queue = queue = StudyQueue(self.engine)
         recovered = queue.recover_expired_leases(MAX_PROCESSING_ATTEMPTS, all_leases=True)
         resumed = queue.restart_stability_clocks()
         log.info(
@@ -105,15 +106,15 @@ class Node:
 
     def _recover_expired_leases(self) -> None:
         """Expired leases of workers that are not alive go back to the queue (counted as interrupted runs)."""
-        assert self.engine is not None
+        assert self.queue is not None
         alive = self.workers.alive() if self.workers is not None else []
-        StudyQueue(self.engine).recover_expired_leases(MAX_PROCESSING_ATTEMPTS, alive=alive)
+        self.queue.recover_expired_leases(MAX_PROCESSING_ATTEMPTS, alive=alive)
 
     def _release_for_stop(self) -> None:
         """Studies a stop cut short go back to the queue now, not counted as interrupted runs."""
-        assert self.engine is not None
+        assert self.queue is not None
         try:
-            released = StudyQueue(self.engine).release_for_stop()
+            released = self.queue.release_for_stop()
         except SQLAlchemyError as exc:  # the next start recovers them (counted) instead
             log.warning("node.leases_not_released error=%s", type(exc).__name__)
             return

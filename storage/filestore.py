@@ -148,6 +148,7 @@ class FileStore:
         ``source`` must be on the same filesystem (the spool is), so the rename is atomic.
         """
         self.make_durable(source)
+        self.make_room(relative)
         return self.place(source, relative)
 
     @staticmethod
@@ -174,8 +175,7 @@ class FileStore:
             fsync_directory(directory.parent)
 
     def place(self, source: Path, relative: Path) -> Path:
-        """Rename a durable file to its place in the store and make the rename durable."""
-        self.make_room(relative)
+        """Rename a durable file to its place (made by :meth:`make_room`) and make the rename durable."""
         target = self.data_dir / relative
         os.replace(source, target)
         fsync_directory(target.parent)
