@@ -223,10 +223,9 @@ class StorageReceiver:
                 tally.requested = True
         if not over:
             return
-        # Transient, presentation related, local limit exceeded (PS3.8 9.3.4): the peer retries later.
-        internals.reject(association, 0x02, 0x03, 0x02)
         if tally is not None:
             tally.outcome = "rejected"
+        # Logged before the A-ASSOCIATE-RJ leaves, so the reason is on record by the time the peer sees it.
         log.warning(
             "association.refused peer_ae=%s peer_ip=%s called_ae=%s reason=%r",
             _peer_ae(association),
@@ -234,6 +233,8 @@ class StorageReceiver:
             _called_ae(association),
             f"{requested} associations open, max_associations={self._node.max_associations}; the peer may retry",
         )
+        # Transient, presentation related, local limit exceeded (PS3.8 9.3.4): the peer retries later.
+        internals.reject(association, 0x02, 0x03, 0x02)
 
     def _on_connection_close(self, event: evt.Event) -> None:
         with self._lock:

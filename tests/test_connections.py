@@ -51,7 +51,7 @@ def test_port_checks_neither_fill_max_associations_nor_outlive_the_request_timeo
     assert third.acceptor.primitive.result == 0x02, "rejected-transient: the peer may retry"
     for assoc in held:
         assoc.release()
-    assert "associations open, max_associations=2" in node.log(), "the refusal says why"
+    wait_until(lambda: "associations open, max_associations=2" in node.log(), 5, "the refusal says why")
 
 
 def _item(item_type: int, value: bytes) -> bytes:
