@@ -30,28 +30,20 @@ from pydantic import (
 )
 
 from triagenode.config.values import (
-    DEFAULT_CONFIG_PATH,
     SYSTEM_DATA_DIR,
     SettingError,
     check_ae_title,
     check_port,
-    user_data_dir,
 )
 
 __all__ = [
-    "DEFAULT_CONFIG_PATH",
-    "SYSTEM_DATA_DIR",
     "SECTIONS",
     "DeliverySettings",
     "Destination",
     "InferenceSettings",
     "NodeSettings",
-    "SettingError",
     "Settings",
     "StudySettings",
-    "check_ae_title",
-    "check_port",
-    "user_data_dir",
 ]
 
 

@@ -121,6 +121,38 @@ class Predecessor:
                    earlier)
 
 
+@dataclass(frozen=True)
+class DocumentOptions:
+    """How the node writes its SR documents: the same for every report of a site, whatever the outcome.
+
+    Every report builder takes one, so a new kind of report (detection, segmentation) does not
+    repeat five keyword arguments and their defaults.
+    """
+
+    node_ae_title: str
+    """The node's AE title: it names the observing device (a UID made from it) in every report."""
+    sr_class: SrClass = "comprehensive3d"
+    """Comprehensive 3D SR, or Comprehensive SR for archives that refuse the 3D class."""
+    product: bool = False
+    """Content Qualification PRODUCT (a validated, cleared model) instead of RESEARCH."""
+    predecessor: Predecessor | None = None
+    """The study's earlier report, which the new one replaces (unless both are the same document)."""
+    now: datetime | None = None
+    """Series and Content Date/Time; the current time when None."""
+
+    @classmethod
+    def for_site(
+        cls, inference: InferenceSettings, node_ae_title: str, predecessor: Predecessor | None = None
+    ) -> DocumentOptions:
+        """The options ``[inference]`` sets: the SR class and the content qualification."""
+        return cls(
+            node_ae_title=node_ae_title,
+            sr_class=inference.sr_sop_class,
+            product=inference.content_qualification == "PRODUCT",
+            predecessor=predecessor,
+        )
+
+
 def read_predecessor(path: Path) -> Predecessor | None:
     """The stored report at ``path`` as a predecessor; None when the file is gone or is not an SR.
 
@@ -163,21 +195,9 @@ def content_uid(sr: Dataset) -> str:
 
 
 def build_measurement_report(
-    result: StudyResult,
-    manifest: Manifest,
-    evaluated_series: Sequence[Dataset],
-    *,
-    node_ae_title: str,
-    sr_class: SrClass = "comprehensive3d",
-    product: bool = False,
-    predecessor: Predecessor | None = None,
-    now: datetime | None = None,
+    result: StudyResult, manifest: Manifest, evaluated_series: Sequence[Dataset], options: DocumentOptions
 ) -> hd.sr.Comprehensive3DSR | hd.sr.ComprehensiveSR:
-    """The SR for one study result; ``evaluated_series`` are the headers of the series the model read.
-
-    ``predecessor`` is the study's earlier report, if any: the new one names it as the document it
-    replaces (unless both are the same document). ``now`` sets the Series and Content Date/Time.
-    """
+    """The SR for one study result; ``evaluated_series`` are the headers of the series the model read."""
     if not evaluated_series:
         raise ValueError("the report needs the evaluated series' headers as evidence")
     key = [ds for ds in evaluated_series if str(ds.SOPInstanceUID) == result.key_instance_uid] or [evaluated_series[0]]
@@ -200,21 +220,13 @@ def build_measurement_report(
     )
     _add_comment(group, _verdict(manifest, result))
     return _document(
-        manifest, group, evaluated_series, key, result.study_uid, node_ae_title, sr_class, product, predecessor, now,
+        manifest, group, evaluated_series, key, result.study_uid, options,
         f"AI triage: {manifest.finding.meaning.lower()} (not for diagnosis)",
     )
 
 
 def build_not_applicable_report(
-    outcome: NotApplicable,
-    manifest: Manifest,
-    study_headers: Sequence[Dataset],
-    *,
-    node_ae_title: str,
-    sr_class: SrClass = "comprehensive3d",
-    product: bool = False,
-    predecessor: Predecessor | None = None,
-    now: datetime | None = None,
+    outcome: NotApplicable, manifest: Manifest, study_headers: Sequence[Dataset], options: DocumentOptions
 ) -> hd.sr.Comprehensive3DSR | hd.sr.ComprehensiveSR:
     """The SR for a study the model could not read, for sites that want a report for every study.
 
@@ -228,7 +240,7 @@ def build_not_applicable_report(
     group = _group(outcome.study_uid, manifest, _algorithm(manifest), codes.SCT.Indeterminate)
     _add_comment(group, f"Not assessed: {outcome.reason}")
     return _document(
-        manifest, group, study_headers, None, outcome.study_uid, node_ae_title, sr_class, product, predecessor, now,
+        manifest, group, study_headers, None, outcome.study_uid, options,
         f"AI triage: {manifest.finding.meaning.lower()} not assessed",
     )
 
@@ -244,16 +256,11 @@ def report_for(
 
     ``predecessor``: the study's earlier report (see :func:`read_predecessor`), which the new one replaces.
     """
-    options = {
-        "node_ae_title": node_ae_title,
-        "sr_class": inference.sr_sop_class,
-        "product": inference.content_qualification == "PRODUCT",
-        "predecessor": predecessor,
-    }
+    options = DocumentOptions.for_site(inference, node_ae_title, predecessor)
     if isinstance(outcome, StudyResult):
-        return build_measurement_report(outcome, manifest, outcome.evidence, **options)  # type: ignore[arg-type]
+        return build_measurement_report(outcome, manifest, outcome.evidence, options)
     if inference.report_not_applicable and outcome.evidence:
-        return build_not_applicable_report(outcome, manifest, outcome.evidence, **options)  # type: ignore[arg-type]
+        return build_not_applicable_report(outcome, manifest, outcome.evidence, options)
     return None
 
 
@@ -469,13 +476,10 @@ def _document(
     evidence: Sequence[Dataset],
     referenced_images: list[Dataset] | None,
     study_uid: str,
-    node_ae_title: str,
-    sr_class: SrClass,
-    product: bool,
-    predecessor: Predecessor | None,
-    now: datetime | None,
+    options: DocumentOptions,
     series_description: str,
 ) -> hd.sr.Comprehensive3DSR | hd.sr.ComprehensiveSR:
+    node_ae_title = options.node_ae_title
     observer = hd.sr.ObservationContext(
         observer_device_context=hd.sr.ObserverContext(
             observer_type=codes.DCM.Device,
@@ -497,9 +501,9 @@ def _document(
     for item in _items(content):
         if item.ValueType == "CONTAINER":
             item.ContinuityOfContent = "SEPARATE"  # each item under its concept name, not run together as prose
-    now = now or datetime.now()
+    now = options.now or datetime.now()
     evidence = _evidence(evidence, _own_text(content, series_description, manifest.name, manifest.version))
-    document = hd.sr.Comprehensive3DSR if sr_class == "comprehensive3d" else hd.sr.ComprehensiveSR
+    document = hd.sr.Comprehensive3DSR if options.sr_class == "comprehensive3d" else hd.sr.ComprehensiveSR
     sr = document(
         evidence=evidence,
         content=content,
@@ -520,6 +524,6 @@ def _document(
         content_date=now.date(),
         content_time=now.time(),
     )
-    sr.ContentQualification = "PRODUCT" if product else "RESEARCH"
-    _seal(sr, predecessor)
+    sr.ContentQualification = "PRODUCT" if options.product else "RESEARCH"
+    _seal(sr, options.predecessor)
     return sr

@@ -22,7 +22,13 @@ from pydicom.uid import Comprehensive3DSRStorage, ComprehensiveSRStorage, genera
 from triagenode.inference.model_package import DEMO_MODEL, Manifest, read_manifest
 from triagenode.inference.phantom import read_labels, write_phantom_study, write_phantoms
 from triagenode.inference.pipeline import StudyResult
-from triagenode.inference.report import Predecessor, build_measurement_report, convert_report, read_predecessor
+from triagenode.inference.report import (
+    DocumentOptions,
+    Predecessor,
+    build_measurement_report,
+    convert_report,
+    read_predecessor,
+)
 
 from conftest import TRIAGENODE, send, wait_until
 from dicom_factory import ct_slice
@@ -221,7 +227,7 @@ def result_of(evidence: list[Dataset], probability: float = 0.97, key: int = 5, 
 
 
 def build(result: StudyResult, manifest: Manifest = MANIFEST, **options: Any) -> Dataset:
-    return build_measurement_report(result, manifest, result.evidence, node_ae_title=NODE, **options)
+    return build_measurement_report(result, manifest, result.evidence, DocumentOptions(node_ae_title=NODE, **options))
 
 
 def test_the_report_uid_follows_its_content(studies: Path) -> None:
