@@ -70,6 +70,57 @@ def transport_of(association: Association) -> Transport | None:
     return association.dul.socket  # type: ignore[no-any-return]
 
 
+A_ASSOCIATE_RQ = 0x01
+P_DATA_TF = 0x04
+"""PDU types (PS3.8 9.3.1)."""
+
+PduHeaderCheck = Callable[[int, int], None]
+"""Called with a PDU's type and length before its body is read; raises to refuse the connection."""
+RequestRewrite = Callable[[bytearray], bytearray]
+"""Given an A-ASSOCIATE-RQ's body before pynetdicom parses it; returns the body to parse, or raises."""
+
+
+def watch_pdus(association: Association, on_header: PduHeaderCheck, on_request: RequestRewrite) -> bool:
+    """Let the node see each PDU's header, and an A-ASSOCIATE-RQ's body, before pynetdicom reads them.
+
+    pynetdicom's DUL reads a PDU as ``recv(6)`` for the header, then
+    ``recv(length)`` for the body, whatever length the header claims; the node
+    wraps the association socket's ``recv`` to look in between. False when
+    the association has no socket (nothing to watch).
+    """
+    transport = transport_of(association)
+    if transport is None:
+        return False
+    receive = transport.recv
+    next_is_request = False
+
+    def recv(nr_bytes: int) -> bytearray:
+        nonlocal next_is_request
+        data = receive(nr_bytes)
+        if next_is_request:
+            next_is_request = False
+            return on_request(data)
+        if nr_bytes == 6 and len(data) == 6:
+            pdu_type, length = data[0], int.from_bytes(data[2:6], "big")
+            next_is_request = pdu_type == A_ASSOCIATE_RQ
+            on_header(pdu_type, length)
+        return data
+
+    transport.recv = recv  # type: ignore[method-assign]
+    return True
+
+
+def send_raw_pdu(association: Association, pdu: bytes) -> None:
+    """Write ``pdu`` straight to the association's socket, outside pynetdicom's state machine.
+
+    For a refusal decided in :func:`watch_pdus`, before pynetdicom has read the
+    PDU it would answer; the caller then ends the connection by raising.
+    """
+    transport = transport_of(association)
+    if transport is not None and transport.socket is not None:
+        transport.socket.sendall(pdu)
+
+
 def has_request(association: Association) -> bool:
     """Whether the peer has sent its A-ASSOCIATE-RQ yet."""
     return association.requestor.primitive is not None

@@ -465,8 +465,6 @@ def _discard_partial_dataset(association: Association) -> int | None:
     return size
 
 
-_A_ASSOCIATE_RQ = 0x01
-_P_DATA_TF = 0x04
 _AE_FIELDS = ((4, "called"), (20, "calling"))
 """Offsets of the Called and Calling AE Title fields in an A-ASSOCIATE-RQ after its 6-byte header (PS3.8 9.3.2)."""
 
@@ -488,9 +486,9 @@ class _QuietForRefusals(logging.Filter):
 logging.getLogger("pynetdicom.dul").addFilter(_QuietForRefusals())
 
 
-def _refuse_connection(transport: object, pdu: bytes, why: str) -> NoReturn:
+def _refuse_connection(association: Association, pdu: bytes, why: str) -> NoReturn:
     with contextlib.suppress(OSError):
-        transport.socket.sendall(pdu)  # type: ignore[attr-defined]
+        internals.send_raw_pdu(association, pdu)
     _refusing.active = True
     raise _RefusedConnection(why)
 
@@ -510,35 +508,21 @@ def _guard_incoming_pdus(association: Association, peer_ip: str) -> None:
       non-ASCII, all spaces) gets an A-ASSOCIATE-RJ with a refusal log line,
       instead of a library exception that drops the connection.
     """
-    transport = internals.transport_of(association)
-    if transport is None:
-        return
-    receive = transport.recv
-    next_is_request: list[bool] = [False]
 
-    def recv(nr_bytes: int) -> bytearray:
-        data = receive(nr_bytes)
-        if next_is_request[0]:
-            next_is_request[0] = False
-            return _normalised_request(data, association, peer_ip, transport)
-        if nr_bytes == 6 and len(data) == 6:
-            pdu_type, _, length = struct.unpack(">BBL", data)
-            if pdu_type == _A_ASSOCIATE_RQ:
-                next_is_request[0] = True
-            elif pdu_type == _P_DATA_TF and length > MAX_PDU_SIZE:
-                log.warning(
-                    "association.pdu_too_long peer_ae=%s peer_ip=%s pdu_length=%d max_pdu_length=%d: aborting",
-                    _peer_ae(association), peer_ip, length, MAX_PDU_SIZE,
-                )
-                _refuse_connection(
-                    transport, _A_ABORT_INVALID_PDU_PARAMETER, f"P-DATA-TF of {length} bytes exceeds {MAX_PDU_SIZE}"
-                )
-        return data
+    def check_header(pdu_type: int, length: int) -> None:
+        if pdu_type == internals.P_DATA_TF and length > MAX_PDU_SIZE:
+            log.warning(
+                "association.pdu_too_long peer_ae=%s peer_ip=%s pdu_length=%d max_pdu_length=%d: aborting",
+                _peer_ae(association), peer_ip, length, MAX_PDU_SIZE,
+            )
+            _refuse_connection(
+                association, _A_ABORT_INVALID_PDU_PARAMETER, f"P-DATA-TF of {length} bytes exceeds {MAX_PDU_SIZE}"
+            )
 
-    transport.recv = recv  # type: ignore[method-assign]
+    internals.watch_pdus(association, check_header, lambda body: _normalised_request(body, association, peer_ip))
 
 
-def _normalised_request(body: bytearray, association: Association, peer_ip: str, transport: object) -> bytearray:
+def _normalised_request(body: bytearray, association: Association, peer_ip: str) -> bytearray:
     """The A-ASSOCIATE-RQ body with NUL-padded AE titles space-padded; refuses one with an invalid AE title."""
     for offset, role in _AE_FIELDS:
         raw = bytes(body[offset : offset + 16])
@@ -557,7 +541,7 @@ def _normalised_request(body: bytearray, association: Association, peer_ip: str,
             )
             # Rejected permanent, source: service user, reason: calling (3) or called (7) AE title not recognised.
             _refuse_connection(
-                transport,
+                association,
                 struct.pack(">BBLBBBB", 0x03, 0, 4, 0, 0x01, 0x01, 0x03 if role == "calling" else 0x07),
                 f"invalid {role} AE title",
             )

@@ -44,6 +44,9 @@ def test_association_internals_the_receiver_uses_are_there() -> None:
     assert association.requestor.primitive is None, "the A-ASSOCIATE-RQ is no longer the requestor's 'primitive'"
     assert callable(association.acse.send_reject) and callable(association.kill)
     assert "def recv(self, nr_bytes" in inspect.getsource(AssociationSocket), "the socket wrapper's recv changed"
+    read_pdu = inspect.getsource(DULServiceProvider._read_pdu_data)
+    assert "self.socket.recv(6)" in read_pdu, "a PDU's header is no longer read apart from its body"
+    assert "self.socket.recv(pdu_length)" in read_pdu, "a PDU's body is no longer read in one recv"
     run = inspect.getsource(Association.run_reactor)
     assert "receive_pdu(wait=True, timeout=self.acse_timeout)" in run, "the wait for the request changed"
     assert "if primitive is None:" in run, "an empty item no longer reads as 'timed out waiting for the request'"
