@@ -1,8 +1,8 @@
 """``triagenode serve``, ``status`` and ``echo``: run the node, ask whether it runs, check a DICOM peer.
 
-Imports only click at the top: ``status`` pays for SQLAlchemy when it reads
-the queue, ``echo`` for pynetdicom when it associates, ``serve`` for the
-whole node; ``--help`` for none of them.
+Imports only click at the top: ``status`` reads the queue with plain
+``sqlite3`` (no SQLAlchemy), ``echo`` pays for pynetdicom when it
+associates, ``serve`` for the whole node; ``--help`` for none of them.
 """
 
 from __future__ import annotations
@@ -21,15 +21,16 @@ from triagenode.daemon.cli_shared import (
     human_bytes,
     human_duration,
     json_option,
-    open_queue,
     print_json,
     settings_from,
     settings_to_serve,
 )
 
 if TYPE_CHECKING:
+    from collections.abc import Mapping
+
     from triagenode.config import Settings
-    from triagenode.storage.reports import ReportBook
+    from triagenode.storage.snapshot import DestinationCounts
 
 
 @click.command()
@@ -73,20 +74,20 @@ def status(config_path: Path | None, as_json: bool) -> None:
     Exits 1 when the receiver is not running, so monitoring can call it.
     """
     from triagenode.storage.filestore import FileStore
-    from triagenode.storage.heartbeat import Heartbeat
-    from triagenode.storage.overview import QueueOverview
-    from triagenode.storage.reports import ReportBook
+    from triagenode.storage.snapshot import DatabaseUnavailableError, read_snapshot
     from triagenode.storage.timeutil import iso, utcnow
 
     settings = settings_from(config_path)
-    with open_queue(settings) as engine:
-        overview = QueueOverview(engine)
-        now = utcnow()
-        receiver = Heartbeat(engine).state(now)
-        counts = overview.state_counts()
-        oldest = overview.oldest_waiting()
-        free = FileStore(settings.node.data_dir).free_bytes()
-        destinations = destination_rows(settings, ReportBook(engine))
+    now = utcnow()
+    try:
+        # Plain sqlite3, not the ORM: a monitoring probe runs this every minute and waits for it.
+        snapshot = read_snapshot(settings.node.database_path, now)
+    except DatabaseUnavailableError as exc:
+        fail(str(exc))
+    receiver, counts = snapshot.receiver, snapshot.counts
+    oldest = snapshot.oldest_waiting.as_dict() if snapshot.oldest_waiting else None
+    free = FileStore(settings.node.data_dir).free_bytes()
+    destinations = destination_rows(settings, snapshot.destinations)
     uptime = receiver.uptime_s(now)
     data = {
         "receiver": {
@@ -135,9 +136,9 @@ def status(config_path: Path | None, as_json: bool) -> None:
         sys.exit(EXIT_NO)
 
 
-def destination_rows(settings: Settings, book: ReportBook) -> list[dict[str, Any]]:
+def destination_rows(settings: Settings, known: Mapping[str, DestinationCounts]) -> list[dict[str, Any]]:
     """Where reports go, with each destination's deliveries by state; ones only the database knows come last."""
-    counts = book.destination_counts()
+    counts = dict(known)
     rows = []
     for d in settings.destinations:
         c = counts.pop(d.name, None)

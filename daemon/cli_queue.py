@@ -245,9 +245,9 @@ def queue_resend(config_path: Path | None, study_uid: str, destination_name: str
     rebuilt first when [inference] sr_sop_class names the other SR class.
     The running node sends it within a second (or when it next starts).
     """
-    from triagenode.storage.heartbeat import Heartbeat
     from triagenode.storage.queue import TransitionError, UnknownStudyError
     from triagenode.storage.reports import NoReportError, ReportBook
+    from triagenode.storage.snapshot import read_receiver_state
     from triagenode.storage.timeutil import utcnow
 
     settings = settings_from(config_path)
@@ -271,9 +271,9 @@ def queue_resend(config_path: Path | None, study_uid: str, destination_name: str
             book.report_of(study_uid)  # unknown study or no report: say so before touching anything
             rebuilt = _rebuild(settings, book, study_uid)
             book.resend(study_uid, targets)
-            running = Heartbeat(engine).state(utcnow()).running
         except (UnknownStudyError, NoReportError, TransitionError) as exc:
             fail(str(exc))
+    running = read_receiver_state(settings.node.database_path, utcnow()).running
     if rebuilt:
         click.echo(f"{study_uid}: {rebuilt}")
     click.echo(f"{study_uid}: report scheduled for {', '.join(targets)}")

@@ -33,9 +33,10 @@ from triagenode.daemon.supervisor import WorkerPool
 from triagenode.daemon.systemd import notify
 from triagenode.storage.database import open_for_daemon
 from triagenode.storage.filestore import FileStore
-from triagenode.storage.heartbeat import HEARTBEAT_INTERVAL_S, Heartbeat
+from triagenode.storage.heartbeat import Heartbeat
 from triagenode.storage.queue import MAX_PROCESSING_ATTEMPTS, StudyQueue
 from triagenode.storage.reports import ReportBook
+from triagenode.storage.snapshot import HEARTBEAT_INTERVAL_S
 
 log = logging.getLogger("triagenode.service")
 

@@ -7,11 +7,10 @@ from pathlib import Path
 from sqlalchemy import Engine
 
 from triagenode.storage.engine import make_engine
-from triagenode.storage.migrations import LATEST_VERSION, current_version, upgrade
+from triagenode.storage.migrations import upgrade
+from triagenode.storage.snapshot import DatabaseUnavailableError, check_schema
 
-
-class DatabaseUnavailableError(RuntimeError):
-    """The CLI cannot use the database; the text tells the administrator what to do."""
+__all__ = ["DatabaseUnavailableError", "open_for_cli", "open_for_daemon"]
 
 
 def open_for_daemon(path: Path) -> Engine:
@@ -23,23 +22,9 @@ def open_for_daemon(path: Path) -> Engine:
 
 
 def open_for_cli(path: Path) -> Engine:
-    """Open an existing, up-to-date database; never create one.
+    """Open an existing, up-to-date database; never create one (see :func:`~triagenode.storage.snapshot.check_schema`).
 
-    Creating it here would leave a file owned by whoever ran the CLI (often
-    root) that the service user could then not write.
+    Raises :class:`~triagenode.storage.snapshot.DatabaseUnavailableError` with what to do.
     """
-    if not path.is_file():
-        raise DatabaseUnavailableError(
-            f"no database at {path}: the node has not run with this data_dir yet; "
-            "start it (`triagenode serve` or `systemctl start triagenode`) or check --config"
-        )
-    engine = make_engine(path)
-    with engine.connect() as connection:
-        version = current_version(connection)
-    if version != LATEST_VERSION:
-        engine.dispose()
-        raise DatabaseUnavailableError(
-            f"the database {path} is at schema version {version}, this CLI expects {LATEST_VERSION}; "
-            "restart the node so that it upgrades the database, or use the CLI of the same version"
-        )
-    return engine
+    check_schema(path)
+    return make_engine(path)

@@ -18,8 +18,7 @@ from typing import Any
 from sqlalchemy import Engine, create_engine, event
 from sqlalchemy.orm import Session, sessionmaker
 
-BUSY_TIMEOUT_MS = 30_000
-"""How long a transaction waits for another writer before giving up."""
+from triagenode.storage.snapshot import BUSY_TIMEOUT_MS
 
 _READ_ONLY = "triagenode_read_only"
 

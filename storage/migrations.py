@@ -18,6 +18,7 @@ from dataclasses import dataclass
 
 from sqlalchemy import Connection, Engine, text
 
+from triagenode.storage.snapshot import SCHEMA_VERSION
 from triagenode.storage.timeutil import utcnow
 
 
@@ -137,6 +138,8 @@ MIGRATIONS: tuple[Migration, ...] = (
 )
 
 LATEST_VERSION = MIGRATIONS[-1].version
+if LATEST_VERSION != SCHEMA_VERSION:  # the CLI's plain-SQL reads (storage/snapshot.py) must know the new schema
+    raise RuntimeError(f"migrations end at {LATEST_VERSION}, storage.snapshot.SCHEMA_VERSION says {SCHEMA_VERSION}")
 
 
 class SchemaTooNewError(RuntimeError):

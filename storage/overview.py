@@ -21,7 +21,7 @@ from triagenode.storage.engine import reader
 from triagenode.storage.models import Instance, ResultRecord, Series, Study, StudyEvent, StudyState
 from triagenode.storage.queue import UnknownStudyError
 from triagenode.storage.reports import ReportBook
-from triagenode.storage.timeutil import iso, utcnow
+from triagenode.storage.timeutil import iso
 
 OUTCOMES = ("present", "absent", "not applicable")
 """Values of ``outcome``; ``None`` when the study has no result yet."""
@@ -123,23 +123,3 @@ class QueueOverview:
                 select(Instance.path).join(Series).join(Study).where(Study.study_uid == study_uid).order_by(Instance.id)
             ).all()
         return [data_dir / path for path in paths]
-
-    def state_counts(self) -> dict[str, int]:
-        """Studies per state, every state present (0 when none)."""
-        with self._sessions() as session:
-            rows = dict(session.execute(select(Study.state, func.count()).group_by(Study.state)).all())
-        return {state.value: rows.get(state.value, 0) for state in StudyState}
-
-    def oldest_waiting(self) -> dict[str, Any] | None:
-        """The ``queued`` study that has waited longest for a worker, with its wait in seconds."""
-        with self._sessions() as session:
-            study = session.scalar(
-                select(Study).where(Study.state == StudyState.QUEUED).order_by(Study.updated_at).limit(1)
-            )
-            if study is None:
-                return None
-            return {
-                "study_uid": study.study_uid,
-                "queued_at": iso(study.updated_at),
-                "waiting_s": round((utcnow() - study.updated_at).total_seconds(), 1),
-            }

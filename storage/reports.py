@@ -89,16 +89,6 @@ class DueDelivery:
 
 
 @dataclass(frozen=True)
-class DestinationCounts:
-    """How many deliveries one destination has in each state (``status``)."""
-
-    destination: str
-    pending: int = 0
-    failed: int = 0
-    sent: int = 0
-
-
-@dataclass(frozen=True)
 class Outcome:
     """What a worker records for a study: the model's finding, or why the model could not read the study.
 
@@ -369,22 +359,6 @@ class ReportBook:
             session.flush()
             summarise(session, study, now, "report to be sent again (requested by an administrator)")
             return list(destinations)
-
-    def destination_counts(self) -> dict[str, DestinationCounts]:
-        """Deliveries per destination and state, for ``status``."""
-        with self._read() as session:
-            rows = session.execute(
-                select(Delivery.destination, Delivery.state, func.count()).group_by(
-                    Delivery.destination, Delivery.state
-                )
-            ).all()
-        out: dict[str, dict[str, int]] = {}
-        for name, state, count in rows:
-            out.setdefault(name, {})[state] = count
-        return {
-            name: DestinationCounts(name, c.get(PENDING, 0), c.get(FAILED, 0), c.get(SENT, 0))
-            for name, c in out.items()
-        }
 
     def details(self, study_id: int) -> tuple[dict[str, Any] | None, list[dict[str, Any]]]:
         """The ``result`` and ``deliveries`` that ``queue show`` prints."""

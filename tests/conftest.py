@@ -20,6 +20,8 @@ from pynetdicom.sop_class import CTImageStorage, Verification
 
 from triagenode.storage.database import open_for_cli
 from triagenode.storage.overview import QueueOverview
+from triagenode.storage.snapshot import NodeSnapshot, read_snapshot
+from triagenode.storage.timeutil import utcnow
 
 # Files are sent as their bytes lie on disk (a truncated file arrives truncated),
 # the way a PACS forwards what it holds.
@@ -121,6 +123,10 @@ class NodeProcess:
 
     def cli_json(self, *args: str) -> Any:
         return json.loads(self.cli(*args, "--json").stdout)
+
+    def snapshot(self) -> NodeSnapshot:
+        """What ``triagenode status`` reads, now."""
+        return read_snapshot(self.data_dir / "triagenode.db", utcnow())
 
     @property
     def overview(self) -> QueueOverview:

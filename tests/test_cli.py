@@ -135,7 +135,7 @@ def test_help_everywhere() -> None:
 
 
 def test_commands_import_only_what_they_use(tmp_path: Path) -> None:
-    """--help loads no heavy library; only the model commands load torch; echo needs no database library.
+    """--help loads no heavy library; only the model commands load torch; echo and status need no SQLAlchemy.
 
     A monitoring probe runs ``status`` every few seconds and an administrator
     reads ``--help``: neither should wait for SQLAlchemy, pynetdicom or torch
@@ -152,6 +152,8 @@ def test_commands_import_only_what_they_use(tmp_path: Path) -> None:
     for command in (["status"], ["queue", "ls"], ["queue", "show", "1.2.3"], ["config", "show"]):
         loaded = _heavy_imports(*command, "--config", str(config))
         assert not {"torch", "pynetdicom", "numpy", "monai", "highdicom"} & set(loaded), (command, loaded)
+    loaded = _heavy_imports("status", "--config", str(config))
+    assert "sqlalchemy" not in loaded, "status reads the queue with plain sqlite3 (storage/snapshot.py)"
     loaded = _heavy_imports("echo", "NOBODY@127.0.0.1:1", "--timeout", "1", "--config", str(config))
     assert not {"torch", "sqlalchemy", "monai", "highdicom"} & set(loaded), loaded
 

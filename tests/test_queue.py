@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import threading
 from datetime import timedelta
 from pathlib import Path
@@ -21,6 +22,7 @@ from triagenode.storage.queue import (
     TransitionError,
     UnknownStudyError,
 )
+from triagenode.storage.snapshot import SCHEMA_VERSION, read_snapshot
 from triagenode.storage.timeutil import utcnow
 
 
@@ -29,6 +31,10 @@ def database(tmp_path: Path):
     engine = open_for_daemon(tmp_path / "triagenode.db")
     yield engine
     engine.dispose()
+
+
+def database_file(engine) -> Path:
+    return Path(engine.url.database)
 
 
 def instance(study: str, series: str = "1.2.3.1", sop: str = "1.2.3.1.1", aet: str = "CT1") -> ReceivedInstance:
@@ -69,7 +75,7 @@ def test_stability_completes_only_quiet_studies(database) -> None:
     queue.record_instance(instance("1.2.3", sop="1.2.3.1.1"), now=now - timedelta(seconds=40))
     queue.record_instance(instance("1.2.4", sop="1.2.4.1.1"), now=now - timedelta(seconds=10))
     assert queue.complete_stable_studies(30, now=now) == ["1.2.3"]
-    counts = QueueOverview(database).state_counts()
+    counts = read_snapshot(database_file(database), utcnow()).counts
     assert counts["queued"] == 1 and counts["receiving"] == 1
 
 
@@ -297,3 +303,51 @@ def test_a_reopened_study_drops_its_undelivered_report(database) -> None:
     claim = queue.claim("w1", lease_seconds=60)
     assert claim is not None and queue.finish(claim, StudyState.FAILED, "worker error")
     assert book.due(utcnow() + timedelta(seconds=1)) == [], "the old report stays home"
+
+
+def test_the_status_snapshot_reads_what_the_orm_wrote(database) -> None:
+    """``status`` reads with plain sqlite3; it must agree with the ORM on a database the queue filled."""
+    from sqlalchemy import func
+
+    from triagenode.storage.heartbeat import Heartbeat
+    from triagenode.storage.models import Delivery, Study
+    from triagenode.storage.reports import Outcome, ReportBook
+
+    assert LATEST_VERSION == SCHEMA_VERSION
+    queue, book = StudyQueue(database), ReportBook(database)
+    now = utcnow()
+    for uid in ("1.2.20", "1.2.21", "1.2.22"):
+        queued_study(queue, uid)
+    queue.record_instance(instance("1.2.23", sop="1.2.23.1"))  # still receiving
+    claim = queue.claim("w1", lease_seconds=60)
+    assert claim is not None
+    result = Outcome(model="m", model_version="1", finding=True, probability=0.9, threshold=0.5)
+    assert book.record_result(claim, result, ["pacs", "backup"], f"reports/{claim.study_uid}/1.2.99.dcm", "1.2.99")
+    [to_backup] = [d for d in book.due(now + timedelta(seconds=1)) if d.destination == "backup"]
+    assert book.failed_attempt(to_backup.id, "no association", now, max_attempts=1) is not None
+    Heartbeat(database).announce("TRIAGE", 11112, now=now)
+
+    snapshot = read_snapshot(database_file(database), now + timedelta(seconds=5))
+    with database.connect() as connection:
+        by_state = dict(connection.execute(select(Study.state, func.count()).group_by(Study.state)).all())
+        deliveries = connection.execute(
+            select(Delivery.destination, Delivery.state, func.count()).group_by(Delivery.destination, Delivery.state)
+        ).all()
+        oldest = connection.execute(
+            select(Study.study_uid, Study.updated_at)
+            .where(Study.state == StudyState.QUEUED)
+            .order_by(Study.updated_at)
+            .limit(1)
+        ).one()
+    assert snapshot.counts == {state.value: by_state.get(state, 0) for state in StudyState}
+    assert (snapshot.counts["queued"], snapshot.counts["receiving"], snapshot.counts["reported"]) == (2, 1, 1)
+    assert {(d.destination, d.pending, d.failed, d.sent) for d in snapshot.destinations.values()} == {
+        ("pacs", 1, 0, 0),
+        ("backup", 0, 1, 0),
+    }
+    assert len(deliveries) == 2
+    assert snapshot.oldest_waiting is not None
+    assert (snapshot.oldest_waiting.study_uid, snapshot.oldest_waiting.queued_at) == tuple(oldest)
+    receiver = snapshot.receiver
+    assert (receiver.pid, receiver.ae_title, receiver.port, receiver.started_at) == (os.getpid(), "TRIAGE", 11112, now)
+    assert not receiver.running, "this process holds no lock on the data directory: not a running node"

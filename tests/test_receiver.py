@@ -177,7 +177,7 @@ def test_malformed_datasets_get_failure_statuses_and_the_association_keeps_worki
     assert not (tmp_path.parent / "evil").exists() and not Path("/tmp/evil").exists()
     assert spool_is_empty(node)
     assert node.study(good.StudyInstanceUID) is not None
-    assert node.overview.state_counts()["receiving"] == 1, "nothing refused may reach the queue"
+    assert node.snapshot().counts["receiving"] == 1, "nothing refused may reach the queue"
     log = node.log()
     assert "status=0xC000 reason='dataset truncated" in log
     assert "status=0xA900" in log
