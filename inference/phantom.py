@@ -15,6 +15,7 @@ nodules, so training can tell which slices pass through a nodule.
 from __future__ import annotations
 
 import csv
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -153,22 +154,112 @@ def chest_volume(
     return hu, found, pixel
 
 
-def _slice_dataset(seed: int, index: int, study_uid: str, series_uid: str, k: int, z: float, pixel: float) -> Dataset:
+AXIAL_ORIENTATION = (1, 0, 0, 0, 1, 0)
+"""Image Orientation (Patient) of an axial slice: rows along +x, columns along +y."""
+HU_RESCALE_INTERCEPT = -1024
+"""Stored value = HU + 1024, the usual scanner convention: air (-1000 HU) and anything denser store non-negative."""
+
+
+def dicom_instance(
+    sop_class_uid: str, sop_instance_uid: str, *, transfer_syntax_uid: str = ExplicitVRLittleEndian
+) -> Dataset:
+    """An empty instance whose file meta and SOP Common UIDs agree, ready for ``save_as``.
+
+    The SOP class and instance UIDs stand twice in a DICOM file (file meta and
+    data set); setting both in one place keeps a writer from storing a file
+    whose meta names another instance than its body.
+    """
     meta = FileMetaDataset()
-    meta.MediaStorageSOPClassUID = CTImageStorage
-    meta.MediaStorageSOPInstanceUID = _uid(seed, index, "sop", k)
-    meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    meta.MediaStorageSOPClassUID = sop_class_uid
+    meta.MediaStorageSOPInstanceUID = sop_instance_uid
+    meta.TransferSyntaxUID = transfer_syntax_uid
     meta.ImplementationClassUID = PYDICOM_IMPLEMENTATION_UID
     ds = Dataset()
     ds.file_meta = meta
-    ds.SpecificCharacterSet = "ISO_IR 100"
+    ds.SOPClassUID = sop_class_uid
+    ds.SOPInstanceUID = sop_instance_uid
+    return ds
+
+
+def ct_image_header(
+    *,
+    sop_instance_uid: str,
+    study_uid: str,
+    series_uid: str,
+    frame_of_reference_uid: str,
+    series_number: int,
+    instance_number: int,
+    position: Sequence[float],
+    pixel_spacing: Sequence[float],
+    slice_thickness: float,
+    rows: int,
+    columns: int,
+) -> Dataset:
+    """The header of one axial CT Image Storage slice, 16-bit signed MONOCHROME2 with HU rescale, no pixels.
+
+    The phantom generator and the tests' small instances both need a CT slice
+    that the node's series selection and preprocessing accept: the geometry
+    (position, orientation, spacing, thickness), the image pixel module and
+    the rescale to HU. Written once here, the two cannot drift apart, so a test
+    instance is read the same way as a phantom. The caller adds what differs
+    (patient, study and series descriptions, dates) and ``PixelData``:
+    ``rows * columns`` little-endian int16 values, stored = HU + 1024.
+
+    ``position`` is Image Position (Patient) in mm; ``pixel_spacing`` is
+    (row spacing, column spacing) in mm. Values are written as given: a DS
+    value holds at most 16 characters, so the caller rounds them itself.
+    """
+    ds = dicom_instance(CTImageStorage, sop_instance_uid)
     ds.ImageType = ["ORIGINAL", "PRIMARY", "AXIAL"]
-    ds.SOPClassUID = CTImageStorage
-    ds.SOPInstanceUID = meta.MediaStorageSOPInstanceUID
+    ds.Modality = "CT"
+    ds.StudyInstanceUID = study_uid
+    ds.SeriesInstanceUID = series_uid
+    ds.FrameOfReferenceUID = frame_of_reference_uid
+    ds.SeriesNumber = series_number
+    ds.InstanceNumber = instance_number
+    ds.ImagePositionPatient = list(position)
+    ds.ImageOrientationPatient = list(AXIAL_ORIENTATION)
+    ds.PixelSpacing = list(pixel_spacing)
+    ds.SliceThickness = slice_thickness
+    ds.SamplesPerPixel = 1
+    ds.PhotometricInterpretation = "MONOCHROME2"
+    ds.Rows = rows
+    ds.Columns = columns
+    ds.BitsAllocated = 16
+    ds.BitsStored = 16
+    ds.HighBit = 15
+    ds.PixelRepresentation = 1
+    ds.RescaleIntercept = HU_RESCALE_INTERCEPT
+    ds.RescaleSlope = 1
+    return ds
+
+
+def _slice_dataset(
+    seed: int, index: int, study_uid: str, series_uid: str, k: int, z: float, pixel: float, matrix: int
+) -> Dataset:
+    """Slice ``k`` of phantom study ``index``: the common CT header plus what makes it a plausible chest CT.
+
+    Every value derives from the seed, the study and the slice, so a seed
+    writes byte-identical files; the attribute set passes dciodvfy.
+    """
+    corner = -FIELD_OF_VIEW_MM / 2 + pixel / 2
+    ds = ct_image_header(
+        sop_instance_uid=_uid(seed, index, "sop", k),
+        study_uid=study_uid,
+        series_uid=series_uid,
+        frame_of_reference_uid=_uid(seed, index, "for"),
+        series_number=2,
+        instance_number=k + 1,
+        position=[corner, corner, round(z, 3)],
+        pixel_spacing=[round(pixel, 6), round(pixel, 6)],
+        slice_thickness=SLICE_THICKNESS_MM,
+        rows=matrix,
+        columns=matrix,
+    )
+    ds.SpecificCharacterSet = "ISO_IR 100"
     ds.StudyDate = ds.SeriesDate = ds.ContentDate = "20260101"
     ds.StudyTime = ds.SeriesTime = ds.ContentTime = "120000"
     ds.AccessionNumber = f"PH{seed % 10000:04d}{index:05d}"
-    ds.Modality = "CT"
     ds.Manufacturer = "Triage Node phantom"
     ds.ReferringPhysicianName = ""
     ds.StudyDescription = "PHANTOM CHEST CT"
@@ -178,31 +269,14 @@ def _slice_dataset(seed: int, index: int, study_uid: str, series_uid: str, k: in
     ds.PatientBirthDate = "19600101"
     ds.PatientSex = "O"
     ds.BodyPartExamined = "CHEST"
-    ds.SliceThickness = SLICE_THICKNESS_MM
     ds.KVP = 120
     ds.PatientPosition = "FFS"
-    ds.StudyInstanceUID = study_uid
-    ds.SeriesInstanceUID = series_uid
     ds.StudyID = str(index)
-    ds.SeriesNumber = 2
-    ds.InstanceNumber = k + 1
     ds.AcquisitionNumber = 1  # Type 2 in the CT Image module: one acquisition per phantom series
-    ds.ImagePositionPatient = [-FIELD_OF_VIEW_MM / 2 + pixel / 2, -FIELD_OF_VIEW_MM / 2 + pixel / 2, round(z, 3)]
-    ds.ImageOrientationPatient = [1, 0, 0, 0, 1, 0]
-    ds.FrameOfReferenceUID = _uid(seed, index, "for")
     ds.PositionReferenceIndicator = ""
     ds.SliceLocation = round(z, 3)
-    ds.SamplesPerPixel = 1
-    ds.PhotometricInterpretation = "MONOCHROME2"
-    ds.PixelSpacing = [round(pixel, 6), round(pixel, 6)]
-    ds.BitsAllocated = 16
-    ds.BitsStored = 16
-    ds.HighBit = 15
-    ds.PixelRepresentation = 1
     ds.WindowCenter = -600
     ds.WindowWidth = 1500
-    ds.RescaleIntercept = -1024
-    ds.RescaleSlope = 1
     ds.RescaleType = "HU"
     return ds
 
@@ -221,8 +295,7 @@ def write_phantom_study(
     stored = np.clip(np.rint(hu) + 1024, -32768, 32767).astype(np.int16)
     for k in range(slices):
         z = (k - slices / 2 + 0.5) * SLICE_THICKNESS_MM
-        ds = _slice_dataset(seed, index, study_uid, series_uid, k, z, pixel)
-        ds.Rows = ds.Columns = matrix
+        ds = _slice_dataset(seed, index, study_uid, series_uid, k, z, pixel, matrix)
         ds.PixelData = stored[k].tobytes()
         ds.save_as(folder / f"CT{k + 1:04d}.dcm", enforce_file_format=True)
     return PhantomStudy(study_uid, int(positive), nodules, folder)

@@ -12,8 +12,9 @@ from pathlib import Path
 
 import numpy as np
 from pydicom import Dataset
-from pydicom.dataset import FileMetaDataset
-from pydicom.uid import PYDICOM_IMPLEMENTATION_UID, CTImageStorage, ExplicitVRLittleEndian, generate_uid
+from pydicom.uid import generate_uid
+
+from triagenode.inference.phantom import ct_image_header
 
 PATIENT_NAME = "Testpatient^Hildegard"
 PATIENT_ID = "PID-778899"
@@ -37,19 +38,26 @@ class Study:
 def ct_slice(
     study_uid: str, series_uid: str, index: int, *, rows: int = 32, columns: int = 32, series_number: int = 1
 ) -> Dataset:
-    """One CT Image Storage instance with a file meta, ready for ``save_as`` or a C-STORE."""
-    meta = FileMetaDataset()
-    meta.MediaStorageSOPClassUID = CTImageStorage
-    meta.MediaStorageSOPInstanceUID = generate_uid()
-    meta.TransferSyntaxUID = ExplicitVRLittleEndian
-    meta.ImplementationClassUID = PYDICOM_IMPLEMENTATION_UID
-    ds = Dataset()
-    ds.file_meta = meta
-    ds.SOPClassUID = CTImageStorage
-    ds.SOPInstanceUID = meta.MediaStorageSOPInstanceUID
-    ds.StudyInstanceUID = study_uid
-    ds.SeriesInstanceUID = series_uid
-    ds.FrameOfReferenceUID = generate_uid(entropy_srcs=[study_uid])
+    """One CT Image Storage instance with a file meta, ready for ``save_as`` or a C-STORE.
+
+    The CT header comes from the product's :func:`ct_image_header`, the one the
+    phantoms use, so the tests exercise the same geometry and pixel module the
+    node reads from phantoms; only the patient, the descriptions and the
+    pixels are the tests' own.
+    """
+    ds = ct_image_header(
+        sop_instance_uid=generate_uid(),
+        study_uid=study_uid,
+        series_uid=series_uid,
+        frame_of_reference_uid=generate_uid(entropy_srcs=[study_uid]),
+        series_number=series_number,
+        instance_number=index + 1,
+        position=[-160.0, -160.0, -float(index) * 2.5],
+        pixel_spacing=[320.0 / rows, 320.0 / columns],
+        slice_thickness=2.5,
+        rows=rows,
+        columns=columns,
+    )
     ds.PatientName = PATIENT_NAME
     ds.PatientID = PATIENT_ID
     ds.PatientBirthDate = PATIENT_BIRTH_DATE
@@ -60,25 +68,7 @@ def ct_slice(
     ds.StudyID = "1"
     ds.StudyDescription = "CT THORAX"
     ds.SeriesDescription = f"AXIAL {series_number}"
-    ds.Modality = "CT"
     ds.Manufacturer = "Triage Node tests"
-    ds.SeriesNumber = series_number
-    ds.InstanceNumber = index + 1
-    ds.ImageType = ["ORIGINAL", "PRIMARY", "AXIAL"]
-    ds.ImagePositionPatient = [-160.0, -160.0, -float(index) * 2.5]
-    ds.ImageOrientationPatient = [1.0, 0.0, 0.0, 0.0, 1.0, 0.0]
-    ds.PixelSpacing = [320.0 / rows, 320.0 / columns]
-    ds.SliceThickness = 2.5
-    ds.SamplesPerPixel = 1
-    ds.PhotometricInterpretation = "MONOCHROME2"
-    ds.Rows = rows
-    ds.Columns = columns
-    ds.BitsAllocated = 16
-    ds.BitsStored = 16
-    ds.HighBit = 15
-    ds.PixelRepresentation = 1
-    ds.RescaleIntercept = -1024
-    ds.RescaleSlope = 1
     rng = np.random.default_rng(index)
     ds.PixelData = rng.integers(0, 2000, size=(rows, columns), dtype=np.int16).tobytes()
     return ds

@@ -18,14 +18,13 @@ from typing import Any
 
 import pytest
 from peers import HangingPeer, RecordingPacs
-from pydicom import Dataset
-from pydicom.dataset import FileMetaDataset
-from pydicom.uid import PYDICOM_IMPLEMENTATION_UID, ExplicitVRLittleEndian, generate_uid
+from pydicom.uid import generate_uid
 from pynetdicom.sop_class import Comprehensive3DSRStorage
 from sqlalchemy import Engine
 
 from triagenode.config.settings import DeliverySettings, Destination, NodeSettings, Settings
 from triagenode.daemon.delivery import ReportDelivery
+from triagenode.inference.phantom import dicom_instance
 from triagenode.storage.database import open_for_daemon
 from triagenode.storage.overview import QueueOverview
 from triagenode.storage.queue import ReceivedInstance, StudyQueue
@@ -37,15 +36,7 @@ from conftest import free_port, wait_until
 
 def write_sr(data_dir: Path, study_uid: str) -> tuple[str, str]:
     """A small SR file under ``reports/`` the way a worker stores one: (relative path, SOP Instance UID)."""
-    meta = FileMetaDataset()
-    meta.MediaStorageSOPClassUID = Comprehensive3DSRStorage
-    meta.MediaStorageSOPInstanceUID = generate_uid()
-    meta.TransferSyntaxUID = ExplicitVRLittleEndian
-    meta.ImplementationClassUID = PYDICOM_IMPLEMENTATION_UID
-    ds = Dataset()
-    ds.file_meta = meta
-    ds.SOPClassUID = Comprehensive3DSRStorage
-    ds.SOPInstanceUID = meta.MediaStorageSOPInstanceUID
+    ds = dicom_instance(Comprehensive3DSRStorage, generate_uid())
     ds.StudyInstanceUID = study_uid
     ds.SeriesInstanceUID = generate_uid()
     ds.Modality = "SR"
