@@ -217,7 +217,7 @@ def ct_image_header(
     ds.FrameOfReferenceUID = frame_of_reference_uid
     ds.SeriesNumber = series_number
     ds.InstanceNumber = instance_number
-    ds.ImagePositionPatient = list(position)
+    ds.ImagePositionPatient = [round(value, 6) for value in position]  # a DS holds 16 characters at most
     ds.ImageOrientationPatient = list(AXIAL_ORIENTATION)
     ds.PixelSpacing = list(pixel_spacing)
     ds.SliceThickness = slice_thickness

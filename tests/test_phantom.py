@@ -28,11 +28,12 @@ def dciodvfy(path: Path) -> tuple[list[str], list[str]]:
 
 
 @needs_dicom3tools
-def test_every_kind_of_phantom_object_passes_dciodvfy(tmp_path: Path) -> None:
+@pytest.mark.parametrize("matrix", [64, 96])  # 96: a pixel size whose decimals do not end (350/96 mm)
+def test_every_kind_of_phantom_object_passes_dciodvfy(tmp_path: Path, matrix: int) -> None:
     out = tmp_path / "phantoms"
     written = subprocess.run(
         [TRIAGENODE, "phantom", str(out), "--studies", "2", "--positive-fraction", "0.5", "--seed", "3",
-         "--slices", "16", "--matrix", "64"],
+         "--slices", "16", "--matrix", str(matrix)],
         capture_output=True, text=True, timeout=120,
     )
     assert written.returncode == 0, written.stderr
