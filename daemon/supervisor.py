@@ -63,6 +63,8 @@ class _Slot:
     started_at: float = 0.0
     timed_out: bool = False
     """The supervisor killed this worker for study_timeout_s (not a crash of its own)."""
+    crashed: bool = False
+    """The restart waiting in ``not_before`` follows a crash, so it counts toward the back-off."""
 
 
 class WorkerPool:
@@ -119,13 +121,19 @@ class WorkerPool:
                     log.log(logging.INFO if stopped else logging.ERROR, "worker.%s worker=%s pid=%s exitcode=%s",
                             "exited" if stopped else "died", slot.worker_id, process.pid, process.exitcode)
                 why = f"killed after study_timeout_s={timeout}" if slot.timed_out else None
-                slot.timed_out = False
                 returned = self._queue.recover_expired_leases(owner=slot.worker_id, why=why)
                 for study_uid in returned:
                     log.warning("study.lease_released study_uid=%s worker=%s", study_uid, slot.worker_id)
-                slot.not_before = time.monotonic() + RESTART_DELAY_S * min(2**slot.restarts, 30)
+                # A crash loop backs off. A worker killed for its study's time restarts at once and is
+                # no crash: the study was the trouble, and study_timeout_s itself paces a model that
+                # hangs on every study.
+                slot.crashed = not slot.timed_out
+                slot.timed_out = False
+                backoff = RESTART_DELAY_S * min(2**slot.restarts, 30) if slot.crashed else 0.0
+                slot.not_before = time.monotonic() + backoff
             if time.monotonic() >= slot.not_before:
-                slot.restarts += 1
+                if slot.crashed:
+                    slot.restarts += 1
                 slot.not_before = 0.0
                 self._spawn(slot)
 
