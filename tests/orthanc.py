@@ -12,7 +12,7 @@ import urllib.request
 from pathlib import Path
 from typing import Any
 
-from conftest import free_port
+from nodes import free_port
 
 
 class Orthanc:

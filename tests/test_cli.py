@@ -5,8 +5,8 @@ from __future__ import annotations
 import signal
 from pathlib import Path
 
-from conftest import NodeProcess, send
 from dicom_factory import write_study
+from nodes import NodeProcess, send
 
 
 def test_queue_ls_show_retry_cancel(node: NodeProcess, tmp_path: Path) -> None:
@@ -127,7 +127,7 @@ def _heavy_imports(*args: str) -> list[str]:
 def test_help_everywhere() -> None:
     import subprocess
 
-    from conftest import TRIAGENODE
+    from nodes import TRIAGENODE
 
     for command in COMMANDS:
         result = subprocess.run([TRIAGENODE, *command, "--help"], capture_output=True, text=True)
@@ -166,12 +166,12 @@ def _reported(node: NodeProcess, tmp_path: Path, name: str, destinations: list[s
     """
     from datetime import timedelta
 
-    from test_delivery import write_sr
-
     from triagenode.storage.database import open_for_cli
     from triagenode.storage.queue import StudyQueue
     from triagenode.storage.reports import Outcome, ReportBook
     from triagenode.storage.timeutil import utcnow
+
+    from test_delivery import write_sr
 
     study = write_study(tmp_path / name, slices=1)
     send(node.port, study.files)
@@ -190,69 +190,63 @@ def _reported(node: NodeProcess, tmp_path: Path, name: str, destinations: list[s
     return study.study_uid
 
 
-def test_resend_show_ls_and_status_with_two_destinations(make_node, tmp_path: Path) -> None:
-    from peers import RecordingPacs
+def test_resend_show_ls_and_status_with_two_destinations(make_node, make_pacs, tmp_path: Path) -> None:
+    from nodes import wait_until
 
-    from conftest import free_port, wait_until
+    a, b = make_pacs("A"), make_pacs("B")
+    node = make_node(
+        destinations=[{"name": "a", "ae_title": "A", "host": "127.0.0.1", "port": a.port},
+                      {"name": "b", "ae_title": "B", "host": "127.0.0.1", "port": b.port}]
+    )
+    study_uid = _reported(node, tmp_path, "s1", ["a", "b"])
+    node.wait_for_state(study_uid, "sent", timeout=15)
 
-    a, b = RecordingPacs(free_port(), "A").start(), RecordingPacs(free_port(), "B").start()
-    try:
-        node = make_node(
-            destinations=[{"name": "a", "ae_title": "A", "host": "127.0.0.1", "port": a.port},
-                          {"name": "b", "ae_title": "B", "host": "127.0.0.1", "port": b.port}]
-        )
-        study_uid = _reported(node, tmp_path, "s1", ["a", "b"])
-        node.wait_for_state(study_uid, "sent", timeout=15)
+    listed = node.cli_json("queue", "ls")
+    assert listed[0]["outcome"] == "present"
+    assert node.cli("queue", "ls").stdout.splitlines()[1].split()[1:3] == ["sent", "present"]
+    text = node.cli("queue", "show", study_uid).stdout
+    for line in ("finding:       PRESENT", "probability:   0.875 (threshold 0.500)", "model:         lung 2.1",
+                 "key slice:     1.2.3.4", "timings:       decode 12 ms, model 30 ms, total 45 ms"):
+        assert line in text, (line, text)
+    sr_uid = node.cli_json("queue", "show", study_uid)["result"]["sr_sop_instance_uid"]
+    assert f"report (SR):   {sr_uid}" in text
+    assert any(row.split()[:3] == ["a", "sent", "1"] for row in text.splitlines()), text
 
-        listed = node.cli_json("queue", "ls")
-        assert listed[0]["outcome"] == "present"
-        assert node.cli("queue", "ls").stdout.splitlines()[1].split()[1:3] == ["sent", "present"]
-        text = node.cli("queue", "show", study_uid).stdout
-        for line in ("finding:       PRESENT", "probability:   0.875 (threshold 0.500)", "model:         lung 2.1",
-                     "key slice:     1.2.3.4", "timings:       decode 12 ms, model 30 ms, total 45 ms"):
-            assert line in text, (line, text)
-        sr_uid = node.cli_json("queue", "show", study_uid)["result"]["sr_sop_instance_uid"]
-        assert f"report (SR):   {sr_uid}" in text
-        assert any(row.split()[:3] == ["a", "sent", "1"] for row in text.splitlines()), text
+    status = node.cli_json("status")
+    shown = [(d["name"], d["ae_title"], d["port"], d["pending"], d["failed"], d["sent"])
+             for d in status["destinations"]]
+    assert shown == [("a", "A", a.port, 0, 0, 1), ("b", "B", b.port, 0, 0, 1)]
+    assert f"a A@127.0.0.1:{a.port}: 0 pending, 0 failed, 1 sent" in node.cli("status").stdout
 
-        status = node.cli_json("status")
-        shown = [(d["name"], d["ae_title"], d["port"], d["pending"], d["failed"], d["sent"])
-                 for d in status["destinations"]]
-        assert shown == [("a", "A", a.port, 0, 0, 1), ("b", "B", b.port, 0, 0, 1)]
-        assert f"a A@127.0.0.1:{a.port}: 0 pending, 0 failed, 1 sent" in node.cli("status").stdout
+    resent = node.cli("queue", "resend", study_uid, "--destination", "b")
+    assert resent.stdout.strip() == f"{study_uid}: report scheduled for b"
+    wait_until(lambda: len(b.received) == 2, 15, "B has the report again")
+    assert len(a.received) == 1
+    node.cli("queue", "resend", study_uid)
+    wait_until(lambda: (len(a.received), len(b.received)) == (2, 3), 15, "both have it again")
+    node.wait_for_state(study_uid, "sent", timeout=10)
 
-        resent = node.cli("queue", "resend", study_uid, "--destination", "b")
-        assert resent.stdout.strip() == f"{study_uid}: report scheduled for b"
-        wait_until(lambda: len(b.received) == 2, 15, "B has the report again")
-        assert len(a.received) == 1
-        node.cli("queue", "resend", study_uid)
-        wait_until(lambda: (len(a.received), len(b.received)) == (2, 3), 15, "both have it again")
-        node.wait_for_state(study_uid, "sent", timeout=10)
+    unknown = node.cli("queue", "resend", study_uid, "--destination", "nope", check=False)
+    assert unknown.returncode == 2
+    assert "no destination 'nope'" in unknown.stderr and "configured: a, b" in unknown.stderr
+    missing = node.cli("queue", "resend", "1.2.3.4.5", check=False)
+    assert (missing.returncode, missing.stderr.strip()) == (
+        1, "triagenode: no study 1.2.3.4.5 on this node; `triagenode queue ls` lists them")
 
-        unknown = node.cli("queue", "resend", study_uid, "--destination", "nope", check=False)
-        assert unknown.returncode == 2
-        assert "no destination 'nope'" in unknown.stderr and "configured: a, b" in unknown.stderr
-        missing = node.cli("queue", "resend", "1.2.3.4.5", check=False)
-        assert (missing.returncode, missing.stderr.strip()) == (
-            1, "triagenode: no study 1.2.3.4.5 on this node; `triagenode queue ls` lists them")
-
-        waiting = write_study(tmp_path / "s2", slices=1)
-        send(node.port, waiting.files)
-        node.wait_for_state(waiting.study_uid, "queued", timeout=node.stable_seconds + 15)
-        no_report = node.cli("queue", "resend", waiting.study_uid, check=False)
-        assert no_report.returncode == 1 and "has no report to send (it has not been processed yet)" in no_report.stderr
-        listed = {s["study_uid"]: s for s in node.cli_json("queue", "ls")}
-        assert listed[waiting.study_uid]["outcome"] is None
-        assert "result:        - (not processed yet)" in node.cli("queue", "show", waiting.study_uid).stdout
-    finally:
-        a.stop()
-        b.stop()
+    waiting = write_study(tmp_path / "s2", slices=1)
+    send(node.port, waiting.files)
+    node.wait_for_state(waiting.study_uid, "queued", timeout=node.stable_seconds + 15)
+    no_report = node.cli("queue", "resend", waiting.study_uid, check=False)
+    assert no_report.returncode == 1 and "has no report to send (it has not been processed yet)" in no_report.stderr
+    listed = {s["study_uid"]: s for s in node.cli_json("queue", "ls")}
+    assert listed[waiting.study_uid]["outcome"] is None
+    assert "result:        - (not processed yet)" in node.cli("queue", "show", waiting.study_uid).stdout
 
 
 def test_words_agree_with_their_counts(tmp_path: Path) -> None:
     import subprocess
 
-    from conftest import TRIAGENODE
+    from nodes import TRIAGENODE
 
     out = subprocess.run([TRIAGENODE, "phantom", str(tmp_path / "p"), "--studies", "1", "--slices", "8",
                           "--matrix", "64"], capture_output=True, text=True, check=True).stdout
@@ -263,7 +257,7 @@ def test_a_missing_model_is_a_configuration_error_for_serve_and_config_show(tmp_
     """serve and config show agree: exit 2, one line naming the key, the file and what to do."""
     import subprocess
 
-    from conftest import TRIAGENODE
+    from nodes import TRIAGENODE
 
     config = tmp_path / "node.toml"
     config.write_text(

@@ -13,7 +13,7 @@ import pytest
 
 from triagenode.config import ConfigError, load_settings, settings_as_dict
 
-from conftest import TRIAGENODE
+from nodes import TRIAGENODE
 
 
 def run(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:

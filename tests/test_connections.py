@@ -15,8 +15,8 @@ from pydicom.uid import generate_uid
 from pynetdicom import AE
 from pynetdicom.sop_class import Verification
 
-from conftest import NODE_AE, TRIAGENODE, NodeProcess, send, store_scu, wait_until
 from dicom_factory import ct_slice
+from nodes import NODE_AE, TRIAGENODE, NodeProcess, send, store_scu, wait_until
 
 
 def echo(port: int, calling_ae: str = "ECHOSCU") -> int:

@@ -17,7 +17,6 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from peers import HangingPeer, RecordingPacs
 from pydicom.uid import generate_uid
 from pynetdicom.sop_class import Comprehensive3DSRStorage
 from sqlalchemy import Engine
@@ -31,7 +30,7 @@ from triagenode.storage.queue import ReceivedInstance, StudyQueue
 from triagenode.storage.reports import NoReportError, Outcome, ReportBook
 from triagenode.storage.timeutil import utcnow
 
-from conftest import free_port, wait_until
+from nodes import free_port, wait_until
 
 
 def write_sr(data_dir: Path, study_uid: str) -> tuple[str, str]:
@@ -118,84 +117,72 @@ def bench(tmp_path: Path) -> Iterator[Callable[..., Bench]]:
         bench.close()
 
 
-def test_a_hanging_destination_delays_no_other(bench: Callable[..., Bench]) -> None:
+def test_a_hanging_destination_delays_no_other(
+    bench: Callable[..., Bench], make_pacs, make_hanging_peer
+) -> None:
     """B accepts TCP and never answers (30 s per attempt); A gets every report at once all the same."""
-    pacs, hanging = RecordingPacs(free_port(), "A").start(), HangingPeer(free_port()).start()
+    pacs, hanging = make_pacs("A"), make_hanging_peer()
     node = bench({"a": pacs.port, "b": hanging.port})
-    try:
-        studies = [node.reported_study() for _ in range(3)]
-        started = time.monotonic()
-        node.start()
-        wait_until(lambda: sorted(pacs.study_uids()) == sorted(studies), 10, "A has every report while B hangs")
-        elapsed = max(pacs.arrived_at) - started
-        assert elapsed < 5, f"A waited {elapsed:.1f} s behind B"
-        wait_until(lambda: all(node.delivery_of(s, "a")["state"] == "sent" for s in studies), 5, "A's sent")
-        assert hanging.accepted == 1, "B is tried once at a time, never twice at once"
-        for study_uid in studies:
-            details = node.study(study_uid)
-            assert details["state"] == "reported", "B's delivery is still pending"
-            assert node.delivery_of(study_uid, "b")["state"] == "pending"
-        print(f"\nA had all 3 reports {elapsed:.2f} s after the first tick while B hung")
-    finally:
-        hanging.stop()
-        pacs.stop()
+    studies = [node.reported_study() for _ in range(3)]
+    started = time.monotonic()
+    node.start()
+    wait_until(lambda: sorted(pacs.study_uids()) == sorted(studies), 10, "A has every report while B hangs")
+    elapsed = max(pacs.arrived_at) - started
+    assert elapsed < 5, f"A waited {elapsed:.1f} s behind B"
+    wait_until(lambda: all(node.delivery_of(s, "a")["state"] == "sent" for s in studies), 5, "A's sent")
+    assert hanging.accepted == 1, "B is tried once at a time, never twice at once"
+    for study_uid in studies:
+        details = node.study(study_uid)
+        assert details["state"] == "reported", "B's delivery is still pending"
+        assert node.delivery_of(study_uid, "b")["state"] == "pending"
+    print(f"\nA had all 3 reports {elapsed:.2f} s after the first tick while B hung")
 
 
-def test_a_destination_that_gives_up_stops_no_other(bench: Callable[..., Bench]) -> None:
+def test_a_destination_that_gives_up_stops_no_other(
+    bench: Callable[..., Bench], make_pacs, make_hanging_peer
+) -> None:
     """B is down and exhausts its attempts; A, which was hanging meanwhile, still gets the report once up."""
     a_port, b_port = free_port(), free_port()
-    hanging = HangingPeer(a_port).start()
+    hanging = make_hanging_peer(a_port)
     node = bench({"a": a_port, "b": b_port}, max_attempts=2)
     study_uid = node.reported_study()
     node.start()
-    try:
-        wait_until(lambda: node.delivery_of(study_uid, "b")["state"] == "failed", 10, "B gives up")
-        details = node.study(study_uid)
-        assert details["state"] == "reported", "A is still pending, so the study is not failed yet"
-        assert node.delivery_of(study_uid, "a")["state"] == "pending"
-        assert any("gave up delivering the report to b after 2 attempts" in e["reason"] for e in details["events"])
-    finally:
-        hanging.stop()  # A's attempt in flight fails now: it retries later
+    wait_until(lambda: node.delivery_of(study_uid, "b")["state"] == "failed", 10, "B gives up")
+    details = node.study(study_uid)
+    assert details["state"] == "reported", "A is still pending, so the study is not failed yet"
+    assert node.delivery_of(study_uid, "a")["state"] == "pending"
+    assert any("gave up delivering the report to b after 2 attempts" in e["reason"] for e in details["events"])
+    hanging.stop()  # A's attempt in flight fails now: it retries later
     wait_until(lambda: node.delivery_of(study_uid, "a")["attempts"] >= 1, 10, "A's first attempt failed")
-    pacs = RecordingPacs(a_port, "A").start()
-    try:
-        wait_until(lambda: pacs.study_uids() == [study_uid], 10, "A gets the report once it is back")
-        wait_until(lambda: node.delivery_of(study_uid, "a")["state"] == "sent", 5, "A's delivery sent")
-        details = node.study(study_uid)
-        assert details["state"] == "failed", "B gave up and nothing is pending any more"
-        assert "report not delivered to b" in details["events"][-1]["reason"]
+    pacs = make_pacs("A", a_port)
+    wait_until(lambda: pacs.study_uids() == [study_uid], 10, "A gets the report once it is back")
+    wait_until(lambda: node.delivery_of(study_uid, "a")["state"] == "sent", 5, "A's delivery sent")
+    details = node.study(study_uid)
+    assert details["state"] == "failed", "B gave up and nothing is pending any more"
+    assert "report not delivered to b" in details["events"][-1]["reason"]
 
-        node.queue.retry(study_uid)  # B's delivery starts again; A has its report
-        assert node.study(study_uid)["state"] == "reported"
-        b_pacs = RecordingPacs(b_port, "B").start()
-        try:
-            wait_until(lambda: node.study(study_uid)["state"] == "sent", 10, "sent once B has it too")
-            assert b_pacs.study_uids() == [study_uid] and pacs.study_uids() == [study_uid], "nobody got it twice"
-        finally:
-            b_pacs.stop()
-    finally:
-        pacs.stop()
+    node.queue.retry(study_uid)  # B's delivery starts again; A has its report
+    assert node.study(study_uid)["state"] == "reported"
+    b_pacs = make_pacs("B", b_port)
+    wait_until(lambda: node.study(study_uid)["state"] == "sent", 10, "sent once B has it too")
+    assert b_pacs.study_uids() == [study_uid] and pacs.study_uids() == [study_uid], "nobody got it twice"
 
 
-def test_a_report_is_sent_again_to_one_destination_or_all(bench: Callable[..., Bench]) -> None:
-    a, b = RecordingPacs(free_port(), "A").start(), RecordingPacs(free_port(), "B").start()
+def test_a_report_is_sent_again_to_one_destination_or_all(bench: Callable[..., Bench], make_pacs) -> None:
+    a, b = make_pacs("A"), make_pacs("B")
     node = bench({"a": a.port, "b": b.port}).start()
-    try:
-        study_uid = node.reported_study()
-        node_sent = lambda: node.study(study_uid)["state"] == "sent"  # noqa: E731
-        wait_until(node_sent, 10, "sent")
-        assert node.book.resend(study_uid, ["b"]) == ["b"]
-        wait_until(lambda: len(b.received) == 2, 10, "B has it twice")
-        wait_until(lambda: node.delivery_of(study_uid, "b")["state"] == "sent", 5, "B's delivery sent again")
-        assert len(a.received) == 1
-        node.book.resend(study_uid, ["a", "b"])
-        wait_until(lambda: (len(a.received), len(b.received)) == (2, 3), 10, "both again")
-        wait_until(node_sent, 5, "still sent")
-        reasons = [e["reason"] for e in node.study(study_uid)["events"]]
-        assert "report to be sent again to b (requested by an administrator)" in reasons
-    finally:
-        a.stop()
-        b.stop()
+    study_uid = node.reported_study()
+    node_sent = lambda: node.study(study_uid)["state"] == "sent"  # noqa: E731
+    wait_until(node_sent, 10, "sent")
+    assert node.book.resend(study_uid, ["b"]) == ["b"]
+    wait_until(lambda: len(b.received) == 2, 10, "B has it twice")
+    wait_until(lambda: node.delivery_of(study_uid, "b")["state"] == "sent", 5, "B's delivery sent again")
+    assert len(a.received) == 1
+    node.book.resend(study_uid, ["a", "b"])
+    wait_until(lambda: (len(a.received), len(b.received)) == (2, 3), 10, "both again")
+    wait_until(node_sent, 5, "still sent")
+    reasons = [e["reason"] for e in node.study(study_uid)["events"]]
+    assert "report to be sent again to b (requested by an administrator)" in reasons
 
 
 def test_a_study_without_a_report_cannot_be_resent(bench: Callable[..., Bench]) -> None:
@@ -215,22 +202,21 @@ def test_a_study_without_a_report_cannot_be_resent(bench: Callable[..., Bench]) 
 
 
 def test_a_destination_removed_from_the_config_fails_at_once_and_holds_nothing_up(
-    bench: Callable[..., Bench],
+    bench: Callable[..., Bench], make_pacs
 ) -> None:
-    pacs = RecordingPacs(free_port(), "A").start()
+    pacs = make_pacs("A")
     node = bench({"a": pacs.port})
-    try:
-        study_uid = node.reported_study(["a", "gone"])
-        node.start()
-        wait_until(lambda: node.delivery_of(study_uid, "gone")["state"] == "failed", 10, "gone gives up")
-        assert "no longer configured" in node.delivery_of(study_uid, "gone")["last_error"]
-        wait_until(lambda: node.study(study_uid)["state"] == "failed", 10, "failed once A is sent")
-        assert pacs.study_uids() == [study_uid]
-    finally:
-        pacs.stop()
+    study_uid = node.reported_study(["a", "gone"])
+    node.start()
+    wait_until(lambda: node.delivery_of(study_uid, "gone")["state"] == "failed", 10, "gone gives up")
+    assert "no longer configured" in node.delivery_of(study_uid, "gone")["last_error"]
+    wait_until(lambda: node.study(study_uid)["state"] == "failed", 10, "failed once A is sent")
+    assert pacs.study_uids() == [study_uid]
 
 
-def test_a_retry_scheduled_before_the_clock_stepped_back_is_not_held_for_the_step(bench: Callable[..., Bench]) -> None:
+def test_a_retry_scheduled_before_the_clock_stepped_back_is_not_held_for_the_step(
+    bench: Callable[..., Bench], make_pacs
+) -> None:
     from sqlalchemy import text
 
     port = free_port()
@@ -239,9 +225,6 @@ def test_a_retry_scheduled_before_the_clock_stepped_back_is_not_held_for_the_ste
     wait_until(lambda: node.delivery_of(study_uid, "pacs")["attempts"] >= 1, 10, "a failed attempt")
     with node.engine.begin() as connection:  # as if the clock had just been stepped back an hour
         connection.execute(text("UPDATE deliveries SET next_attempt_at = datetime('now', '+1 hour')"))
-    pacs = RecordingPacs(port, "PACS").start()
-    try:
-        wait_until(lambda: node.study(study_uid)["state"] == "sent", 10, "sent without waiting an hour")
-        assert len(pacs.received) == 1
-    finally:
-        pacs.stop()
+    pacs = make_pacs("PACS", port)
+    wait_until(lambda: node.study(study_uid)["state"] == "sent", 10, "sent without waiting an hour")
+    assert len(pacs.received) == 1

@@ -11,8 +11,8 @@ from pathlib import Path
 from pydicom import dcmread
 from pydicom.uid import generate_uid
 
-from conftest import NODE_AE, TRIAGENODE, NodeProcess, free_port, store_scu, wait_until
 from dicom_factory import ct_slice
+from nodes import NODE_AE, TRIAGENODE, NodeProcess, free_port, store_scu, wait_until
 
 
 def test_sigkill_mid_transfer_keeps_every_acknowledged_instance(make_node, tmp_path: Path) -> None:

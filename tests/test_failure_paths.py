@@ -4,21 +4,19 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from triagenode.inference.phantom import write_phantom_study
-
-from conftest import NodeProcess, send, wait_until
+from dicom_factory import write_study
+from nodes import NodeProcess, send, wait_until
 
 
 def test_a_worker_busy_past_study_timeout_s_is_killed_and_the_study_fails_after_three_tries(
     make_node, tmp_path: Path
 ) -> None:
     """A study that takes longer than study_timeout_s (here: any real study, at 1 s) must not hold a worker forever."""
-    study = write_phantom_study(tmp_path / "slow", seed=83, index=0, positive=True, slices=400, matrix=512)
-    assert study.directory is not None
+    # What takes the time is the size (400 slices of 512x512), not the content: noise is written in a moment.
+    study = write_study(tmp_path / "slow", slices=400, rows=512, columns=512)
     node: NodeProcess = make_node(inference={"workers": 1, "device": "cpu", "study_timeout_s": 1})
     wait_until(lambda: "worker.ready" in node.log(), 90, "the worker loaded its model")
-    files = sorted(study.directory.glob("*.dcm"))
-    assert send(node.port, files) == [0] * len(files)
+    assert send(node.port, study.files) == [0] * len(study.files)
     details = node.wait_for_state(study.study_uid, "failed", timeout=180)
     reasons = [event["reason"] for event in details["events"]]
     killed = [reason for reason in reasons if "killed after study_timeout_s=1" in reason]

@@ -9,7 +9,7 @@ import sys
 import zipfile
 from pathlib import Path
 
-from conftest import NodeProcess, wait_until
+from nodes import NodeProcess, wait_until
 
 ROOT = Path(__file__).resolve().parent.parent
 PACKAGES = ("config", "storage", "inference", "daemon")

@@ -24,8 +24,8 @@ from pynetdicom.presentation import build_context
 
 from triagenode.daemon.receiver import MAX_PDU_SIZE
 
-from conftest import NODE_AE, NodeProcess, send, wait_until
 from dicom_factory import ct_slice, write_study
+from nodes import NODE_AE, NodeProcess, send, wait_until
 
 CONTEXT_ID = 1
 

@@ -26,7 +26,7 @@ from triagenode.inference.preprocessing import (
     volume_from_datasets,
 )
 
-from conftest import TRIAGENODE
+from nodes import TRIAGENODE
 
 
 @pytest.fixture(scope="module")

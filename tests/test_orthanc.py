@@ -12,10 +12,8 @@ from pydicom.sr.codedict import codes
 
 from triagenode.inference.phantom import write_phantom_study
 
-from conftest import NODE_AE, NodeProcess, free_port, send, wait_until
+from nodes import NODE_AE, NodeProcess, free_port, send, wait_until
 from orthanc import Orthanc
-
-pytestmark = pytest.mark.skipif(not Orthanc.available(), reason="Orthanc (Debian package orthanc) not installed")
 
 
 def inferring_node(make_node, destination_port: int, **settings) -> NodeProcess:
@@ -39,49 +37,44 @@ def sr_in_orthanc(orthanc: Orthanc, study_uid: str) -> list[str]:
     return instances
 
 
-def test_orthanc_pushes_studies_and_finds_the_reports_in_the_same_studies(make_node, tmp_path: Path) -> None:
+def test_orthanc_pushes_studies_and_finds_the_reports_in_the_same_studies(
+    make_node, make_orthanc, tmp_path: Path
+) -> None:
     node_port = free_port()
-    orthanc = Orthanc(tmp_path / "orthanc", modalities={"node": (NODE_AE, "127.0.0.1", node_port)})
-    orthanc.start()
-    try:
-        node = inferring_node(make_node, orthanc.dicom_port, port=node_port)
-        node.start()
-        studies = [
-            write_phantom_study(tmp_path / "phantoms", seed=91, index=i, positive=i == 0, slices=32, matrix=256)
-            for i in range(2)
-        ]
-        ids = []
-        for study in studies:
-            for path in sorted(study.directory.glob("*.dcm")):  # type: ignore[union-attr]
-                orthanc.upload(path)
-            ids.append(orthanc.study_id(study.study_uid))
-        started = time.perf_counter()
-        job = orthanc.rest(
-            "/modalities/node/store", data=json.dumps({"Resources": ids, "Synchronous": True}).encode(), method="POST"
-        )
-        assert (job["InstancesCount"], job["FailedInstancesCount"]) == (64, 0), job
-        for study in studies:
-            details = node.wait_for_state(study.study_uid, "sent", timeout=120)
-            assert details["calling_aets"] == ["ORTHANC"] and details["instances"] == 32
-            [sr_id] = wait_until(lambda s=study: sr_in_orthanc(orthanc, s.study_uid), 30, "the SR in Orthanc")
-            target = tmp_path / f"{study.study_uid}.dcm"
-            target.write_bytes(orthanc.rest(f"/instances/{sr_id}/file", raw=True))
-            report = hd.sr.srread(target)
-            assert report.StudyInstanceUID == study.study_uid
-            group = report.content.get_image_measurement_groups()[0]
-            certainty = group.get_measurements(name=codes.DCM.CertaintyOfFinding)[0]
-            assert float(certainty.value) == pytest.approx(details["result"]["probability"], abs=1e-6)
-        print(f"Orthanc round trip for 2 studies: {time.perf_counter() - started:.1f} s (stable_seconds=1)")
-    finally:
-        orthanc.stop()
-
-
-def test_orthanc_stopped_for_a_while_then_gets_exactly_one_report(make_node, tmp_path: Path) -> None:
-    orthanc = Orthanc(tmp_path / "orthanc")
-    node = inferring_node(make_node, orthanc.dicom_port)
-    node.config_path.write_text(
-        node.config_path.read_text() + "\n[delivery]\ninitial_backoff_s = 0.5\nmax_backoff_s = 2\n"
+    orthanc = make_orthanc(modalities={"node": (NODE_AE, "127.0.0.1", node_port)})
+    node = inferring_node(make_node, orthanc.dicom_port, port=node_port)
+    node.start()
+    studies = [
+        write_phantom_study(tmp_path / "phantoms", seed=91, index=i, positive=i == 0, slices=32, matrix=256)
+        for i in range(2)
+    ]
+    ids = []
+    for study in studies:
+        for path in sorted(study.directory.glob("*.dcm")):  # type: ignore[union-attr]
+            orthanc.upload(path)
+        ids.append(orthanc.study_id(study.study_uid))
+    started = time.perf_counter()
+    job = orthanc.rest(
+        "/modalities/node/store", data=json.dumps({"Resources": ids, "Synchronous": True}).encode(), method="POST"
     )
+    assert (job["InstancesCount"], job["FailedInstancesCount"]) == (64, 0), job
+    for study in studies:
+        details = node.wait_for_state(study.study_uid, "sent", timeout=120)
+        assert details["calling_aets"] == ["ORTHANC"] and details["instances"] == 32
+        [sr_id] = wait_until(lambda s=study: sr_in_orthanc(orthanc, s.study_uid), 30, "the SR in Orthanc")
+        target = tmp_path / f"{study.study_uid}.dcm"
+        target.write_bytes(orthanc.rest(f"/instances/{sr_id}/file", raw=True))
+        report = hd.sr.srread(target)
+        assert report.StudyInstanceUID == study.study_uid
+        group = report.content.get_image_measurement_groups()[0]
+        certainty = group.get_measurements(name=codes.DCM.CertaintyOfFinding)[0]
+        assert float(certainty.value) == pytest.approx(details["result"]["probability"], abs=1e-6)
+    print(f"Orthanc round trip for 2 studies: {time.perf_counter() - started:.1f} s (stable_seconds=1)")
+
+
+def test_orthanc_stopped_for_a_while_then_gets_exactly_one_report(make_node, make_orthanc, tmp_path: Path) -> None:
+    orthanc = make_orthanc(start=False)
+    node = inferring_node(make_node, orthanc.dicom_port, delivery={"initial_backoff_s": 0.5, "max_backoff_s": 2})
     node.start()
     study = write_phantom_study(tmp_path / "phantoms", seed=92, index=0, positive=True, slices=32, matrix=256)
     files = sorted(study.directory.glob("*.dcm"))  # type: ignore[union-attr]
@@ -89,11 +82,8 @@ def test_orthanc_stopped_for_a_while_then_gets_exactly_one_report(make_node, tmp
     node.wait_for_state(study.study_uid, "reported", timeout=120)
     wait_until(lambda: node.study(study.study_uid)["deliveries"][0]["attempts"] >= 2, 30, "failed attempts")
     orthanc.start()
-    try:
-        details = node.wait_for_state(study.study_uid, "sent", timeout=30)
-        # Sent with nothing pending: no further send is scheduled, so what Orthanc holds now is final
-        # (Orthanc answers a C-STORE only once it has stored the instance).
-        assert [d["state"] for d in details["deliveries"]] == ["sent"]
-        assert len(sr_in_orthanc(orthanc, study.study_uid)) == 1
-    finally:
-        orthanc.stop()
+    details = node.wait_for_state(study.study_uid, "sent", timeout=30)
+    # Sent with nothing pending: no further send is scheduled, so what Orthanc holds now is final
+    # (Orthanc answers a C-STORE only once it has stored the instance).
+    assert [d["state"] for d in details["deliveries"]] == ["sent"]
+    assert len(sr_in_orthanc(orthanc, study.study_uid)) == 1

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 from pydicom import dcmread
 
-from conftest import TRIAGENODE
+from nodes import TRIAGENODE
 
 needs_dicom3tools = pytest.mark.skipif(shutil.which("dciodvfy") is None, reason="dicom3tools not installed")
 

@@ -23,8 +23,7 @@ from pathlib import Path
 import pytest
 from pydicom import dcmread
 
-from conftest import free_port, wait_until
-from orthanc import Orthanc
+from nodes import free_port, wait_until
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -70,8 +69,8 @@ def shell(command: str, cwd: Path, env: dict[str, str], timeout: float = 120) ->
     return result
 
 
-@pytest.mark.skipif(not Orthanc.available() or not shutil.which("storescu"), reason="needs Orthanc and DCMTK")
-def test_the_readmes_run_it_commands_work_as_written(tmp_path: Path) -> None:
+@pytest.mark.skipif(not shutil.which("storescu"), reason="needs DCMTK (.ci/run installs it)")
+def test_the_readmes_run_it_commands_work_as_written(make_orthanc, tmp_path: Path) -> None:
     install_and_serve, second_terminal, serve_with_pacs = run_it_blocks()
     install, serve = install_and_serve.strip().rsplit(" && ", 1)
     checkout = fresh_checkout(tmp_path / "checkout")
@@ -100,19 +99,16 @@ def test_the_readmes_run_it_commands_work_as_written(tmp_path: Path) -> None:
     assert (tmp_path / "home" / ".local" / "share" / "triagenode" / "triagenode.db").exists()
 
     # 2. The same node with a PACS as destination: the study goes on to `sent`, the report is in the PACS.
-    orthanc = Orthanc(tmp_path / "orthanc").start()
-    try:
-        command = serve_with_pacs.strip().replace("PORT=4242", f"PORT={orthanc.dicom_port}")
-        assert f"AE_TITLE={orthanc.ae_title}" in command
-        with serving(command, checkout, env, tmp_path / "serve-pacs.log"):
-            show = queue_show.replace("<STUDY_UID>", study_uid)
-            state = lambda: json.loads(shell(show + " --json", checkout, env).stdout)["state"]  # noqa: E731
-            wait_until(lambda: state() == "sent", 240, "the study is sent")
-            shown = shell(show, checkout, env).stdout
-            assert "probability" in shown and "sent" in shown, shown
-        study = orthanc.study_id(study_uid)
-        assert study is not None, "the PACS has the study"
-        modalities = [s["MainDicomTags"].get("Modality") for s in orthanc.rest(f"/studies/{study}/series")]
-        assert modalities == ["SR"], "the report is in the PACS, in the same study"
-    finally:
-        orthanc.stop()
+    orthanc = make_orthanc()
+    command = serve_with_pacs.strip().replace("PORT=4242", f"PORT={orthanc.dicom_port}")
+    assert f"AE_TITLE={orthanc.ae_title}" in command
+    with serving(command, checkout, env, tmp_path / "serve-pacs.log"):
+        show = queue_show.replace("<STUDY_UID>", study_uid)
+        state = lambda: json.loads(shell(show + " --json", checkout, env).stdout)["state"]  # noqa: E731
+        wait_until(lambda: state() == "sent", 240, "the study is sent")
+        shown = shell(show, checkout, env).stdout
+        assert "probability" in shown and "sent" in shown, shown
+    study = orthanc.study_id(study_uid)
+    assert study is not None, "the PACS has the study"
+    modalities = [s["MainDicomTags"].get("Modality") for s in orthanc.rest(f"/studies/{study}/series")]
+    assert modalities == ["SR"], "the report is in the PACS, in the same study"

@@ -15,8 +15,8 @@ from pydicom.uid import MRImageStorage, generate_uid
 from pynetdicom import AE
 from pynetdicom.sop_class import CTImageStorage, Verification
 
-from conftest import NODE_AE, TRIAGENODE, NodeProcess, send, wait_until
 from dicom_factory import PATIENT_IDENTIFIERS, ct_slice, write_study
+from nodes import NODE_AE, TRIAGENODE, NodeProcess, send, wait_until
 
 needs_dcmtk = pytest.mark.skipif(shutil.which("storescu") is None, reason="DCMTK (Debian package dcmtk) not installed")
 DCMTK_ENV = {**os.environ, "TCP_NODELAY": "1"}
@@ -58,7 +58,7 @@ def test_echo_answers_pynetdicom_dcmtk_and_the_cli(node: NodeProcess) -> None:
 
 
 def test_echo_to_a_closed_port_fails_with_exit_1() -> None:
-    from conftest import free_port
+    from nodes import free_port
 
     result = subprocess.run(
         [TRIAGENODE, "echo", f"PACS@127.0.0.1:{free_port()}", "--timeout", "3"], capture_output=True, text=True

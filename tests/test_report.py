@@ -30,8 +30,8 @@ from triagenode.inference.report import (
     read_predecessor,
 )
 
-from conftest import TRIAGENODE, send, wait_until
 from dicom_factory import ct_slice
+from nodes import TRIAGENODE, send, wait_until
 
 needs_dicom3tools = pytest.mark.skipif(shutil.which("dciodvfy") is None, reason="dicom3tools not installed")
 needs_dcmtk = pytest.mark.skipif(shutil.which("dsrdump") is None, reason="DCMTK not installed")

@@ -13,8 +13,8 @@ from pynetdicom.dsutils import split_dataset
 
 from triagenode.daemon.statuses import StoreStatus
 
-from conftest import NODE_AE, NodeProcess, send
 from dicom_factory import write_study
+from nodes import NODE_AE, NodeProcess, send
 
 
 def _dataset_bytes(path: Path) -> bytes:

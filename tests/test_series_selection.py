@@ -38,7 +38,7 @@ from triagenode.inference.preprocessing import layout_series
 from triagenode.inference.studies import dicom_files, read_studies, read_study, select_series
 from triagenode.inference.training import load_studies
 
-from conftest import TRIAGENODE
+from nodes import TRIAGENODE
 
 NODE_AE_TITLE = "TRIAGENODE"
 

@@ -15,8 +15,8 @@ from pynetdicom.sop_class import CTImageStorage
 
 from triagenode.storage.queue import ReceivedInstance, StudyQueue
 
-from conftest import NODE_AE, NodeProcess, send, store_scu
 from dicom_factory import ct_slice
+from nodes import NODE_AE, NodeProcess, send, store_scu
 
 
 def stored_file(node: NodeProcess, sop_instance_uid: str) -> Path | None:
