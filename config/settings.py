@@ -63,6 +63,17 @@ def _not_empty(value: object) -> object:
     return value
 
 
+def _required(advice: str) -> AfterValidator:
+    """A string that must say something; ``advice`` tells the administrator what to write."""
+
+    def check(value: str) -> str:
+        if not value.strip():
+            raise SettingError("", advice)
+        return value
+
+    return AfterValidator(check)
+
+
 AeTitle = Annotated[str, AfterValidator(_ae_title)]
 Port = Annotated[int, AfterValidator(_port)]
 Directory = Annotated[Path, Field(strict=False), BeforeValidator(_not_empty), AfterValidator(Path.expanduser)]
@@ -82,7 +93,7 @@ class NodeSettings(_Section):
     """``[node]``: the node's own DICOM identity, network and storage."""
 
     ae_title: AeTitle = "TRIAGENODE"
-    host: str = "0.0.0.0"
+    host: Annotated[str, _required("host must not be empty; use 0.0.0.0 to listen on every address")] = "0.0.0.0"
     port: Port = 11112
     data_dir: Directory = SYSTEM_DATA_DIR
     allowed_calling_aets: tuple[AeTitle, ...] = Field((), strict=False)
@@ -94,13 +105,6 @@ class NodeSettings(_Section):
     """An association with no traffic for this long is aborted."""
     shutdown_grace_s: int = Field(30, ge=0)
     """On SIGTERM, open associations get this long to finish before they are aborted."""
-
-    @field_validator("host")
-    @classmethod
-    def _host(cls, value: str) -> str:
-        if not value:
-            raise SettingError("", "host must not be empty; use 0.0.0.0 to listen on every address")
-        return value
 
     @property
     def database_path(self) -> Path:
@@ -117,7 +121,7 @@ class StudySettings(_Section):
 class InferenceSettings(_Section):
     """``[inference]``: which model runs, where, and what report it writes."""
 
-    model: str = "demo"
+    model: Annotated[str, _required("name a model package path, or 'demo'")] = "demo"
     """'demo' (the built-in demo model) or the path of a model package (*.tnm)."""
     device: str = "auto"
     """auto (a GPU when there is one), cpu, cuda or cuda:N."""
@@ -134,13 +138,6 @@ class InferenceSettings(_Section):
     """RESEARCH, or PRODUCT once the site has validated the model."""
     report_not_applicable: bool = False
     """Also send an SR (finding Indeterminate, with the reason) for studies the model cannot read."""
-
-    @field_validator("model")
-    @classmethod
-    def _model(cls, value: str) -> str:
-        if not value:
-            raise SettingError("", "name a model package path, or 'demo'")
-        return value
 
     @field_validator("device")
     @classmethod
@@ -183,24 +180,10 @@ class DeliverySettings(_Section):
 class Destination(_Section):
     """One ``[[destinations]]`` entry: a DICOM peer that receives the reports."""
 
-    name: str
+    name: Annotated[str, _required("a destination needs a name")]
     ae_title: AeTitle
-    host: str
+    host: Annotated[str, _required("host must not be empty")]
     port: Port
-
-    @field_validator("name")
-    @classmethod
-    def _name(cls, value: str) -> str:
-        if not value.strip():
-            raise SettingError("", "a destination needs a name")
-        return value
-
-    @field_validator("host")
-    @classmethod
-    def _host(cls, value: str) -> str:
-        if not value:
-            raise SettingError("", "host must not be empty")
-        return value
 
 
 class Settings(_Section):
