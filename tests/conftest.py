@@ -6,9 +6,9 @@ Also sorts the tests into two tiers (``pytest -m fast`` and the rest).
 from __future__ import annotations
 
 import signal
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import pytest
 
@@ -16,20 +16,36 @@ from nodes import NodeProcess, free_port
 from orthanc import Orthanc
 from peers import HangingPeer, RecordingPacs
 
+T = TypeVar("T")
+
 
 @pytest.fixture
-def make_node(tmp_path: Path) -> Iterator[Any]:
-    nodes: list[NodeProcess] = []
+def stop_after_test() -> Iterator[Callable[[T, Callable[[T], object]], T]]:
+    """``stop_after_test(thing, stop)`` returns ``thing`` and calls ``stop(thing)`` once the test is over.
+
+    Registered before it starts, so a node or peer that failed half-way through
+    starting is stopped too; the last started is stopped first.
+    """
+    made: list[tuple[Any, Callable[[Any], object]]] = []
+
+    def keep(thing: T, stop: Callable[[T], object]) -> T:
+        made.append((thing, stop))
+        return thing
+
+    yield keep
+    for thing, stop in reversed(made):
+        stop(thing)
+
+
+@pytest.fixture
+def make_node(tmp_path: Path, stop_after_test: Any) -> Callable[..., NodeProcess]:
+    """Start ``triagenode serve`` processes: ``make_node(inference={...}, delivery={...}, ...)`` (see NodeProcess)."""
 
     def factory(name: str = "node", start: bool = True, **settings: Any) -> NodeProcess:
-        node = NodeProcess(tmp_path / name, **settings)
-        nodes.append(node)
+        node = stop_after_test(NodeProcess(tmp_path / name, **settings), lambda n: n.stop(signal.SIGKILL))
         return node.start() if start else node
 
-    yield factory
-    for node in nodes:
-        if node.process and node.process.poll() is None:
-            node.stop(signal.SIGKILL)
+    return factory
 
 
 @pytest.fixture
@@ -38,50 +54,32 @@ def node(make_node: Any) -> NodeProcess:
 
 
 @pytest.fixture
-def make_pacs() -> Iterator[Any]:
-    """Start report destinations (:class:`peers.RecordingPacs`) on free ports; all stop after the test."""
-    started: list[RecordingPacs] = []
+def make_pacs(stop_after_test: Any) -> Callable[..., RecordingPacs]:
+    """Start report destinations (:class:`peers.RecordingPacs`) on free ports: ``make_pacs("A")``."""
 
     def factory(ae_title: str = "PACS", port: int | None = None, **options: Any) -> RecordingPacs:
-        pacs = RecordingPacs(port or free_port(), ae_title, **options).start()
-        started.append(pacs)
-        return pacs
+        return stop_after_test(RecordingPacs(port or free_port(), ae_title, **options), RecordingPacs.stop).start()
 
-    yield factory
-    for pacs in started:
-        pacs.stop()
+    return factory
 
 
 @pytest.fixture
-def make_hanging_peer() -> Iterator[Any]:
+def make_hanging_peer(stop_after_test: Any) -> Callable[..., HangingPeer]:
     """Start destinations that accept connections and never answer (:class:`peers.HangingPeer`)."""
-    started: list[HangingPeer] = []
-
-    def factory(port: int | None = None) -> HangingPeer:
-        peer = HangingPeer(port or free_port()).start()
-        started.append(peer)
-        return peer
-
-    yield factory
-    for peer in started:
-        peer.stop()
+    return lambda port=None: stop_after_test(HangingPeer(port or free_port()), HangingPeer.stop).start()
 
 
 @pytest.fixture
-def make_orthanc(tmp_path: Path) -> Iterator[Any]:
+def make_orthanc(tmp_path: Path, stop_after_test: Any) -> Callable[..., Orthanc]:
     """Start private Orthancs (own config, storage, loopback ports); skips the test where Orthanc is not installed."""
     if not Orthanc.available():
         pytest.skip("Orthanc is not installed (.ci/run installs it)")
-    started: list[Orthanc] = []
 
     def factory(name: str = "orthanc", start: bool = True, **options: Any) -> Orthanc:
-        orthanc = Orthanc(tmp_path / name, **options)
-        started.append(orthanc)
+        orthanc = stop_after_test(Orthanc(tmp_path / name, **options), Orthanc.stop)
         return orthanc.start() if start else orthanc
 
-    yield factory
-    for orthanc in started:
-        orthanc.stop()
+    return factory
 
 
 NODE_FIXTURES = frozenset({"make_node", "node", "make_orthanc"})
