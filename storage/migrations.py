@@ -135,6 +135,89 @@ MIGRATIONS: tuple[Migration, ...] = (
             "CREATE INDEX ix_deliveries_state_next ON deliveries (state, next_attempt_at)",
         ),
     ),
+    Migration(
+        3,
+        "a task per study and model: leases, attempts, results and deliveries move to tasks; routing; pauses",
+        (
+            # Every study that got past receiving (or has a result) becomes one task of the one model it ran
+            # before: "default", the name of the route [inference] model makes when there is no [[models]].
+            """CREATE TABLE tasks (
+                id INTEGER NOT NULL PRIMARY KEY,
+                study_id INTEGER NOT NULL REFERENCES studies (id) ON DELETE CASCADE,
+                model VARCHAR(64) NOT NULL,
+                state VARCHAR(16) NOT NULL,
+                lease_owner VARCHAR(64),
+                lease_expires_at DATETIME,
+                processing_attempts INTEGER NOT NULL DEFAULT 0,
+                queued_at DATETIME NOT NULL,
+                updated_at DATETIME NOT NULL,
+                UNIQUE (study_id, model)
+            )""",
+            "CREATE INDEX ix_tasks_state_queued ON tasks (state, queued_at)",
+            """INSERT INTO tasks (study_id, model, state, lease_owner, lease_expires_at, processing_attempts,
+                                  queued_at, updated_at)
+               SELECT id, 'default', CASE state WHEN 'receiving' THEN 'queued' ELSE state END, lease_owner,
+                      lease_expires_at, processing_attempts, updated_at, updated_at
+               FROM studies
+               WHERE state != 'receiving' OR id IN (SELECT study_id FROM study_results)""",
+            "ALTER TABLE studies ADD COLUMN urgent BOOLEAN NOT NULL DEFAULT 0",
+            "ALTER TABLE studies ADD COLUMN routing VARCHAR",
+            "ALTER TABLE studies DROP COLUMN lease_owner",
+            "ALTER TABLE studies DROP COLUMN lease_expires_at",
+            "ALTER TABLE studies DROP COLUMN processing_attempts",
+            "ALTER TABLE series ADD COLUMN body_part VARCHAR(16)",
+            "ALTER TABLE study_events ADD COLUMN model VARCHAR(64)",
+            """CREATE TABLE task_results (
+                id INTEGER NOT NULL PRIMARY KEY,
+                task_id INTEGER NOT NULL UNIQUE REFERENCES tasks (id) ON DELETE CASCADE,
+                applicable BOOLEAN NOT NULL,
+                reason VARCHAR,
+                finding BOOLEAN,
+                probability FLOAT,
+                threshold FLOAT,
+                model VARCHAR(64) NOT NULL,
+                model_version VARCHAR(64) NOT NULL,
+                series_uid VARCHAR(64),
+                key_instance_uid VARCHAR(64),
+                slices INTEGER,
+                timings_ms VARCHAR NOT NULL,
+                sr_path VARCHAR,
+                sr_sop_instance_uid VARCHAR(64),
+                created_at DATETIME NOT NULL
+            )""",
+            """INSERT INTO task_results (task_id, applicable, reason, finding, probability, threshold, model,
+                                         model_version, series_uid, key_instance_uid, slices, timings_ms, sr_path,
+                                         sr_sop_instance_uid, created_at)
+               SELECT t.id, r.applicable, r.reason, r.finding, r.probability, r.threshold, r.model, r.model_version,
+                      r.series_uid, r.key_instance_uid, r.slices, r.timings_ms, r.sr_path, r.sr_sop_instance_uid,
+                      r.created_at
+               FROM study_results r JOIN tasks t ON t.study_id = r.study_id""",
+            "DROP TABLE study_results",
+            """CREATE TABLE task_deliveries (
+                id INTEGER NOT NULL PRIMARY KEY,
+                task_id INTEGER NOT NULL REFERENCES tasks (id) ON DELETE CASCADE,
+                destination VARCHAR(64) NOT NULL,
+                state VARCHAR(16) NOT NULL,
+                attempts INTEGER NOT NULL DEFAULT 0,
+                next_attempt_at DATETIME NOT NULL,
+                last_error VARCHAR,
+                sent_at DATETIME,
+                UNIQUE (task_id, destination)
+            )""",
+            """INSERT INTO task_deliveries (id, task_id, destination, state, attempts, next_attempt_at, last_error,
+                                            sent_at)
+               SELECT d.id, t.id, d.destination, d.state, d.attempts, d.next_attempt_at, d.last_error, d.sent_at
+               FROM deliveries d JOIN tasks t ON t.study_id = d.study_id""",
+            "DROP TABLE deliveries",
+            "CREATE INDEX ix_task_deliveries_task_id ON task_deliveries (task_id)",
+            "CREATE INDEX ix_task_deliveries_state_next ON task_deliveries (state, next_attempt_at)",
+            """CREATE TABLE model_pauses (
+                model VARCHAR(64) NOT NULL PRIMARY KEY,
+                paused_at DATETIME NOT NULL,
+                reason VARCHAR NOT NULL
+            )""",
+        ),
+    ),
 )
 
 LATEST_VERSION = MIGRATIONS[-1].version

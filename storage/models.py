@@ -18,7 +18,7 @@ from sqlalchemy import Dialect, ForeignKey, Index, String, UniqueConstraint
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
 from sqlalchemy.types import TypeDecorator
 
-from triagenode.storage.states import DeliveryState, StudyState
+from triagenode.storage.states import DeliveryState, StudyState, TaskState
 
 
 class _StateColumn(TypeDecorator[enum.StrEnum]):
@@ -66,13 +66,14 @@ class Study(Base):
     """When the latest instance arrived: the stability clock starts here."""
     updated_at: Mapped[datetime]
     """Last change of anything in the row; ``queue ls`` sorts on it."""
-    lease_owner: Mapped[str | None] = mapped_column(String(64))
-    lease_expires_at: Mapped[datetime | None]
-    processing_attempts: Mapped[int] = mapped_column(default=0)
-    """Leases taken since the study was last queued by hand; bounds crash loops."""
+    urgent: Mapped[bool] = mapped_column(default=False)
+    """STAT: Requested Procedure Priority said so, or ``queue prioritize``; its tasks go first."""
+    routing: Mapped[str | None]
+    """JSON list of ``{model, matched, reason}``: what routing decided when the study became complete."""
 
     series: Mapped[list[Series]] = relationship(back_populates="study", order_by="Series.id")
     events: Mapped[list[StudyEvent]] = relationship(back_populates="study", order_by="StudyEvent.id")
+    tasks: Mapped[list[Task]] = relationship(back_populates="study", order_by="Task.id")
 
     __table_args__ = (
         Index("ix_studies_state_updated", "state", "updated_at"),
@@ -91,6 +92,8 @@ class Series(Base):
     series_number: Mapped[int | None]
     description: Mapped[str | None] = mapped_column(String(64))
     instance_count: Mapped[int] = mapped_column(default=0)
+    body_part: Mapped[str | None] = mapped_column(String(16))
+    """(0018,0015) Body Part Examined of the series' first instance, for routing."""
 
     study: Mapped[Study] = relationship(back_populates="series")
     instances: Mapped[list[Instance]] = relationship(back_populates="series", order_by="Instance.id")
@@ -126,20 +129,58 @@ class StudyEvent(Base):
     from_state: Mapped[str | None] = mapped_column(String(16))
     to_state: Mapped[str] = mapped_column(String(16))
     reason: Mapped[str]
+    model: Mapped[str | None] = mapped_column(String(64))
+    """The model whose task changed; None for the study's own state."""
 
     study: Mapped[Study] = relationship(back_populates="events")
 
 
-class ResultRecord(Base):
-    """What the model found in a study (or why it could not read it), and where its report is.
+class Task(Base):
+    """One model's work on one study: its own state, lease, attempts, result and deliveries."""
 
-    (``inference.pipeline.StudyResult`` is what the pipeline returns; this is its row.)
-    """
-
-    __tablename__ = "study_results"
+    __tablename__ = "tasks"
 
     id: Mapped[int] = mapped_column(primary_key=True)
-    study_id: Mapped[int] = mapped_column(ForeignKey("studies.id", ondelete="CASCADE"), unique=True)
+    study_id: Mapped[int] = mapped_column(ForeignKey("studies.id", ondelete="CASCADE"))
+    model: Mapped[str] = mapped_column(String(64))
+    """The ``[[models]]`` entry's name ("default" for the route ``[inference] model`` makes)."""
+    state: Mapped[TaskState] = mapped_column(_StateColumn(TaskState))
+    lease_owner: Mapped[str | None] = mapped_column(String(64))
+    lease_expires_at: Mapped[datetime | None]
+    processing_attempts: Mapped[int] = mapped_column(default=0)
+    """Interrupted runs since the task was last queued afresh; bounds crash loops."""
+    queued_at: Mapped[datetime]
+    """When the task last became queued: among equals, the longest waiting goes first."""
+    updated_at: Mapped[datetime]
+
+    study: Mapped[Study] = relationship(back_populates="tasks")
+
+    __table_args__ = (
+        UniqueConstraint("study_id", "model"),
+        Index("ix_tasks_state_queued", "state", "queued_at"),
+    )
+
+
+class ModelPause(Base):
+    """A model an administrator paused: it takes no new tasks until resumed (survives restarts)."""
+
+    __tablename__ = "model_pauses"
+
+    model: Mapped[str] = mapped_column(String(64), primary_key=True)
+    paused_at: Mapped[datetime]
+    reason: Mapped[str]
+
+
+class ResultRecord(Base):
+    """What a task's model found in its study (or why it could not read it), and where its report is.
+
+    (``inference.outcomes.StudyResult`` is what the pipeline returns; this is its row.)
+    """
+
+    __tablename__ = "task_results"
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    task_id: Mapped[int] = mapped_column(ForeignKey("tasks.id", ondelete="CASCADE"), unique=True)
     applicable: Mapped[bool]
     reason: Mapped[str | None]
     finding: Mapped[bool | None]
@@ -159,12 +200,12 @@ class ResultRecord(Base):
 
 
 class Delivery(Base):
-    """One report on its way to one destination; the retry schedule lives here, so a restart keeps it."""
+    """One task's report on its way to one destination; the retry schedule lives here, so a restart keeps it."""
 
-    __tablename__ = "deliveries"
+    __tablename__ = "task_deliveries"
 
     id: Mapped[int] = mapped_column(primary_key=True)
-    study_id: Mapped[int] = mapped_column(ForeignKey("studies.id", ondelete="CASCADE"), index=True)
+    task_id: Mapped[int] = mapped_column(ForeignKey("tasks.id", ondelete="CASCADE"), index=True)
     destination: Mapped[str] = mapped_column(String(64))
     state: Mapped[DeliveryState] = mapped_column(_StateColumn(DeliveryState))
     attempts: Mapped[int] = mapped_column(default=0)
@@ -173,8 +214,8 @@ class Delivery(Base):
     sent_at: Mapped[datetime | None]
 
     __table_args__ = (
-        UniqueConstraint("study_id", "destination"),
-        Index("ix_deliveries_state_next", "state", "next_attempt_at"),
+        UniqueConstraint("task_id", "destination"),
+        Index("ix_task_deliveries_state_next", "state", "next_attempt_at"),
     )
 
 

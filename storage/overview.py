@@ -1,10 +1,12 @@
 """What the admin CLI shows of the queue, as plain data in the JSON shapes scripts rely on.
 
-``queue ls --json``: a list of :func:`study_summary` objects; ``queue show
---json``: one of them where ``series`` holds the series (the count moves to
-``series_count``), plus ``calling_aets``, ``result``, ``deliveries`` and
-``events``; ``status --json``: ``receiver``, ``counts`` and ``destinations``.
-``outcome`` tells present, absent and not applicable apart at a glance (a
+``queue ls --json``: a list of :func:`study_summary` objects (with
+``tasks``: model, state, outcome); ``queue show --json``: one of them where
+``series`` holds the series (the count moves to ``series_count``), plus
+``calling_aets``, ``tasks`` (each with its attempts, result, SR UID and
+deliveries), ``routing`` (``{model, matched, reason}``), ``result`` and
+``deliveries`` (a one-model node's keys) and ``events``; ``status --json``:
+``receiver``, ``counts`` and ``destinations``. ``outcome`` tells present, absent and not applicable apart at a glance (a
 not-applicable study without a report stays ``reported``, next to ``sent``
 ones, and must not look stuck). Reads only, through deferred transactions, so
 the CLI never holds up the receiver.
@@ -12,13 +14,15 @@ the CLI never holds up the receiver.
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
 from sqlalchemy import Engine, distinct, func, select
+from sqlalchemy.orm import Session
 
 from triagenode.storage.engine import reader
-from triagenode.storage.models import Instance, ResultRecord, Series, Study, StudyEvent, StudyState
+from triagenode.storage.models import Instance, ResultRecord, Series, Study, StudyEvent, StudyState, Task, TaskState
 from triagenode.storage.queue import UnknownStudyError
 from triagenode.storage.reports import ReportBook
 from triagenode.storage.timeutil import iso
@@ -36,7 +40,18 @@ def outcome_of(applicable: bool | None, finding: bool | None) -> str | None:
     return "present" if finding else "absent"
 
 
-def study_summary(study: Study, outcome: str | None = None) -> dict[str, Any]:
+def study_summary(study: Study, tasks: list[dict[str, Any]]) -> dict[str, Any]:
+    """One study as ``queue ls --json`` lists it; ``tasks`` as :func:`_task_briefs` makes them.
+
+    The keys of a one-model node stay what they were: ``lease_owner``,
+    ``lease_expires_at`` and ``processing_attempts`` are its task's (with several
+    models: the task being processed, and the most attempts), ``outcome`` the
+    first result's ("not applicable" when no model takes the study).
+    """
+    processing = [task for task in tasks if task["state"] == TaskState.PROCESSING]
+    outcomes = [task["outcome"] for task in tasks if task["outcome"] is not None]
+    if not tasks and study.state == StudyState.REPORTED:
+        outcomes = ["not applicable"]
     return {
         "study_uid": study.study_uid,
         "state": study.state,
@@ -49,11 +64,36 @@ def study_summary(study: Study, outcome: str | None = None) -> dict[str, Any]:
         "received_at": iso(study.received_at),
         "last_instance_at": iso(study.last_instance_at),
         "updated_at": iso(study.updated_at),
-        "lease_owner": study.lease_owner,
-        "lease_expires_at": iso(study.lease_expires_at),
-        "processing_attempts": study.processing_attempts,
-        "outcome": outcome,
+        "lease_owner": processing[0]["lease_owner"] if processing else None,
+        "lease_expires_at": processing[0]["lease_expires_at"] if processing else None,
+        "processing_attempts": max((task["attempts"] for task in tasks), default=0),
+        "urgent": study.urgent,
+        "outcome": outcomes[0] if outcomes else None,
+        "tasks": [{key: task[key] for key in ("model", "state", "outcome")} for task in tasks],
     }
+
+
+def _task_briefs(session: Session, study_ids: list[int]) -> dict[int, list[dict[str, Any]]]:
+    """Each study's tasks (model, state, attempts, lease, outcome), in task order."""
+    briefs: dict[int, list[dict[str, Any]]] = {study_id: [] for study_id in study_ids}
+    rows = session.execute(
+        select(Task, ResultRecord.applicable, ResultRecord.finding)
+        .outerjoin(ResultRecord, ResultRecord.task_id == Task.id)
+        .where(Task.study_id.in_(study_ids))
+        .order_by(Task.id)
+    )
+    for task, applicable, finding in rows:
+        briefs[task.study_id].append(
+            {
+                "model": task.model,
+                "state": task.state,
+                "attempts": task.processing_attempts,
+                "lease_owner": task.lease_owner,
+                "lease_expires_at": iso(task.lease_expires_at),
+                "outcome": outcome_of(applicable, finding),
+            }
+        )
+    return briefs
 
 
 class QueueOverview:
@@ -61,31 +101,30 @@ class QueueOverview:
         self._engine = engine
         self._sessions = reader(engine)
 
-    def list_studies(self, state: StudyState | None = None, limit: int = 50) -> list[dict[str, Any]]:
-        """The most recently changed studies first (an index serves the sort and the filter)."""
-        query = (
-            select(Study, ResultRecord.applicable, ResultRecord.finding)
-            .outerjoin(ResultRecord, ResultRecord.study_id == Study.id)
-            .order_by(Study.updated_at.desc(), Study.id.desc())
-            .limit(limit)
-        )
+    def list_studies(
+        self, state: StudyState | None = None, limit: int = 50, model: str | None = None
+    ) -> list[dict[str, Any]]:
+        """The most recently changed studies first (an index serves the sort and the filter).
+
+        ``model`` keeps the studies that have a task for that model.
+        """
+        query = select(Study).order_by(Study.updated_at.desc(), Study.id.desc()).limit(limit)
         if state is not None:
             query = query.where(Study.state == state)
+        if model is not None:
+            query = query.where(Study.id.in_(select(Task.study_id).where(Task.model == model)))
         with self._sessions() as session:
-            return [
-                study_summary(study, outcome_of(applicable, finding))
-                for study, applicable, finding in session.execute(query)
-            ]
+            studies = session.scalars(query).all()
+            tasks = _task_briefs(session, [study.id for study in studies])
+            return [study_summary(study, tasks[study.id]) for study in studies]
 
     def study_details(self, study_uid: str) -> dict[str, Any]:
+        """One study as ``queue show --json`` prints it: the summary, series, tasks, routing and history."""
         with self._sessions() as session:
             study = session.scalar(select(Study).where(Study.study_uid == study_uid))
             if study is None:
                 raise UnknownStudyError(f"no study {study_uid} on this node; `triagenode queue ls` lists them")
-            found = session.execute(
-                select(ResultRecord.applicable, ResultRecord.finding).where(ResultRecord.study_id == study.id)
-            ).first()
-            details = study_summary(study, outcome_of(*found) if found else None)
+            details = study_summary(study, _task_briefs(session, [study.id])[study.id])
             calling = dict(
                 session.execute(
                     select(Instance.series_id, func.group_concat(distinct(Instance.calling_ae)))
@@ -101,15 +140,21 @@ class QueueOverview:
                     "modality": series.modality,
                     "series_number": series.series_number,
                     "description": series.description,
+                    "body_part": series.body_part,
                     "instances": series.instance_count,
                     "calling_aets": sorted((calling.get(series.id) or "").split(",")) if calling.get(series.id) else [],
                 }
                 for series in study.series
             ]
             details["calling_aets"] = sorted({aet for s in details["series"] for aet in s["calling_aets"]})
-            details["result"], details["deliveries"] = ReportBook(self._engine).details(study.id)
+            details["tasks"] = ReportBook(self._engine).details(study.id)
+            # Today's keys for a one-model node: the first task's result, every task's deliveries.
+            details["result"] = next((task["result"] for task in details["tasks"] if task["result"]), None)
+            details["deliveries"] = [d for task in details["tasks"] for d in task["deliveries"]]
+            details["routing"] = json.loads(study.routing) if study.routing else []
             details["events"] = [
-                {"at": iso(event.at), "from": event.from_state, "to": event.to_state, "reason": event.reason}
+                {"at": iso(event.at), "model": event.model, "from": event.from_state, "to": event.to_state,
+                 "reason": event.reason}
                 for event in session.scalars(
                     select(StudyEvent).where(StudyEvent.study_id == study.id).order_by(StudyEvent.id)
                 )

@@ -1,10 +1,12 @@
-"""The study queue: the state machine, instance registration and work leases.
+"""The study queue: instance registration, routing to models, tasks and their leases.
 
-Every state change goes through :func:`transition`, which checks that the
-change is allowed and writes the event that ``queue show`` lists, so the
-history and the state can never disagree; its log line is written once the
-transaction has committed, so the log never shows a change the database
-never had. Each public method of
+A complete study gets one task per model that takes it (:class:`Task`); a
+task has its own state, lease and attempts, and the study's state
+summarises its tasks (:func:`summarise_study`). Every task change goes
+through :func:`move_task`, which checks that the change is allowed and
+writes the event that ``queue show`` lists, so the history and the state
+can never disagree; its log line is written once the transaction has
+committed, so the log never shows a change the database never had. Each public method of
 :class:`StudyQueue` is one write transaction (``BEGIN IMMEDIATE``), which is
 what makes a lease exclusive: two workers asking at once are served one after
 the other, and the second sees the study already taken.
@@ -12,41 +14,63 @@ the other, and the second sees the study already taken.
 
 from __future__ import annotations
 
+import json
 import logging
-from collections.abc import Collection
+from collections.abc import Collection, Mapping
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from enum import Enum
 from typing import Any
 
-from sqlalchemy import Engine, Select, event, select, update
+from sqlalchemy import Engine, Select, case, event, select, update
 from sqlalchemy.orm import Session
 
 from triagenode.storage.engine import reader, writer
-from triagenode.storage.models import Delivery, DeliveryState, Study, StudyEvent, StudyState
+from triagenode.storage.models import (
+    Delivery,
+    DeliveryState,
+    Instance,
+    ModelPause,
+    Series,
+    Study,
+    StudyEvent,
+    StudyState,
+    Task,
+    TaskState,
+)
+from triagenode.storage.routes import RouteDecision, Router, SeriesSummary, StudySummary
 from triagenode.storage.timeutil import utcnow
 
 log = logging.getLogger("triagenode.queue")
 
 S = StudyState
-ALLOWED_TRANSITIONS: dict[StudyState, frozenset[StudyState]] = {
-    S.RECEIVING: frozenset({S.QUEUED, S.CANCELLED}),
-    S.QUEUED: frozenset({S.PROCESSING, S.RECEIVING, S.CANCELLED}),
-    S.PROCESSING: frozenset({S.REPORTED, S.QUEUED, S.FAILED, S.RECEIVING, S.CANCELLED}),
-    S.REPORTED: frozenset({S.SENT, S.FAILED, S.RECEIVING, S.CANCELLED}),
-    S.SENT: frozenset({S.RECEIVING, S.REPORTED, S.FAILED}),
-    S.FAILED: frozenset({S.QUEUED, S.REPORTED, S.RECEIVING, S.CANCELLED}),
-    S.CANCELLED: frozenset({S.QUEUED}),
+T = TaskState
+TASK_TRANSITIONS: dict[TaskState, frozenset[TaskState]] = {
+    T.QUEUED: frozenset({T.PROCESSING, T.CANCELLED}),
+    T.PROCESSING: frozenset({T.REPORTED, T.QUEUED, T.FAILED, T.CANCELLED}),
+    T.REPORTED: frozenset({T.SENT, T.FAILED, T.QUEUED, T.CANCELLED}),
+    T.SENT: frozenset({T.REPORTED, T.FAILED, T.QUEUED}),
+    T.FAILED: frozenset({T.QUEUED, T.REPORTED, T.CANCELLED}),
+    T.CANCELLED: frozenset({T.QUEUED}),
 }
-"""Which state may follow which. ``receiving`` after a later state is a re-open by a late instance."""
+"""Which task state may follow which. ``queued`` after a later state: the study was complete again
+(a late instance re-opened it) or an administrator retried it."""
+ALLOWED_TRANSITIONS = TASK_TRANSITIONS
 
 MAX_PROCESSING_ATTEMPTS = 3
 """Interrupted runs (a worker crash, a hang past study_timeout_s, a dead decoder, the node crashing mid-study)
-after which a study is ``failed`` instead of queued again: what stops a study that kills its worker from
+after which a task is ``failed`` instead of queued again: what stops a study that kills its worker from
 crash-looping. Runs that ended with a result or a deliberate failure do not count."""
 
-RETRYABLE = frozenset({S.FAILED, S.CANCELLED})
-CANCELLABLE = frozenset(state for state, targets in ALLOWED_TRANSITIONS.items() if S.CANCELLED in targets)
+IMPLICIT_MODEL = "default"
+"""The task name of the one model a node without ``[[models]]`` runs (``[inference] model``)."""
+
+RETRYABLE = frozenset({T.FAILED, T.CANCELLED})
+CANCELLABLE = frozenset(state for state, targets in TASK_TRANSITIONS.items() if T.CANCELLED in targets)
+
+_SUMMARY_ORDER = (T.PROCESSING, T.QUEUED, T.FAILED, T.REPORTED, T.SENT, T.CANCELLED)
+"""A study's state is the first of these that any of its tasks is in: processing while any is, queued while
+any waits, failed when one failed, reported until every report is sent, sent, cancelled when all are."""
 
 
 # The statements of record_instance, on the tables of storage.models.
@@ -55,14 +79,14 @@ _SQL_INSTANCE_PATH = "SELECT path FROM instances WHERE sop_instance_uid = ?"
 _SQL_FIND_STUDY = "SELECT id, state, modality FROM studies WHERE study_uid = ?"
 _SQL_NEW_STUDY = (
     "INSERT INTO studies (study_uid, state, study_date, description, received_at, last_instance_at, updated_at,"
-    " series_count, instance_count, byte_count, processing_attempts)"
-    " VALUES (?, ?, ?, ?, ?, ?, ?, 0, 0, 0, 0) RETURNING id"
+    " series_count, instance_count, byte_count, urgent)"
+    " VALUES (?, ?, ?, ?, ?, ?, ?, 0, 0, 0, ?) RETURNING id"
 )
 _SQL_NEW_EVENT = "INSERT INTO study_events (study_id, at, from_state, to_state, reason) VALUES (?, ?, ?, ?, ?)"
 _SQL_FIND_SERIES = "SELECT id FROM series WHERE study_id = ? AND series_uid = ?"
 _SQL_NEW_SERIES = (
-    "INSERT INTO series (study_id, series_uid, modality, series_number, description, instance_count)"
-    " VALUES (?, ?, ?, ?, ?, 0) RETURNING id"
+    "INSERT INTO series (study_id, series_uid, modality, series_number, description, body_part, instance_count)"
+    " VALUES (?, ?, ?, ?, ?, ?, 0) RETURNING id"
 )
 _SQL_STUDY_NEW_SERIES = "UPDATE studies SET series_count = series_count + 1, modality = ? WHERE id = ?"
 _SQL_NEW_INSTANCE = (
@@ -74,7 +98,10 @@ _SQL_STUDY_COUNT = (
     "UPDATE studies SET instance_count = instance_count + 1, byte_count = byte_count + ?,"
     " last_instance_at = ?, updated_at = ? WHERE id = ?"
 )
-_SQL_DROP_PENDING_DELIVERIES = "DELETE FROM deliveries WHERE study_id = ? AND state = 'pending'"
+_SQL_STUDY_URGENT = "UPDATE studies SET urgent = 1 WHERE id = ?"
+_SQL_DROP_PENDING_DELIVERIES = (
+    "DELETE FROM task_deliveries WHERE state = 'pending' AND task_id IN (SELECT id FROM tasks WHERE study_id = ?)"
+)
 _SQL_STUDY_COUNT_QUIETLY = (
     "UPDATE studies SET instance_count = instance_count + 1, byte_count = byte_count + ? WHERE id = ?"
 )
@@ -97,25 +124,62 @@ _STATE_CHANGES = "triagenode_state_changes"
 """Key in ``Session.info`` of the state changes a transaction made, logged once it commits."""
 
 
-def transition(session: Session, study: Study, to_state: StudyState, reason: str, now: datetime) -> None:
-    """Change a study's state and write the event, in the caller's transaction.
+def set_study_state(session: Session, study: Study, to_state: StudyState, reason: str, now: datetime) -> None:
+    """Change a study's own state and write the event, in the caller's transaction (no-op when unchanged).
 
-    The log line waits for the commit (see :func:`_log_committed_changes`).
+    A study's state is set directly only for what no task says (receiving, a study no model
+    takes, cancelling a study that has no task yet); otherwise it follows its tasks
+    (:func:`summarise_study`). The log line waits for the commit (see :func:`_log_committed_changes`).
     """
     from_state = StudyState(study.state)
-    if to_state not in ALLOWED_TRANSITIONS[from_state]:
-        raise TransitionError(f"study {study.study_uid} is {from_state}; it cannot become {to_state}")
+    if from_state == to_state:
+        return
     study.state = to_state
     study.updated_at = now
-    if to_state is not S.PROCESSING:
-        study.lease_owner = None
-        study.lease_expires_at = None
     session.add(StudyEvent(study=study, at=now, from_state=from_state, to_state=to_state, reason=reason))
-    session.info.setdefault(_STATE_CHANGES, []).append((study.study_uid, str(from_state), str(to_state), reason))
+    session.info.setdefault(_STATE_CHANGES, []).append((study.study_uid, None, str(from_state), str(to_state), reason))
 
 
-def log_state_change(study_uid: str, from_state: str, to_state: str, reason: str) -> None:
-    log.info("study.state study_uid=%s from=%s to=%s reason=%r", study_uid, from_state, to_state, reason)
+def move_task(session: Session, task: Task, to_state: TaskState, reason: str, now: datetime) -> None:
+    """Change a task's state (checked against :data:`TASK_TRANSITIONS`), write its event and update its study.
+
+    Raises :class:`TransitionError` for a change the queue does not allow.
+    """
+    from_state = TaskState(task.state)
+    if to_state not in TASK_TRANSITIONS[from_state]:
+        raise TransitionError(
+            f"study {task.study.study_uid}: model {task.model} is {from_state}; it cannot become {to_state}"
+        )
+    task.state = to_state
+    task.updated_at = now
+    if to_state is not T.PROCESSING:
+        task.lease_owner = None
+        task.lease_expires_at = None
+    if to_state is T.QUEUED:
+        task.queued_at = now
+    study = task.study
+    session.add(StudyEvent(study=study, at=now, from_state=from_state, to_state=to_state, reason=reason,
+                           model=task.model))
+    session.info.setdefault(_STATE_CHANGES, []).append((study.study_uid, task.model, str(from_state),
+                                                        str(to_state), reason))
+    summarise_study(session, study, now, f"{task.model}: {reason}")
+
+
+def summarise_study(session: Session, study: Study, now: datetime, reason: str) -> None:
+    """Bring a study's state in line with its tasks (see :data:`_SUMMARY_ORDER`); a receiving study waits."""
+    if study.state == S.RECEIVING or not study.tasks:
+        return
+    states = {TaskState(task.state) for task in study.tasks}
+    target = next(StudyState(state.value) for state in _SUMMARY_ORDER if state in states)
+    set_study_state(session, study, target, reason, now)
+
+
+def log_state_change(study_uid: str, model: str | None, from_state: str, to_state: str, reason: str) -> None:
+    if model is None:
+        log.info("study.state study_uid=%s from=%s to=%s reason=%r", study_uid, from_state, to_state, reason)
+    else:
+        log.info("task.state study_uid=%s model=%s from=%s to=%s reason=%r", study_uid, model, from_state,
+                 to_state, reason)
 
 
 @event.listens_for(Session, "after_commit")
@@ -146,6 +210,10 @@ class ReceivedInstance:
     study_description: str | None = None
     series_number: int | None = None
     series_description: str | None = None
+    body_part: str | None = None
+    """(0018,0015) Body Part Examined, for routing."""
+    urgent: bool = False
+    """(0040,1003) Requested Procedure Priority is STAT: the study's tasks go first."""
     reopens: bool = True
     """False for the node's own report coming back from a PACS: stored, but the study's state and
     stability clock stay as they are (re-opening would run the model again and send one more report)."""
@@ -163,12 +231,17 @@ class Registration(Enum):
 
 @dataclass(frozen=True)
 class Claim:
-    """A study taken by a worker under a lease."""
+    """One model's task on a study, taken by a worker under a lease."""
 
     study_uid: str
     worker_id: str
     lease_expires_at: datetime
     attempt: int
+    model: str = IMPLICIT_MODEL
+
+
+def _one_study_changes(session: Session) -> list[tuple[str, str | None, str, str, str]]:
+    return list(session.info.pop(_STATE_CHANGES, []))
 
 
 class StudyQueue:
@@ -209,12 +282,11 @@ class StudyQueue:
         This runs once per received instance while the sender waits, so it is
         plain SQL on the driver's cursor inside SQLAlchemy's transaction:
         building the equivalent Core statements costs four times as much CPU
-        as SQLite takes to run them. Only the rare re-open goes through the
-        ORM and :func:`transition`.
+        as SQLite takes to run them. Only the rare re-open goes through the ORM.
         """
         now = now or utcnow()
         stamp = _db_time(now)
-        changes: list[tuple[str, str, str, str]] = []
+        changes: list[tuple[str, str | None, str, str, str]] = []
         with self._engine.begin() as connection:
             cursor = connection.connection.dbapi_connection.cursor()  # type: ignore[union-attr]
             if cursor.execute(_SQL_INSTANCE_EXISTS, (received.sop_instance_uid,)).fetchone():
@@ -232,11 +304,12 @@ class StudyQueue:
                     stamp,
                     stamp,
                     stamp,
+                    received.urgent,
                 )
                 study_id = cursor.execute(_SQL_NEW_STUDY, new_study).fetchone()[0]
                 study_modality = None
                 cursor.execute(_SQL_NEW_EVENT, (study_id, stamp, None, S.RECEIVING.value, reason))
-                changes.append((received.study_uid, "-", S.RECEIVING.value, reason))
+                changes.append((received.study_uid, None, "-", S.RECEIVING.value, reason))
                 outcome = Registration.NEW_STUDY
             else:
                 study_id, state, study_modality = row
@@ -244,23 +317,13 @@ class StudyQueue:
                     quietly = True
                     outcome = Registration.KEPT_AS_OWN_REPORT
                 elif state not in (S.RECEIVING, S.CANCELLED):
-                    with Session(bind=connection) as session:
-                        study = session.get_one(Study, study_id)
-                        transition(
-                            session,
-                            study,
-                            S.RECEIVING,
-                            f"new instance from {received.calling_ae} after the study was {state}; re-opened",
-                            now,
-                        )
-                        # New work: the interrupted runs of the previous round do not count against it.
-                        study.processing_attempts = 0
-                        session.flush()
-                        changes += session.info.pop(_STATE_CHANGES, [])
+                    changes += self._reopen(connection, study_id, state, received.calling_ae, now)
                     # The report not yet delivered lacks this instance: it must not go out
                     # later (say, after the new run fails). The new run schedules its own.
                     cursor.execute(_SQL_DROP_PENDING_DELIVERIES, (study_id,))
                     outcome = Registration.REOPENED
+                if received.urgent and not quietly:
+                    cursor.execute(_SQL_STUDY_URGENT, (study_id,))
             found = cursor.execute(_SQL_FIND_SERIES, (study_id, received.series_uid)).fetchone()
             if found is None:
                 series_id = cursor.execute(
@@ -271,6 +334,7 @@ class StudyQueue:
                         received.modality,
                         received.series_number,
                         received.series_description,
+                        received.body_part,
                     ),
                 ).fetchone()[0]
                 cursor.execute(_SQL_STUDY_NEW_SERIES, (_merge_modality(study_modality, received.modality), study_id))
@@ -299,13 +363,32 @@ class StudyQueue:
             log_state_change(*change)
         return outcome
 
-    def complete_stable_studies(self, stable_seconds: float, now: datetime | None = None) -> list[str]:
-        """Queue every ``receiving`` study with no instance for ``stable_seconds``.
+    @staticmethod
+    def _reopen(
+        connection: Any, study_id: int, state: str, calling_ae: str, now: datetime
+    ) -> list[tuple[str, str | None, str, str, str]]:
+        """A late instance: the study receives again, and a task being processed loses its lease (it runs again)."""
+        with Session(bind=connection) as session:
+            study = session.get_one(Study, study_id)
+            reason = f"new instance from {calling_ae} after the study was {state}; re-opened"
+            set_study_state(session, study, S.RECEIVING, reason, now)
+            for task in study.tasks:
+                if task.state == T.PROCESSING:
+                    move_task(session, task, T.QUEUED, reason, now)
+            session.flush()
+            return _one_study_changes(session)
 
-        A last instance time in the future means the clock was stepped back
-        since it arrived: such a study gets a full stability window from now
-        instead of waiting until the clock catches up (an hour, for a step of
-        an hour).
+    def complete_stable_studies(
+        self, stable_seconds: float, now: datetime | None = None, router: Router | None = None
+    ) -> list[str]:
+        """Route every ``receiving`` study with no instance for ``stable_seconds`` to its models.
+
+        ``router`` decides which models take the study (one task each, queued);
+        without one, the study gets one task of the node's only model. A study
+        no model takes is ``reported`` with the reasons. Every decision is kept
+        (``queue show``). A last instance time in the future means the clock was
+        stepped back since it arrived: such a study gets a full stability window
+        from now instead of waiting until the clock catches up.
         """
         now = now or utcnow()
         cutoff = now - timedelta(seconds=stable_seconds)
@@ -323,15 +406,43 @@ class StudyQueue:
         with self._sessions.begin() as session:
             studies = session.scalars(stable).all()
             for study in studies:
-                transition(
-                    session,
-                    study,
-                    S.QUEUED,
+                complete = (
                     f"complete: no new instance for {stable_seconds:g} s ({study.instance_count} "
-                    f"instance{'' if study.instance_count == 1 else 's'} in {study.series_count} series)",
-                    now,
+                    f"instance{'' if study.instance_count == 1 else 's'} in {study.series_count} series)"
                 )
+                decisions = (
+                    list(router(_summary(session, study)))
+                    if router is not None
+                    else [RouteDecision(IMPLICIT_MODEL, True, "the node's one model ([inference] model)")]
+                )
+                self._route(session, study, decisions, complete, now)
             return [study.study_uid for study in studies]
+
+    @staticmethod
+    def _route(session: Session, study: Study, decisions: list[RouteDecision], complete: str, now: datetime) -> None:
+        study.routing = json.dumps([decision.as_dict() for decision in decisions])
+        tasks = {task.model: task for task in study.tasks}
+        matched = [decision for decision in decisions if decision.matched]
+        for decision in decisions:
+            task = tasks.get(decision.model)
+            if decision.matched and task is None:
+                task = Task(study=study, model=decision.model, state=T.QUEUED, processing_attempts=0,
+                            queued_at=now, updated_at=now)
+                session.add(task)
+                session.add(StudyEvent(study=study, at=now, from_state=None, to_state=T.QUEUED,
+                                       reason=decision.reason, model=decision.model))
+            elif decision.matched and task is not None:
+                task.processing_attempts = 0  # new work: the runs of the previous round do not count
+                if task.state != T.QUEUED:
+                    move_task(session, task, T.QUEUED, f"{complete}; {decision.reason}", now)
+            elif task is not None and task.state not in (T.CANCELLED,):
+                move_task(session, task, T.CANCELLED, f"no longer routed to this model: {decision.reason}", now)
+        session.flush()
+        if matched:
+            set_study_state(session, study, S.QUEUED, f"{complete}; for {', '.join(d.model for d in matched)}", now)
+        else:
+            why = "; ".join(f"{d.model}: {d.reason}" for d in decisions) or "no model is configured"
+            set_study_state(session, study, S.REPORTED, f"{complete}; no model applies ({why})", now)
 
     def restart_stability_clocks(self, now: datetime | None = None) -> int:
         """Give every ``receiving`` study a full stability window from now.
@@ -348,83 +459,116 @@ class StudyQueue:
             )
             return result.rowcount
 
-    def claim(self, worker_id: str, lease_seconds: float, now: datetime | None = None) -> Claim | None:
-        """Take the oldest ``queued`` study under a lease, or None when none waits.
+    def claim(
+        self,
+        worker_id: str,
+        lease_seconds: float,
+        now: datetime | None = None,
+        *,
+        models: Collection[str] | None = None,
+        priorities: Mapping[str, int] | None = None,
+    ) -> Claim | None:
+        """Take the next queued task under a lease, or None when none waits.
 
-        ``Claim.attempt`` is this run's number among the runs that can count
-        against :data:`MAX_PROCESSING_ATTEMPTS`: one more than the runs that
-        were interrupted so far.
+        ``models``: the models this worker serves (None: any). The order: urgent
+        studies first, then the model's priority (``priorities``, higher first),
+        then the longest waiting. Paused models' tasks wait. ``Claim.attempt`` is
+        this run's number among the runs that can count against
+        :data:`MAX_PROCESSING_ATTEMPTS`: one more than those interrupted so far.
         """
         now = now or utcnow()
-        waiting = select(Study).where(Study.state == S.QUEUED).order_by(Study.updated_at, Study.id)
+        waiting = (
+            select(Task)
+            .join(Study, Study.id == Task.study_id)
+            .where(
+                Task.state == T.QUEUED,
+                Study.state.not_in([S.RECEIVING.value, S.CANCELLED.value]),
+                Task.model.not_in(select(ModelPause.model)),
+            )
+        )
+        if models is not None:
+            waiting = waiting.where(Task.model.in_(list(models)))
+        order: list[Any] = [Study.urgent.desc()]
+        if priorities:
+            order.append(case(dict(priorities), value=Task.model, else_=0).desc())
+        waiting = waiting.order_by(*order, Task.queued_at, Task.id)
         if not self._any(waiting):
             return None
         with self._sessions.begin() as session:
-            study = session.scalar(waiting.limit(1))
-            if study is None:
+            task = session.scalar(waiting.limit(1))
+            if task is None:
                 return None
-            attempt = study.processing_attempts + 1
-            transition(session, study, S.PROCESSING, f"taken by {worker_id} (attempt {attempt})", now)
-            study.lease_owner = worker_id
-            study.lease_expires_at = now + timedelta(seconds=lease_seconds)
-            return Claim(study.study_uid, worker_id, study.lease_expires_at, attempt)
+            attempt = task.processing_attempts + 1
+            move_task(session, task, T.PROCESSING, f"taken by {worker_id} (attempt {attempt})", now)
+            task.lease_owner = worker_id
+            task.lease_expires_at = now + timedelta(seconds=lease_seconds)
+            return Claim(task.study.study_uid, worker_id, task.lease_expires_at, attempt, task.model)
+
+    @staticmethod
+    def held(session: Session, claim: Claim) -> Task | None:
+        """The claim's task when its worker still holds it, else None."""
+        return session.scalar(
+            select(Task)
+            .join(Study, Study.id == Task.study_id)
+            .where(
+                Study.study_uid == claim.study_uid,
+                Task.model == claim.model,
+                Task.state == T.PROCESSING,
+                Task.lease_owner == claim.worker_id,
+            )
+        )
 
     def renew(self, claim: Claim, lease_seconds: float, now: datetime | None = None) -> Claim | None:
         """Extend a lease; None when the worker no longer holds it (expired, cancelled, re-opened)."""
         now = now or utcnow()
         expires = now + timedelta(seconds=lease_seconds)
         with self._sessions.begin() as session:
-            result = session.execute(
-                update(Study)
-                .where(
-                    Study.study_uid == claim.study_uid,
-                    Study.state == S.PROCESSING,
-                    Study.lease_owner == claim.worker_id,
-                )
-                .values(lease_expires_at=expires, updated_at=now)
-            )
-            return Claim(claim.study_uid, claim.worker_id, expires, claim.attempt) if result.rowcount else None
+            task = self.held(session, claim)
+            if task is None:
+                return None
+            task.lease_expires_at, task.updated_at = expires, now
+            return Claim(claim.study_uid, claim.worker_id, expires, claim.attempt, claim.model)
 
-    def finish(self, claim: Claim, to_state: StudyState, reason: str, now: datetime | None = None) -> bool:
-        """End a lease with the study's next state; False when the lease was lost meanwhile."""
+    def finish(self, claim: Claim, to_state: StudyState | TaskState, reason: str, now: datetime | None = None) -> bool:
+        """End a lease with the task's next state; False when the lease was lost meanwhile."""
         now = now or utcnow()
         with self._sessions.begin() as session:
-            study = session.scalar(select(Study).where(Study.study_uid == claim.study_uid))
-            if study is None or study.state != S.PROCESSING or study.lease_owner != claim.worker_id:
+            task = self.held(session, claim)
+            if task is None:
                 return False
-            transition(session, study, to_state, reason, now)
+            move_task(session, task, TaskState(str(to_state)), reason, now)
             return True
 
     def interrupted(
         self, claim: Claim, what: str, max_attempts: int = MAX_PROCESSING_ATTEMPTS, now: datetime | None = None
-    ) -> StudyState | None:
+    ) -> TaskState | None:
         """End a lease whose run was cut short (``what`` happened): queued again, or failed after ``max_attempts``.
 
-        Returns the study's new state; None when the lease was lost meanwhile.
+        Returns the task's new state; None when the lease was lost meanwhile.
         """
         now = now or utcnow()
         with self._sessions.begin() as session:
-            study = session.scalar(select(Study).where(Study.study_uid == claim.study_uid))
-            if study is None or study.state != S.PROCESSING or study.lease_owner != claim.worker_id:
+            task = self.held(session, claim)
+            if task is None:
                 return None
-            return self._count_interruption(session, study, what, max_attempts, now)
+            return self._count_interruption(session, task, what, max_attempts, now)
 
     @staticmethod
-    def _count_interruption(session: Session, study: Study, what: str, max_attempts: int, now: datetime) -> StudyState:
-        study.processing_attempts += 1
-        attempt = study.processing_attempts
+    def _count_interruption(session: Session, task: Task, what: str, max_attempts: int, now: datetime) -> TaskState:
+        task.processing_attempts += 1
+        attempt = task.processing_attempts
         if attempt >= max_attempts:
-            transition(
+            move_task(
                 session,
-                study,
-                S.FAILED,
+                task,
+                T.FAILED,
                 f"{what} on attempt {attempt} of {max_attempts}; giving up, see the node's log; "
                 "`triagenode queue retry` tries again",
                 now,
             )
-            return S.FAILED
-        transition(session, study, S.QUEUED, f"{what} on attempt {attempt} of {max_attempts}; back in the queue", now)
-        return S.QUEUED
+            return T.FAILED
+        move_task(session, task, T.QUEUED, f"{what} on attempt {attempt} of {max_attempts}; back in the queue", now)
+        return T.QUEUED
 
     def recover_expired_leases(
         self,
@@ -436,7 +580,7 @@ class StudyQueue:
         alive: Collection[str] = (),
         why: str | None = None,
     ) -> list[str]:
-        """Return studies whose worker vanished to ``queued``; fail those that used every attempt.
+        """Return tasks whose worker vanished to ``queued``; fail those that used every attempt.
 
         ``all_leases`` recovers every lease whatever its expiry: when the node
         starts, no worker of the previous run can still be alive. ``owner``
@@ -446,30 +590,30 @@ class StudyQueue:
         stuck behind a locked database) can fake; a hung one is the
         supervisor's to kill (``study_timeout_s``, on the monotonic clock).
         ``why`` replaces the reason the event gives (the supervisor knows it
-        killed a hung worker).
+        killed a hung worker). Returns the tasks' Study Instance UIDs.
         """
         now = now or utcnow()
-        query = select(Study).where(Study.state == S.PROCESSING)
+        query = select(Task).where(Task.state == T.PROCESSING)
         if owner is not None:  # the supervisor saw this worker die: its leases end now
-            query = query.where(Study.lease_owner == owner)
+            query = query.where(Task.lease_owner == owner)
         elif not all_leases:
-            query = query.where(Study.lease_expires_at < now)
+            query = query.where(Task.lease_expires_at < now)
             if alive:
-                query = query.where(Study.lease_owner.not_in(list(alive)))
+                query = query.where(Task.lease_owner.not_in(list(alive)))
         if not self._any(query):
             return []
         with self._sessions.begin() as session:
-            studies = session.scalars(query).all()
-            for study in studies:
-                holder = study.lease_owner
+            tasks = session.scalars(query).all()
+            for task in tasks:
+                holder = task.lease_owner
                 cause = why or (
                     "the node restarted" if all_leases else "its worker died" if owner else "its lease expired"
                 )
-                self._count_interruption(session, study, f"{holder} stopped holding it ({cause})", max_attempts, now)
-            return [study.study_uid for study in studies]
+                self._count_interruption(session, task, f"{holder} stopped holding it ({cause})", max_attempts, now)
+            return [task.study.study_uid for task in tasks]
 
     def release_for_stop(self, now: datetime | None = None) -> list[str]:
-        """Give the studies still being processed back to the queue when the node stops, without counting.
+        """Give the tasks still being processed back to the queue when the node stops, without counting.
 
         A stop (``systemctl stop``, a restart for an upgrade) interrupts no run
         through any fault of the study; counting it would fail a long study
@@ -477,51 +621,128 @@ class StudyQueue:
         counted, when the node next starts.
         """
         now = now or utcnow()
-        processing = select(Study).where(Study.state == S.PROCESSING)
+        processing = select(Task).where(Task.state == T.PROCESSING)
         if not self._any(processing):
             return []
         with self._sessions.begin() as session:
-            studies = session.scalars(processing).all()
-            for study in studies:
-                transition(session, study, S.QUEUED, "the node stopped while it was processed; back in the queue",
-                           now)
-            return [study.study_uid for study in studies]
+            tasks = session.scalars(processing).all()
+            for task in tasks:
+                move_task(session, task, T.QUEUED, "the node stopped while it was processed; back in the queue", now)
+            return [task.study.study_uid for task in tasks]
 
-    def retry(self, study_uid: str, reason: str = "retried by an administrator", now: datetime | None = None) -> str:
-        """Try a failed or cancelled study again; returns what will happen.
+    def retry(
+        self,
+        study_uid: str,
+        reason: str = "retried by an administrator",
+        now: datetime | None = None,
+        model: str | None = None,
+    ) -> str:
+        """Try a study's failed or cancelled tasks (one model's, with ``model``) again; returns what will happen.
 
-        A study whose report exists but could not be delivered gets its failed
+        A task whose report exists but could not be delivered gets its failed
         deliveries scheduled again (back to ``reported``); any other is queued
-        to be processed again.
+        to be processed again. A study cancelled before it had tasks is routed
+        again as soon as the scheduler looks.
         """
         now = now or utcnow()
         with self._sessions.begin() as session:
             study = self._get(session, study_uid)
-            if study.state not in RETRYABLE:
+            if not study.tasks and study.state == S.CANCELLED and model is None:
+                set_study_state(session, study, S.RECEIVING, f"{reason}: to be routed again", now)
+                study.last_instance_at = datetime(1970, 1, 1)  # complete at the next look
+                return "queued again"
+            tasks = self._tasks(study, model)
+            retryable = [task for task in tasks if task.state in RETRYABLE]
+            if not retryable:
+                states = ", ".join(f"{task.model} {task.state}" for task in tasks)
                 raise TransitionError(
-                    f"study {study_uid} is {study.state}; only {' or '.join(sorted(RETRYABLE))} studies can be retried"
+                    f"study {study_uid} is {study.state}{f' ({states})' if len(tasks) > 1 else ''}; "
+                    f"only {' or '.join(sorted(RETRYABLE))} studies can be retried"
                 )
-            failed = session.scalars(
-                select(Delivery).where(Delivery.study_id == study.id, Delivery.state == DeliveryState.FAILED)
-            ).all()
-            if study.state == S.FAILED and failed:
-                for delivery in failed:
-                    delivery.state, delivery.attempts, delivery.next_attempt_at = DeliveryState.PENDING, 0, now
-                transition(session, study, S.REPORTED, f"{reason}: sending the report again", now)
-                return "report scheduled for delivery again"
-            study.processing_attempts = 0
-            transition(session, study, S.QUEUED, reason, now)
-            return "queued again"
+            outcomes = []
+            for task in retryable:
+                failed = session.scalars(
+                    select(Delivery).where(Delivery.task_id == task.id, Delivery.state == DeliveryState.FAILED)
+                ).all()
+                if task.state == T.FAILED and failed:
+                    for delivery in failed:
+                        delivery.state, delivery.attempts, delivery.next_attempt_at = DeliveryState.PENDING, 0, now
+                    move_task(session, task, T.REPORTED, f"{reason}: sending the report again", now)
+                    outcomes.append((task.model, "report scheduled for delivery again"))
+                else:
+                    task.processing_attempts = 0
+                    move_task(session, task, T.QUEUED, reason, now)
+                    outcomes.append((task.model, "queued again"))
+            if len(study.tasks) == 1 and study.tasks[0].model == IMPLICIT_MODEL:
+                return outcomes[0][1]
+            return "; ".join(f"{name}: {what}" for name, what in outcomes)
 
     def cancel(
-        self, study_uid: str, reason: str = "cancelled by an administrator", now: datetime | None = None
+        self,
+        study_uid: str,
+        reason: str = "cancelled by an administrator",
+        now: datetime | None = None,
+        model: str | None = None,
     ) -> None:
+        """Cancel a study's tasks (one model's, with ``model``); a study still receiving is cancelled itself."""
         now = now or utcnow()
         with self._sessions.begin() as session:
             study = self._get(session, study_uid)
-            if study.state not in CANCELLABLE:
+            if study.state == S.RECEIVING and model is None:
+                set_study_state(session, study, S.CANCELLED, reason, now)
+                return
+            cancellable = [task for task in self._tasks(study, model) if task.state in CANCELLABLE]
+            if not cancellable:
                 raise TransitionError(f"study {study_uid} is {study.state}; it cannot be cancelled")
-            transition(session, study, S.CANCELLED, reason, now)
+            for task in cancellable:
+                move_task(session, task, T.CANCELLED, reason, now)
+
+    def prioritize(self, study_uid: str, reason: str = "marked urgent by an administrator",
+                   now: datetime | None = None) -> bool:
+        """Mark a study urgent: its queued tasks go before every other's. False when it already was."""
+        now = now or utcnow()
+        with self._sessions.begin() as session:
+            study = self._get(session, study_uid)
+            if study.urgent:
+                return False
+            study.urgent = True
+            session.add(StudyEvent(study=study, at=now, from_state=study.state, to_state=study.state, reason=reason))
+            return True
+
+    def pause(self, model: str, reason: str = "paused by an administrator", now: datetime | None = None) -> bool:
+        """Stop workers from taking ``model``'s tasks (they wait, queued); False when it was paused already."""
+        now = now or utcnow()
+        with self._sessions.begin() as session:
+            if session.get(ModelPause, model) is not None:
+                return False
+            session.add(ModelPause(model=model, paused_at=now, reason=reason))
+            log.info("model.paused model=%s reason=%r", model, reason)
+            return True
+
+    def resume(self, model: str) -> bool:
+        """Let workers take ``model``'s tasks again; False when it was not paused."""
+        with self._sessions.begin() as session:
+            pause = session.get(ModelPause, model)
+            if pause is None:
+                return False
+            session.delete(pause)
+            log.info("model.resumed model=%s", model)
+            return True
+
+    def paused(self) -> dict[str, datetime]:
+        """The paused models, with when each was paused."""
+        with self._reads() as session:
+            return {row.model: row.paused_at for row in session.scalars(select(ModelPause))}
+
+    @staticmethod
+    def _tasks(study: Study, model: str | None) -> list[Task]:
+        if model is None:
+            return list(study.tasks)
+        tasks = [task for task in study.tasks if task.model == model]
+        if not tasks:
+            known = ", ".join(task.model for task in study.tasks) or "none"
+            raise TransitionError(f"study {study.study_uid} has no task for model {model!r} (its tasks: {known})")
+        return tasks
 
     @staticmethod
     def _get(session: Session, study_uid: str) -> Study:
@@ -529,6 +750,32 @@ class StudyQueue:
         if study is None:
             raise UnknownStudyError(f"no study {study_uid} on this node; `triagenode queue ls` lists them")
         return study
+
+
+def _summary(session: Session, study: Study) -> StudySummary:
+    """What routing sees of a complete study, from the queue's own tables."""
+    sop_classes: dict[int, list[str]] = {}
+    for series_id, sop_class in session.execute(
+        select(Instance.series_id, Instance.sop_class_uid)
+        .join(Series, Series.id == Instance.series_id)
+        .where(Series.study_id == study.id)
+        .distinct()
+    ):
+        sop_classes.setdefault(series_id, []).append(sop_class)
+    calling = session.scalars(
+        select(Instance.calling_ae).join(Series, Series.id == Instance.series_id).where(Series.study_id == study.id)
+        .distinct()
+    ).all()
+    return StudySummary(
+        study_uid=study.study_uid,
+        description=study.description,
+        calling_aets=tuple(sorted(calling)),
+        series=tuple(
+            SeriesSummary(s.series_uid, s.modality, s.description, s.body_part,
+                          tuple(sorted(sop_classes.get(s.id, ()))), s.instance_count)
+            for s in study.series
+        ),
+    )
 
 
 def _merge_modality(current: str | None, new: str | None) -> str | None:

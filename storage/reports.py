@@ -1,17 +1,18 @@
-"""Results and their deliveries: what a worker found, and the report's way to every destination.
+"""Results and their deliveries: what a model found in a study, and its report's way to every destination.
 
-A worker ends its lease with :meth:`ReportBook.record_result`: the result,
-one pending delivery per destination and the move to ``reported`` are one
-transaction, so a crash leaves either nothing (the lease expires, the study
-is processed again) or everything. Deliveries carry their own retry
-schedule in the database, so a restart keeps every pending one.
+A worker ends its task's lease with :meth:`ReportBook.record_result`: the
+result, one pending delivery per destination and the task's move to
+``reported`` are one transaction, so a crash leaves either nothing (the
+lease expires, the task is processed again) or everything. Deliveries carry
+their own retry schedule in the database, so a restart keeps every pending one.
 
 Destinations are independent: a delivery is due whenever it is pending and
-its study still stands by its report (``reported``, ``sent`` or ``failed``;
-not re-opened, not cancelled), whatever another destination did. The
-study's state only summarises its deliveries (:func:`summarise`): ``sent``
-when every one is sent, ``failed`` when one gave up and none is pending any
-more, ``reported`` while any is pending.
+its task still stands by its report (``reported``, ``sent`` or ``failed``;
+not re-queued, not cancelled) in a study that is not receiving again,
+whatever another destination did. A task's state summarises its deliveries
+(:func:`summarise`): ``sent`` when every one is sent, ``failed`` when one
+gave up and none is pending any more, ``reported`` while any is pending;
+the study's state summarises its tasks.
 """
 
 from __future__ import annotations
@@ -27,56 +28,73 @@ from sqlalchemy import Engine, func, select, update
 from sqlalchemy.orm import Session
 
 from triagenode.storage.engine import reader, writer
-from triagenode.storage.models import Delivery, DeliveryState, ResultRecord, Study, StudyEvent, StudyState
-from triagenode.storage.queue import ALLOWED_TRANSITIONS, Claim, TransitionError, UnknownStudyError, transition
+from triagenode.storage.models import (
+    Delivery,
+    DeliveryState,
+    ResultRecord,
+    Study,
+    StudyEvent,
+    StudyState,
+    Task,
+    TaskState,
+)
+from triagenode.storage.queue import (
+    IMPLICIT_MODEL,
+    TASK_TRANSITIONS,
+    Claim,
+    StudyQueue,
+    TransitionError,
+    UnknownStudyError,
+    move_task,
+)
 from triagenode.storage.timeutil import iso, utcnow
 
 log = logging.getLogger("triagenode.reports")
 
 PENDING, SENT, FAILED = DeliveryState.PENDING, DeliveryState.SENT, DeliveryState.FAILED
 
-DELIVERABLE = frozenset({StudyState.REPORTED, StudyState.SENT, StudyState.FAILED})
-"""Study states whose report stands: their pending deliveries are due. A re-opened
-(``receiving``/``queued``/``processing``) study will get a new report, a cancelled one none."""
+DELIVERABLE = frozenset({TaskState.REPORTED, TaskState.SENT, TaskState.FAILED})
+"""Task states whose report stands: their pending deliveries are due. A re-queued task will get a new
+report, a cancelled one none; nothing goes out while its study receives again."""
+_NOT_DELIVERING = [StudyState.RECEIVING.value, StudyState.CANCELLED.value]
 
 
 class NoReportError(LookupError):
     """The study has no report to send (not processed yet, or the model could not read it)."""
 
 
-def summarise(session: Session, study: Study, now: datetime, reason: str | None = None) -> None:
-    """Bring a study's state in line with its deliveries, in the caller's transaction.
+def summarise(session: Session, task: Task, now: datetime, reason: str | None = None) -> None:
+    """Bring a task's state in line with its deliveries, in the caller's transaction.
 
     ``reported`` while any delivery is pending, ``failed`` when one gave up
-    and none is pending, ``sent`` when all are sent. Only a study whose report
-    stands is touched; a change the state machine does not allow (``sent``
-    back to ``reported``) is left out, and the deliveries still say what
-    happens.
+    and none is pending, ``sent`` when all are sent. Only a task whose report
+    stands is touched; a change the state machine does not allow is left
+    out, and the deliveries still say what happens.
     """
-    if study.state not in DELIVERABLE:
+    if task.state not in DELIVERABLE:
         return
     counts = dict(
         session.execute(
-            select(Delivery.state, func.count()).where(Delivery.study_id == study.id).group_by(Delivery.state)
+            select(Delivery.state, func.count()).where(Delivery.task_id == task.id).group_by(Delivery.state)
         ).all()
     )
     if not counts:
         return
     if counts.get(PENDING):
-        target, why = StudyState.REPORTED, reason or "the report is on its way"
+        target, why = TaskState.REPORTED, reason or "the report is on its way"
     elif counts.get(FAILED):
         failed = session.scalars(
-            select(Delivery.destination).where(Delivery.study_id == study.id, Delivery.state == FAILED)
+            select(Delivery.destination).where(Delivery.task_id == task.id, Delivery.state == FAILED)
         ).all()
-        target = StudyState.FAILED
+        target = TaskState.FAILED
         why = reason or (
             f"report not delivered to {', '.join(failed)}; "
             "`triagenode queue retry` or `triagenode queue resend` sends again"
         )
     else:
-        target, why = StudyState.SENT, reason or "every destination has the report"
-    if target != study.state and target in ALLOWED_TRANSITIONS[StudyState(study.state)]:
-        transition(session, study, target, why, now)
+        target, why = TaskState.SENT, reason or "every destination has the report"
+    if target != task.state and target in TASK_TRANSITIONS[TaskState(task.state)]:
+        move_task(session, task, target, why, now)
 
 
 @dataclass(frozen=True)
@@ -86,6 +104,7 @@ class DueDelivery:
     destination: str
     sr_path: str
     attempts: int
+    model: str = IMPLICIT_MODEL
 
 
 @dataclass(frozen=True)
@@ -143,12 +162,12 @@ class ReportBook:
         """Store the outcome, schedule its deliveries and end the lease (``reported``); False if the lease was lost."""
         now = now or utcnow()
         with self._write.begin() as session:
-            study = session.scalar(select(Study).where(Study.study_uid == claim.study_uid))
-            if study is None or study.state != StudyState.PROCESSING or study.lease_owner != claim.worker_id:
+            task = StudyQueue.held(session, claim)
+            if task is None:
                 return False
-            row = session.scalar(select(ResultRecord).where(ResultRecord.study_id == study.id))
+            row = session.scalar(select(ResultRecord).where(ResultRecord.task_id == task.id))
             if row is None:
-                row = ResultRecord(study_id=study.id)
+                row = ResultRecord(task_id=task.id)
                 session.add(row)
             row.applicable = outcome.applicable
             row.reason = outcome.reason
@@ -165,15 +184,8 @@ class ReportBook:
             row.sr_sop_instance_uid = sr_sop_instance_uid
             row.created_at = now
             if sr_path is not None:
-                existing = {
-                    d.destination: d for d in session.scalars(select(Delivery).where(Delivery.study_id == study.id))
-                }
-                for name in destinations:
-                    delivery = existing.get(name) or Delivery(study_id=study.id, destination=name)
-                    delivery.state, delivery.attempts, delivery.next_attempt_at = PENDING, 0, now
-                    delivery.last_error = delivery.sent_at = None
-                    session.add(delivery)
-            transition(session, study, StudyState.REPORTED, outcome.event_reason(), now)
+                _schedule(session, task, destinations, now)
+            move_task(session, task, TaskState.REPORTED, outcome.event_reason(), now)
             return True
 
     def due(
@@ -191,13 +203,16 @@ class ReportBook:
         """
         now = now or utcnow()
         query = (
-            select(Delivery.id, Study.study_uid, Delivery.destination, ResultRecord.sr_path, Delivery.attempts)
-            .join(Study, Study.id == Delivery.study_id)
-            .join(ResultRecord, ResultRecord.study_id == Delivery.study_id)
+            select(Delivery.id, Study.study_uid, Delivery.destination, ResultRecord.sr_path, Delivery.attempts,
+                   Task.model)
+            .join(Task, Task.id == Delivery.task_id)
+            .join(Study, Study.id == Task.study_id)
+            .join(ResultRecord, ResultRecord.task_id == Delivery.task_id)
             .where(
                 Delivery.state == PENDING,
                 Delivery.next_attempt_at <= now,
-                Study.state.in_([state.value for state in DELIVERABLE]),
+                Task.state.in_([state.value for state in DELIVERABLE]),
+                Study.state.not_in(_NOT_DELIVERING),
                 ResultRecord.sr_path.is_not(None),
             )
             .order_by(Delivery.next_attempt_at, Delivery.id)
@@ -234,11 +249,13 @@ class ReportBook:
             return set(
                 session.scalars(
                     select(Delivery.destination)
-                    .join(Study, Study.id == Delivery.study_id)
+                    .join(Task, Task.id == Delivery.task_id)
+                    .join(Study, Study.id == Task.study_id)
                     .where(
                         Delivery.state == PENDING,
                         Delivery.next_attempt_at <= now,
-                        Study.state.in_([state.value for state in DELIVERABLE]),
+                        Task.state.in_([state.value for state in DELIVERABLE]),
+                        Study.state.not_in(_NOT_DELIVERING),
                     )
                     .distinct()
                 ).all()
@@ -253,13 +270,9 @@ class ReportBook:
                 return False
             delivery.state, delivery.sent_at, delivery.last_error = SENT, now, None
             delivery.attempts += 1
-            study = session.get_one(Study, delivery.study_id)
-            session.add(
-                StudyEvent(study=study, at=now, from_state=study.state, to_state=study.state,
-                           reason=f"report delivered to {delivery.destination}")
-            )
-            session.flush()
-            summarise(session, study, now)
+            task = session.get_one(Task, delivery.task_id)
+            _note(session, task, f"report delivered to {delivery.destination}", now)
+            summarise(session, task, now)
             return True
 
     def failed_attempt(
@@ -281,139 +294,194 @@ class ReportBook:
                 delivery.next_attempt_at = next_attempt_at
                 return False
             delivery.state = FAILED
-            study = session.get_one(Study, delivery.study_id)
-            session.add(
-                StudyEvent(study=study, at=now, from_state=study.state, to_state=study.state,
-                           reason=f"gave up delivering the report to {delivery.destination} after "
-                                  f"{delivery.attempts} attempts (last: {error[:200]})")
-            )
-            session.flush()
-            summarise(session, study, now)
+            task = session.get_one(Task, delivery.task_id)
+            _note(session, task, f"gave up delivering the report to {delivery.destination} after "
+                                 f"{delivery.attempts} attempts (last: {error[:200]})", now)
+            summarise(session, task, now)
             return True
 
-    def report_of(self, study_uid: str) -> tuple[str, str, str | None]:
-        """(state, stored SR path relative to data_dir, its SOP Instance UID) of a study that has a report.
+    def report_of(self, study_uid: str, model: str | None = None) -> tuple[str, str, str | None]:
+        """(task state, stored SR path relative to data_dir, its SOP Instance UID) of a study's report.
 
-        Raises :class:`UnknownStudyError` or :class:`NoReportError` with a line for the administrator.
+        ``model`` names the task; without it the study must have exactly one task.
+        Raises :class:`UnknownStudyError`, :class:`NoReportError` or
+        :class:`TransitionError` with a line for the administrator.
         """
         with self._read() as session:
-            study = session.scalar(select(Study).where(Study.study_uid == study_uid))
-            if study is None:
-                raise UnknownStudyError(f"no study {study_uid} on this node; `triagenode queue ls` lists them")
-            row = session.scalar(select(ResultRecord).where(ResultRecord.study_id == study.id))
-            if row is None or row.sr_path is None:
-                why = (
-                    "it has not been processed yet"
-                    if row is None
-                    else "the model could not read it and [inference] report_not_applicable is off"
+            task = _one_task(session, study_uid, model)
+            row = session.scalar(select(ResultRecord).where(ResultRecord.task_id == task.id))
+            _require_report(study_uid, row)
+            assert row is not None and row.sr_path is not None
+            return task.state, row.sr_path, row.sr_sop_instance_uid
+
+    def tasks_with_reports(self, study_uid: str) -> list[str]:
+        """The models whose tasks on the study have a report, in task order."""
+        with self._read() as session:
+            study = _study(session, study_uid)
+            return [
+                task.model
+                for task in study.tasks
+                if session.scalar(
+                    select(ResultRecord.id).where(ResultRecord.task_id == task.id, ResultRecord.sr_path.is_not(None))
                 )
-                raise NoReportError(f"study {study_uid} has no report to send ({why})")
-            return study.state, row.sr_path, row.sr_sop_instance_uid
+                is not None
+            ]
 
     def replace_report(self, study_uid: str, sr_path: str, sr_sop_instance_uid: str, reason: str,
-                       now: datetime | None = None) -> None:
-        """Point a study's result at a rebuilt report (another SR class); the old file stays."""
+                       now: datetime | None = None, model: str | None = None) -> None:
+        """Point a task's result at a rebuilt report (another SR class); the old file stays."""
         now = now or utcnow()
         with self._write.begin() as session:
-            study = session.scalar(select(Study).where(Study.study_uid == study_uid))
-            if study is None:
-                raise UnknownStudyError(f"no study {study_uid} on this node; `triagenode queue ls` lists them")
-            row = session.scalar(select(ResultRecord).where(ResultRecord.study_id == study.id))
+            task = _one_task(session, study_uid, model)
+            row = session.scalar(select(ResultRecord).where(ResultRecord.task_id == task.id))
             if row is None:
                 raise NoReportError(f"study {study_uid} has no report to send (it has not been processed yet)")
             row.sr_path, row.sr_sop_instance_uid = sr_path, sr_sop_instance_uid
-            session.add(StudyEvent(study=study, at=now, from_state=study.state, to_state=study.state, reason=reason))
+            _note(session, task, reason, now)
 
-    def resend(self, study_uid: str, destinations: Sequence[str], now: datetime | None = None) -> list[str]:
-        """Schedule a study's report for ``destinations`` again, now; returns their names.
+    def resend(self, study_uid: str, destinations: Sequence[str], now: datetime | None = None,
+               model: str | None = None) -> list[str]:
+        """Schedule a task's report for ``destinations`` again, now; returns their names.
 
-        For a ``reported``, ``sent`` or ``failed`` study with a report: a PACS
+        For a ``reported``, ``sent`` or ``failed`` task with a report: a PACS
         added later, or one that lost the report. Each named delivery starts
         afresh (pending, no attempts), whatever its state was.
         """
         now = now or utcnow()
         with self._write.begin() as session:
-            study = session.scalar(select(Study).where(Study.study_uid == study_uid))
-            if study is None:
-                raise UnknownStudyError(f"no study {study_uid} on this node; `triagenode queue ls` lists them")
-            if study.state not in DELIVERABLE:
+            task = _one_task(session, study_uid, model)
+            if task.state not in DELIVERABLE or task.study.state in _NOT_DELIVERING:
+                state = task.study.state if task.study.state in _NOT_DELIVERING else task.state
                 raise TransitionError(
-                    f"study {study_uid} is {study.state}; only reported, sent or failed studies have a report to "
-                    "re-send" + ("; `triagenode queue retry` processes it again" if study.state == "cancelled" else "")
+                    f"study {study_uid} is {state}; only reported, sent or failed studies have a report to "
+                    "re-send" + ("; `triagenode queue retry` processes it again" if state == "cancelled" else "")
                 )
-            row = session.scalar(select(ResultRecord).where(ResultRecord.study_id == study.id))
-            if row is None or row.sr_path is None:
-                raise NoReportError(
-                    f"study {study_uid} has no report to send "
-                    "(the model could not read it and [inference] report_not_applicable is off)"
-                )
-            rows = session.scalars(select(Delivery).where(Delivery.study_id == study.id))
-            existing = {d.destination: d for d in rows}
-            for name in destinations:
-                delivery = existing.get(name) or Delivery(study_id=study.id, destination=name)
-                delivery.state, delivery.attempts, delivery.next_attempt_at = PENDING, 0, now
-                delivery.last_error = delivery.sent_at = None
-                session.add(delivery)
+            row = session.scalar(select(ResultRecord).where(ResultRecord.task_id == task.id))
+            _require_report(study_uid, row)
+            _schedule(session, task, destinations, now)
             reason = f"report to be sent again to {', '.join(destinations)} (requested by an administrator)"
-            session.add(StudyEvent(study=study, at=now, from_state=study.state, to_state=study.state, reason=reason))
-            session.flush()
-            summarise(session, study, now, "report to be sent again (requested by an administrator)")
+            _note(session, task, reason, now)
+            summarise(session, task, now, "report to be sent again (requested by an administrator)")
             return list(destinations)
 
-    def details(self, study_id: int) -> tuple[dict[str, Any] | None, list[dict[str, Any]]]:
-        """The ``result`` and ``deliveries`` that ``queue show`` prints."""
+    def details(self, study_id: int) -> list[dict[str, Any]]:
+        """The tasks that ``queue show`` prints: each with its state, attempts, result and deliveries."""
         with self._read() as session:
-            row = session.scalar(select(ResultRecord).where(ResultRecord.study_id == study_id))
-            deliveries = session.scalars(
-                select(Delivery).where(Delivery.study_id == study_id).order_by(Delivery.id)
-            ).all()
-            result = None
-            if row is not None:
-                result = {
-                    "applicable": row.applicable,
-                    "reason": row.reason,
-                    "finding": row.finding,
-                    "probability": row.probability,
-                    "threshold": row.threshold,
-                    "model": row.model,
-                    "model_version": row.model_version,
-                    "series_uid": row.series_uid,
-                    "key_instance_uid": row.key_instance_uid,
-                    "slices": row.slices,
-                    "timings_ms": json.loads(row.timings_ms),
-                    "sr_sop_instance_uid": row.sr_sop_instance_uid,
-                }
-            return result, [
-                {
-                    "destination": d.destination,
-                    "state": d.state,
-                    "attempts": d.attempts,
-                    "next_attempt_at": iso(d.next_attempt_at) if d.state == PENDING else None,
-                    "last_error": d.last_error,
-                    "sent_at": iso(d.sent_at),
-                }
-                for d in deliveries
-            ]
+            tasks = session.scalars(select(Task).where(Task.study_id == study_id).order_by(Task.id)).all()
+            return [_task_details(session, task) for task in tasks]
 
-    def previous_report(self, study_uid: str) -> PreviousReport | None:
-        """The study's last report (the one a new report replaces), or None when it has none.
+    def previous_report(self, study_uid: str, model: str = IMPLICIT_MODEL) -> PreviousReport | None:
+        """A task's last report (the one a new report replaces), or None when it has none.
 
         A study re-opened by a late instance is processed again; its new report
         names this one in its Predecessor Documents Sequence, so a PACS knows which
-        document it supersedes. None for an unknown study, one not processed yet,
-        or one whose last outcome had no SR (the model could not read it).
+        document it supersedes. None for an unknown study or task, one not processed
+        yet, or one whose last outcome had no SR (the model could not read it).
         """
         with self._read() as session:
             row = session.execute(
                 select(ResultRecord.sr_path, ResultRecord.sr_sop_instance_uid, ResultRecord.model,
                        ResultRecord.model_version, ResultRecord.created_at)
-                .join(Study, Study.id == ResultRecord.study_id)
-                .where(Study.study_uid == study_uid)
+                .join(Task, Task.id == ResultRecord.task_id)
+                .join(Study, Study.id == Task.study_id)
+                .where(Study.study_uid == study_uid, Task.model == model)
             ).one_or_none()
         if row is None or row.sr_path is None or row.sr_sop_instance_uid is None:
             return None
         return PreviousReport(study_uid, row.sr_path, row.sr_sop_instance_uid, row.model, row.model_version,
                               row.created_at)
+
+
+def _study(session: Session, study_uid: str) -> Study:
+    study = session.scalar(select(Study).where(Study.study_uid == study_uid))
+    if study is None:
+        raise UnknownStudyError(f"no study {study_uid} on this node; `triagenode queue ls` lists them")
+    return study
+
+
+def _one_task(session: Session, study_uid: str, model: str | None) -> Task:
+    """The study's task for ``model``; without a model, its only task (else a line that says to name one)."""
+    study = _study(session, study_uid)
+    if model is not None:
+        for task in study.tasks:
+            if task.model == model:
+                return task
+        known = ", ".join(task.model for task in study.tasks) or "none"
+        raise NoReportError(f"study {study_uid} has no task for model {model!r} (its tasks: {known})")
+    if not study.tasks:
+        raise NoReportError(f"study {study_uid} has no report to send (it has not been processed yet)")
+    if len(study.tasks) > 1:
+        names = ", ".join(task.model for task in study.tasks)
+        raise TransitionError(f"study {study_uid} has a task for each of {names}; name one with --model")
+    return study.tasks[0]
+
+
+def _require_report(study_uid: str, row: ResultRecord | None) -> None:
+    if row is None or row.sr_path is None:
+        why = (
+            "it has not been processed yet"
+            if row is None
+            else "the model could not read it and [inference] report_not_applicable is off"
+        )
+        raise NoReportError(f"study {study_uid} has no report to send ({why})")
+
+
+def _schedule(session: Session, task: Task, destinations: Sequence[str], now: datetime) -> None:
+    """Make a pending delivery, due now, of the task's report to each of ``destinations``."""
+    existing = {d.destination: d for d in session.scalars(select(Delivery).where(Delivery.task_id == task.id))}
+    for name in destinations:
+        delivery = existing.get(name) or Delivery(task_id=task.id, destination=name)
+        delivery.state, delivery.attempts, delivery.next_attempt_at = PENDING, 0, now
+        delivery.last_error = delivery.sent_at = None
+        session.add(delivery)
+    session.flush()
+
+
+def _note(session: Session, task: Task, reason: str, now: datetime) -> None:
+    """An event in the task's history that changes no state (a delivery, a rebuilt report)."""
+    session.add(StudyEvent(study=task.study, at=now, from_state=task.state, to_state=task.state, reason=reason,
+                           model=task.model))
+    session.flush()
+
+
+def _task_details(session: Session, task: Task) -> dict[str, Any]:
+    row = session.scalar(select(ResultRecord).where(ResultRecord.task_id == task.id))
+    deliveries = session.scalars(select(Delivery).where(Delivery.task_id == task.id).order_by(Delivery.id)).all()
+    result = None
+    if row is not None:
+        result = {
+            "applicable": row.applicable,
+            "reason": row.reason,
+            "finding": row.finding,
+            "probability": row.probability,
+            "threshold": row.threshold,
+            "model": row.model,
+            "model_version": row.model_version,
+            "series_uid": row.series_uid,
+            "key_instance_uid": row.key_instance_uid,
+            "slices": row.slices,
+            "timings_ms": json.loads(row.timings_ms),
+            "sr_sop_instance_uid": row.sr_sop_instance_uid,
+        }
+    return {
+        "model": task.model,
+        "state": task.state,
+        "attempts": task.processing_attempts,
+        "result": result,
+        "sr_sop_instance_uid": row.sr_sop_instance_uid if row is not None else None,
+        "deliveries": [
+            {
+                "destination": d.destination,
+                "state": d.state,
+                "attempts": d.attempts,
+                "next_attempt_at": iso(d.next_attempt_at) if d.state == PENDING else None,
+                "last_error": d.last_error,
+                "sent_at": iso(d.sent_at),
+                "model": task.model,
+            }
+            for d in deliveries
+        ],
+    }
 
 
 @dataclass(frozen=True)

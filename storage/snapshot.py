@@ -29,7 +29,7 @@ from triagenode.storage.filestore import lock_is_held
 from triagenode.storage.states import DeliveryState, StudyState
 from triagenode.storage.timeutil import iso
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 """The schema version this code reads and writes; ``storage/migrations.py`` ends at it (checked at import there)."""
 BUSY_TIMEOUT_MS = 30_000
 """How long a connection waits for another's write lock: the daemon's write bursts are short."""
@@ -88,6 +88,10 @@ class NodeSnapshot:
     """Studies per state, every state present (0 when none), in the states' order."""
     oldest_waiting: WaitingStudy | None
     destinations: dict[str, DestinationCounts]
+    tasks: dict[str, dict[str, int]]
+    """Per model (the task's name): tasks per state, only the states it has."""
+    paused: dict[str, datetime]
+    """Paused models, with when each was paused."""
 
 
 def check_schema(path: Path) -> None:
@@ -110,8 +114,13 @@ def read_snapshot(database: Path, now: datetime) -> NodeSnapshot:
             (StudyState.QUEUED.value,),
         ).fetchone()
         deliveries = connection.execute(
-            "SELECT destination, state, COUNT(*) FROM deliveries GROUP BY destination, state"
+            "SELECT destination, state, COUNT(*) FROM task_deliveries GROUP BY destination, state"
         ).fetchall()
+        tasks = connection.execute("SELECT model, state, COUNT(*) FROM tasks GROUP BY model, state").fetchall()
+        paused = connection.execute("SELECT model, paused_at FROM model_pauses").fetchall()
+    per_model: dict[str, dict[str, int]] = {}
+    for model, state, count in tasks:
+        per_model.setdefault(model, {})[state] = count
     per_destination: dict[str, dict[str, int]] = {}
     for name, state, count in deliveries:
         per_destination.setdefault(name, {})[state] = count
@@ -132,6 +141,8 @@ def read_snapshot(database: Path, now: datetime) -> NodeSnapshot:
             )
             for name, counts in per_destination.items()
         },
+        tasks=per_model,
+        paused={model: _time(at) for model, at in paused},
     )
 
 

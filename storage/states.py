@@ -1,4 +1,4 @@
-"""The states of a study and of a delivery: plain enums, without SQLAlchemy.
+"""The states of a study, of a task (one model's work on a study) and of a delivery: plain enums, no SQLAlchemy.
 
 Their own module so that what only names a state (the CLI's ``--state``
 choices, scripts) does not pay for importing the database layer;
@@ -27,6 +27,23 @@ class StudyState(enum.StrEnum):
     """Gave up, with the reason in the event history; ``queue retry`` re-queues it."""
     CANCELLED = "cancelled"
     """An administrator stopped it; ``queue retry`` re-queues it."""
+
+
+class TaskState(enum.StrEnum):
+    """Where one model's work on one study is. A study's own state summarises its tasks."""
+
+    QUEUED = "queued"
+    """Waiting for a worker that serves its model (and for the study to be complete)."""
+    PROCESSING = "processing"
+    """Held by a worker under a lease."""
+    REPORTED = "reported"
+    """The model's result exists; its report is waiting to reach every destination."""
+    SENT = "sent"
+    """Every destination of this model has its report."""
+    FAILED = "failed"
+    """Gave up (interrupted runs, or a report not delivered); ``queue retry`` tries again."""
+    CANCELLED = "cancelled"
+    """An administrator stopped it, or the study's route no longer leads to this model."""
 
 
 class DeliveryState(enum.StrEnum):

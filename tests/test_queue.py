@@ -12,7 +12,7 @@ from sqlalchemy import inspect, select, text
 
 from triagenode.storage.database import DatabaseUnavailableError, open_for_cli, open_for_daemon
 from triagenode.storage.migrations import LATEST_VERSION, SchemaTooNewError, upgrade
-from triagenode.storage.models import Base, StudyState
+from triagenode.storage.models import Base, StudyState, TaskState
 from triagenode.storage.overview import QueueOverview
 from triagenode.storage.queue import (
     Claim,
@@ -205,29 +205,62 @@ def test_the_cli_never_creates_a_database(tmp_path: Path) -> None:
     assert not (tmp_path / "missing.db").exists()
 
 
-def test_an_older_database_is_upgraded_in_place_keeping_its_studies(tmp_path: Path) -> None:
+def test_a_database_of_the_one_model_node_is_upgraded_in_place_keeping_its_studies(tmp_path: Path) -> None:
+    """Schema 2 (one model, leases on studies) becomes tasks: states, attempts, results and deliveries kept."""
     from triagenode.storage.engine import make_engine
     from triagenode.storage.migrations import MIGRATIONS
+    from triagenode.storage.reports import ReportBook
 
     path = tmp_path / "old.db"
     engine = make_engine(path)
-    with engine.begin() as connection:  # a node of schema version 1 wrote this database
+    t = "2026-11-01 10:00:00.000000"
+    with engine.begin() as connection:  # what a node of schema version 2 wrote
         connection.exec_driver_sql(
             "CREATE TABLE schema_version (version INTEGER NOT NULL PRIMARY KEY, description VARCHAR NOT NULL, "
             "applied_at DATETIME NOT NULL)"
         )
-        for statement in MIGRATIONS[0].statements:
-            connection.exec_driver_sql(statement)
-        connection.exec_driver_sql("INSERT INTO schema_version VALUES (1, 'v1', '2026-01-01 00:00:00')")
-    StudyQueue(engine).record_instance(instance("1.2.3"))
+        for migration in MIGRATIONS[:2]:
+            for statement in migration.statements:
+                connection.exec_driver_sql(statement)
+            connection.exec_driver_sql(f"INSERT INTO schema_version VALUES ({migration.version}, 'old', '{t}')")
+        studies = [(1, "1.2.1", "receiving", 0), (2, "1.2.2", "queued", 1), (3, "1.2.3", "reported", 0),
+                   (4, "1.2.4", "sent", 0), (5, "1.2.5", "failed", 3)]
+        for study_id, uid, state, attempts in studies:
+            connection.exec_driver_sql(
+                "INSERT INTO studies (id, study_uid, state, received_at, last_instance_at, updated_at, "
+                "processing_attempts) VALUES (?, ?, ?, ?, ?, ?, ?)", (study_id, uid, state, t, t, t, attempts)
+            )
+        for study_id in (3, 4):
+            connection.exec_driver_sql(
+                "INSERT INTO study_results (study_id, applicable, finding, probability, threshold, model, "
+                "model_version, timings_ms, sr_path, sr_sop_instance_uid, created_at) "
+                "VALUES (?, 1, 1, 0.9, 0.5, 'lung', '1.0', '{}', ?, ?, ?)",
+                (study_id, f"reports/x/{study_id}.dcm", f"2.25.{study_id}", t),
+            )
+        connection.exec_driver_sql(
+            "INSERT INTO deliveries (study_id, destination, state, attempts, next_attempt_at) "
+            "VALUES (3, 'pacs', 'pending', 2, ?), (4, 'pacs', 'sent', 1, ?)", (t, t)
+        )
     engine.dispose()
 
     upgraded = open_for_daemon(path)
-    assert QueueOverview(upgraded).study_details("1.2.3")["instances"] == 1
+    overview = QueueOverview(upgraded)
     with upgraded.connect() as connection:
         versions = [row[0] for row in connection.exec_driver_sql("SELECT version FROM schema_version ORDER BY 1")]
     assert versions == list(range(1, LATEST_VERSION + 1))
-    assert QueueOverview(upgraded).study_details("1.2.3")["deliveries"] == []
+    assert overview.study_details("1.2.1")["tasks"] == [], "a study still receiving gets its tasks when complete"
+    for _, uid, state, attempts in studies[1:]:
+        details = overview.study_details(uid)
+        assert details["state"] == state
+        assert [(t["model"], t["state"], t["attempts"]) for t in details["tasks"]] == [("default", state, attempts)]
+    reported = overview.study_details("1.2.3")
+    assert reported["result"]["probability"] == 0.9 and reported["result"]["sr_sop_instance_uid"] == "2.25.3"
+    assert [(d["destination"], d["state"], d["attempts"]) for d in reported["deliveries"]] == [("pacs", "pending", 2)]
+    [due] = ReportBook(upgraded).due(utcnow())
+    assert (due.study_uid, due.destination, due.sr_path, due.model) == ("1.2.3", "pacs", "reports/x/3.dcm", "default")
+    claim = StudyQueue(upgraded).claim("w1", 60)
+    assert claim is not None and (claim.study_uid, claim.model, claim.attempt) == ("1.2.2", "default", 2)
+    assert read_snapshot(path, utcnow()).counts["sent"] == 1
 
 
 def test_only_interrupted_runs_count_toward_the_attempt_limit(database) -> None:
@@ -260,7 +293,7 @@ def test_a_study_received_before_the_clock_stepped_back_is_not_held_for_the_step
 def test_a_state_change_is_logged_only_once_committed(database, caplog: pytest.LogCaptureFixture) -> None:
     from triagenode.storage.engine import writer
     from triagenode.storage.models import Study
-    from triagenode.storage.queue import transition
+    from triagenode.storage.queue import move_task
 
     queue = StudyQueue(database)
     uid = queued_study(queue, "1.2.9")
@@ -268,7 +301,7 @@ def test_a_state_change_is_logged_only_once_committed(database, caplog: pytest.L
     caplog.clear()
     with pytest.raises(RuntimeError), writer(database).begin() as session:
         study = session.scalar(select(Study).where(Study.study_uid == uid))
-        transition(session, study, StudyState.CANCELLED, "about to roll back", utcnow())
+        move_task(session, study.tasks[0], TaskState.CANCELLED, "about to roll back", utcnow())
         raise RuntimeError("the transaction fails after the change")
     assert "about to roll back" not in caplog.text, "the log showed a change the database never had"
     queue.cancel(uid, "cancelled for real")
