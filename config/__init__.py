@@ -14,22 +14,28 @@ from triagenode.config.values import DEFAULT_CONFIG_PATH, SettingError, user_dat
 
 if TYPE_CHECKING:
     from triagenode.config.settings import (
+        IMPLICIT_MODEL,
         DeliverySettings,
         Destination,
         InferenceSettings,
+        ModelRoute,
         NodeSettings,
         Settings,
         StudySettings,
     )
 
-_MODELS = {"DeliverySettings", "Destination", "InferenceSettings", "NodeSettings", "Settings", "StudySettings"}
+_LAZY = {"IMPLICIT_MODEL", "DeliverySettings", "Destination", "InferenceSettings", "ModelRoute", "NodeSettings",
+         "Settings", "StudySettings"}
+"""The names :mod:`triagenode.config.settings` defines, which imports pydantic."""
 
 __all__ = [
     "DEFAULT_CONFIG_PATH",
+    "IMPLICIT_MODEL",
     "ConfigError",
     "DeliverySettings",
     "Destination",
     "InferenceSettings",
+    "ModelRoute",
     "NodeSettings",
     "SettingError",
     "Settings",
@@ -42,8 +48,8 @@ __all__ = [
 
 
 def __getattr__(name: str) -> Any:
-    """The models, imported (with pydantic) when a caller first names one (PEP 562)."""
-    if name in _MODELS:
+    """The models (and IMPLICIT_MODEL), imported with pydantic when a caller first names one (PEP 562)."""
+    if name in _LAZY:
         from triagenode.config import settings
 
         return getattr(settings, name)

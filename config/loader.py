@@ -6,9 +6,11 @@ Nothing else in the node imports TOML. The rules an administrator relies on:
   exists, otherwise the embedded defaults with ``data_dir`` under the user's
   home, so that a newcomer runs without root.
 * ``TRIAGENODE_<SECTION>__<KEY>`` overrides any key (``TRIAGENODE_NODE__PORT``);
-  destinations by index: ``TRIAGENODE_DESTINATIONS__0__PORT``. The next index
-  after the file's destinations, with all four keys (name, ae_title, host,
-  port), adds a destination. Lists in the environment are comma-separated.
+  the arrays of tables (``[[destinations]]``, ``[[models]]``) by index:
+  ``TRIAGENODE_DESTINATIONS__0__PORT``, ``TRIAGENODE_MODELS__1__PRIORITY``. The
+  next index after the file's entries, with every required key (a destination's
+  name, ae_title, host and port; a model's name and package), adds an entry.
+  Lists in the environment are comma-separated.
 * An unknown key, a wrong type or an impossible value raises
   :class:`ConfigError`, whose text is one line naming the key and the file
   (or the environment variable that set it).
@@ -16,7 +18,7 @@ Nothing else in the node imports TOML. The rules an administrator relies on:
 Types and constraints are pydantic's (the models); this module layers the
 sources and words the first error. pydantic-settings' environment source was
 measured and left out: it imports asyncio and ssl (~70 ms CPU more, on every command
-that loads settings, ``status`` included), and the index-wise destinations,
+that loads settings, ``status`` included), and the index-wise arrays of tables,
 the refusal of unknown variables and the naming of the variable in errors
 would still be ours. pydantic itself is imported on the first
 :func:`load_settings`, not with this module, so ``--help`` does not pay for it.
@@ -108,58 +110,67 @@ def origin_of(key: str, environ: Mapping[str, str], source: str) -> str:
 
 
 def _override(data: dict[str, Any], environ: Mapping[str, str]) -> None:
-    """Lay the ``TRIAGENODE_*`` variables over the file's tables, index-wise for destinations.
+    """Lay the ``TRIAGENODE_*`` variables over the file's tables, index-wise for the arrays of tables.
 
     A table the file got wrong (``node = 5``) is left for validation to name.
     """
-    from triagenode.config.settings import Destination
-
-    sections, destinations = _environment(environ)
+    sections, arrays = _environment(environ)
     for section, values in sections.items():
         table = data.setdefault(section, {})
         if isinstance(table, dict):
             table.update(values)
-    if not destinations:
-        return
-    listed = data.setdefault("destinations", [])
-    if not isinstance(listed, list):
-        return
-    for index, values in sorted(destinations.items()):
-        variable = f"environment variable {ENV_PREFIX}DESTINATIONS__{index}__{next(iter(values)).upper()}"
+    for section, entries in arrays.items():
+        listed = data.setdefault(section, [])
+        if isinstance(listed, list):
+            _override_entries(section, listed, entries)
+
+
+def _override_entries(section: str, listed: list[Any], entries: dict[int, dict[str, Any]]) -> None:
+    """Override the file's entries of one array of tables by index; the next index adds one.
+
+    An entry added from the environment must have every required key there: half an
+    entry from the file and half from variables is not a configuration anyone can read.
+    """
+    from triagenode.config.settings import SECTIONS, TABLE_ARRAYS
+
+    noun, prefix = TABLE_ARRAYS[section], f"{ENV_PREFIX}{section.upper()}"
+    for index, values in sorted(entries.items()):
+        variable = f"environment variable {prefix}__{index}__{next(iter(values)).upper()}"
         if index < len(listed):
             if isinstance(listed[index], dict):
                 listed[index] = {**listed[index], **values}
             continue
         if index != len(listed):
-            gap = f"destination {index} would leave a gap; the next destination is {len(listed)}"
+            gap = f"{noun} {index} would leave a gap; the next {noun} is {len(listed)}"
             raise ConfigError(f"config error in {variable}: {gap}")
-        missing = [key for key in Destination.model_fields if key not in values]
+        fields = SECTIONS[section].model_fields
+        missing = [key for key, field in fields.items() if field.is_required() and key not in values]
         if missing:
-            needed = ", ".join(f"{ENV_PREFIX}DESTINATIONS__{index}__{key.upper()}" for key in missing)
-            needs = f"a destination defined in the environment also needs {needed}"
-            raise ConfigError(f"config error in {variable}: {needs}")
+            needed = ", ".join(f"{prefix}__{index}__{key.upper()}" for key in missing)
+            raise ConfigError(f"config error in {variable}: a {noun} defined in the environment also needs {needed}")
         listed.append(values)
 
 
-def _environment(environ: Mapping[str, str]) -> tuple[dict[str, dict[str, Any]], dict[int, dict[str, Any]]]:
-    """The ``TRIAGENODE_<SECTION>__<KEY>`` variables as ``{section: {key: value}}`` and ``{index: {key: value}}``.
+def _environment(environ: Mapping[str, str]) -> tuple[dict[str, dict[str, Any]], dict[str, dict[int, dict[str, Any]]]]:
+    """The ``TRIAGENODE_<SECTION>__<KEY>`` variables as ``{section: {key: value}}``, and those of the
+    arrays of tables, ``TRIAGENODE_<SECTION>__<N>__<KEY>``, as ``{section: {index: {key: value}}}``.
 
     Only names with ``__`` are settings: ``TRIAGENODE_TORCH`` belongs to the installer.
     """
-    from triagenode.config.settings import SECTIONS
+    from triagenode.config.settings import SECTIONS, TABLE_ARRAYS
 
     sections: dict[str, dict[str, Any]] = {}
-    destinations: dict[int, dict[str, Any]] = {}
+    arrays: dict[str, dict[int, dict[str, Any]]] = {}
     for name, text in sorted(environ.items()):
         if not name.startswith(ENV_PREFIX) or "__" not in name:
             continue
         parts = name[len(ENV_PREFIX) :].lower().split("__")
-        if len(parts) == 2 and parts[0] in SECTIONS and parts[0] != "destinations":
+        if len(parts) == 2 and parts[0] in SECTIONS and parts[0] not in TABLE_ARRAYS:
             section, key = parts
             target, dotted = sections.setdefault(section, {}), f"{section}.{key}"
-        elif len(parts) == 3 and parts[0] == "destinations" and parts[1].isdigit():
-            section, key = parts[0], parts[2]
-            target, dotted = destinations.setdefault(int(parts[1]), {}), f"destinations[{int(parts[1])}].{key}"
+        elif len(parts) == 3 and parts[0] in TABLE_ARRAYS and parts[1].isdigit():
+            section, index, key = parts[0], int(parts[1]), parts[2]
+            target, dotted = arrays.setdefault(section, {}).setdefault(index, {}), f"{section}[{index}].{key}"
         else:
             raise ConfigError(
                 f"config error in environment variable {name}: not a setting; "
@@ -171,7 +182,7 @@ def _environment(environ: Mapping[str, str]) -> tuple[dict[str, dict[str, Any]],
                 f"config error in environment variable {name}: unknown key {dotted}; known keys: {', '.join(fields)}"
             )
         target[key] = _typed(name, dotted, fields[key].annotation, text)
-    return sections, destinations
+    return sections, arrays
 
 
 def _typed(name: str, dotted: str, annotation: Any, text: str) -> Any:
@@ -195,7 +206,7 @@ _EXPECTED = {"int": "an integer", "float": "a number", "bool": "true or false", 
 
 def _explain(error: ErrorDetails) -> tuple[str, str]:
     """The dotted key and an administrator's wording for one pydantic error."""
-    from triagenode.config.settings import SECTIONS
+    from triagenode.config.settings import SECTIONS, TABLE_ARRAYS
     from triagenode.config.values import SettingError
 
     loc, kind, value, context = error["loc"], error["type"], error["input"], error.get("ctx", {})
@@ -212,8 +223,8 @@ def _explain(error: ErrorDetails) -> tuple[str, str]:
     if kind in ("model_type", "dict_type"):
         return key, f"[{key}] must be a table" if len(loc) == 1 else "must be a table"
     if kind in ("tuple_type", "list_type"):
-        if loc == ("destinations",):
-            return key, "use [[destinations]] tables, one per peer"
+        if len(loc) == 1 and key in TABLE_ARRAYS:
+            return key, f"use [[{key}]] tables, one per {TABLE_ARRAYS[key]}"
         return key, f"expected a list of strings, got {value!r}"
     if kind == "literal_error":
         expected = str(context["expected"]).replace("'", "")  # 'a' or 'b' -> a or b, as the README writes them

@@ -37,10 +37,13 @@ from triagenode.config.values import (
 )
 
 __all__ = [
+    "IMPLICIT_MODEL",
     "SECTIONS",
+    "TABLE_ARRAYS",
     "DeliverySettings",
     "Destination",
     "InferenceSettings",
+    "ModelRoute",
     "NodeSettings",
     "Settings",
     "StudySettings",
@@ -74,10 +77,36 @@ def _required(advice: str) -> AfterValidator:
     return AfterValidator(check)
 
 
+def _model_name(value: str) -> str:
+    """A name that is safe in file names and log lines as it stands, with no quoting or escaping."""
+    if not _MODEL_NAME.fullmatch(value):
+        raise SettingError(
+            "", f"{value!r}: use 1-64 letters, digits, '.', '_' or '-'; the name goes into UIDs and file names"
+        )
+    return value
+
+
+def _pattern(value: str) -> str:
+    """A regular expression that compiles, so that a typo stops the start instead of every study's routing."""
+    try:
+        re.compile(value)
+    except re.error as exc:
+        message = f"{value!r} is not a valid regular expression ({exc}); fix it or leave it out"
+        raise SettingError("", message) from None
+    return value
+
+
+_MODEL_NAME = re.compile(r"[A-Za-z0-9._-]{1,64}")
+IMPLICIT_MODEL = "default"
+"""The name of the one route a configuration without ``[[models]]`` gets, for ``[inference] model``."""
+
 AeTitle = Annotated[str, AfterValidator(_ae_title)]
 Port = Annotated[int, AfterValidator(_port)]
 Directory = Annotated[Path, Field(strict=False), BeforeValidator(_not_empty), AfterValidator(Path.expanduser)]
 """A path: lax, since TOML gives a string; ``~`` is the service user's home."""
+ModelName = Annotated[str, AfterValidator(_model_name)]
+Pattern = Annotated[str, AfterValidator(_pattern)]
+"""A Python regular expression, searched (``re.search``) in a DICOM text; empty matches anything."""
 SrSopClass = Literal["comprehensive3d", "comprehensive"]
 ContentQualification = Literal["RESEARCH", "PRODUCT"]
 
@@ -186,6 +215,37 @@ class Destination(_Section):
     port: Port
 
 
+class ModelRoute(_Section):
+    """One ``[[models]]`` entry: a model package the node serves and the studies it takes.
+
+    Every route key given must match for the model to take a study; a key left out matches
+    anything. The package's manifest already says what input the model reads (modality, SOP
+    classes, fewest slices); a route can only narrow that (``triagenode.inference.routing``).
+    """
+
+    name: ModelName
+    """Unique; shown everywhere, and part of the model's task, series and SR UIDs and file names."""
+    package: Annotated[str, _required("name a model package path, or 'demo'")]
+    """'demo' (the built-in demo model) or the path of a model package (*.tnm); two routes may share one."""
+    priority: int = 0
+    """Higher runs first (after urgent studies); equal priorities go by the time the study became complete."""
+    modalities: tuple[str, ...] = Field((), strict=False)
+    """(0008,0060) Modality of the series the model would read, within the one its manifest reads."""
+    body_parts: tuple[str, ...] = Field((), strict=False)
+    """(0018,0015) Body Part Examined of that series, compared case-insensitively."""
+    series_description: Pattern = ""
+    """Regex searched in (0008,103E) Series Description of that series."""
+    study_description: Pattern = ""
+    """Regex searched in (0008,1030) Study Description."""
+    calling_aets: tuple[AeTitle, ...] = Field((), strict=False)
+    """Only studies sent by one of these AEs."""
+    destinations: tuple[str, ...] = Field((), strict=False)
+    """Names of ``[[destinations]]`` that get this model's reports; empty: all of them."""
+    workers: int = Field(0, ge=0)
+    """Worker processes reserved for this model alone (a heavy model must not starve a light one);
+    0: the model is served by the workers no model reserved."""
+
+
 class Settings(_Section):
     """All settings of one node, as ``serve`` and the CLI use them."""
 
@@ -194,17 +254,72 @@ class Settings(_Section):
     inference: InferenceSettings = Field(default_factory=InferenceSettings)
     delivery: DeliverySettings = Field(default_factory=DeliverySettings)
     destinations: tuple[Destination, ...] = Field((), strict=False)  # lax: TOML gives an array
+    models: tuple[ModelRoute, ...] = Field((), strict=False)
+    """The models the node serves; when there are none, ``[inference] model`` is the one (:meth:`routes`)."""
     source: str = "embedded defaults"
     """Where the settings came from (a file path or 'embedded defaults'), for messages; not a TOML key."""
 
     @model_validator(mode="after")
-    def _names_once(self) -> Settings:
-        names: set[str] = set()
-        for index, destination in enumerate(self.destinations):
-            if destination.name in names:
-                raise SettingError(f"destinations[{index}].name", f"name {destination.name!r} is used twice")
-            names.add(destination.name)
+    def _consistent(self) -> Settings:
+        _names_once("destinations", self.destinations)
+        _names_once("models", self.models)
+        configured = [destination.name for destination in self.destinations]
+        for index, route in enumerate(self.models):
+            unknown = [name for name in route.destinations if name not in configured]
+            if unknown:
+                known = f"configured: {', '.join(configured)}" if configured else "none is configured"
+                message = f"no [[destinations]] is named {unknown[0]!r}; {known}"
+                raise SettingError(f"models[{index}].destinations", message)
+        self._check_reserved_workers()
         return self
+
+    def _check_reserved_workers(self) -> None:
+        """Reserved workers come out of ``[inference] workers``; the models that reserve none need one left over.
+
+        A node with ``workers = 0`` runs no model at all (it receives and queues), so its
+        reservations wait unchecked for the day it gets workers: a maintenance override of
+        ``TRIAGENODE_INFERENCE__WORKERS=0`` must not stop the start.
+        """
+        total = self.inference.workers
+        if not total:
+            return
+        reserved = 0
+        for index, route in enumerate(self.models):
+            reserved += route.workers
+            if route.workers and reserved > total:
+                raise SettingError(
+                    f"models[{index}].workers",
+                    f"{reserved} worker processes reserved up to this entry, more than [inference] workers ({total}); "
+                    "raise inference.workers or reserve fewer",
+                )
+        shared = [index for index, route in enumerate(self.models) if not route.workers]
+        if reserved == total and shared:
+            raise SettingError(
+                f"models[{shared[0]}].workers",
+                f"every one of the {total} worker processes is reserved, so model {self.models[shared[0]].name!r} "
+                "would never run; raise inference.workers or reserve fewer",
+            )
+
+    def routes(self) -> tuple[ModelRoute, ...]:
+        """The models the node serves, in configuration order.
+
+        The ``[[models]]`` entries when there are any, and then ``[inference] model`` adds no
+        route of its own (the other ``[inference]`` keys still apply). Without them, one
+        implicit route named :data:`IMPLICIT_MODEL` for ``[inference] model``, which narrows
+        nothing: the manifest's own input rules decide, as on a single-model node.
+        """
+        if self.models:
+            return self.models
+        return (ModelRoute(name=IMPLICIT_MODEL, package=self.inference.model),)
+
+
+def _names_once(section: str, entries: tuple[Destination, ...] | tuple[ModelRoute, ...]) -> None:
+    """Names are what the administrator, the CLI and the queue refer to an entry by: one each."""
+    names: set[str] = set()
+    for index, entry in enumerate(entries):
+        if entry.name in names:
+            raise SettingError(f"{section}[{index}].name", f"name {entry.name!r} is used twice")
+        names.add(entry.name)
 
 
 SECTIONS: dict[str, type[_Section]] = {
@@ -213,5 +328,10 @@ SECTIONS: dict[str, type[_Section]] = {
     "inference": InferenceSettings,
     "delivery": DeliverySettings,
     "destinations": Destination,
+    "models": ModelRoute,
 }
-"""The TOML file's top-level keys and the model of each table (``destinations``: of each entry)."""
+"""The TOML file's top-level keys and the model of each table (``destinations``, ``models``: of each entry)."""
+
+TABLE_ARRAYS: dict[str, str] = {"destinations": "destination", "models": "model"}
+"""The sections that are arrays of tables (``[[destinations]]``), overridden index-wise from the
+environment, and what messages call one entry."""

@@ -144,6 +144,8 @@ def test_serve_refuses_a_missing_model_with_one_line(tmp_path: Path) -> None:
 
 
 ONE_DESTINATION = '[[destinations]]\nname = "a"\nae_title = "A"\nhost = "h"\nport = 1\n'
+ONE_MODEL = '[[models]]\nname = "m"\npackage = "demo"\n'
+ANOTHER_MODEL = '[[models]]\nname = "n"\npackage = "demo"\n'
 
 
 @pytest.mark.parametrize(
@@ -169,6 +171,31 @@ ONE_DESTINATION = '[[destinations]]\nname = "a"\nae_title = "A"\nhost = "h"\npor
         ),
         (ONE_DESTINATION * 2, {}, "destinations[1].name: name 'a' is used twice"),
         ('source = "x"\n', {}, "source: unknown section [source]"),
+        (ONE_MODEL * 2, {}, "models[1].name: name 'm' is used twice"),
+        ('[[models]]\nname = "a b"\npackage = "demo"\n', {}, "models[0].name: 'a b': use 1-64 letters, digits"),
+        (ONE_MODEL + 'series_description = "(?i)chest("\n', {}, "models[0].series_description: '(?i)chest(' is not a"),
+        (ONE_MODEL, {"TRIAGENODE_MODELS__0__STUDY_DESCRIPTION": "["}, "MODELS__0__STUDY_DESCRIPTION: models[0].study_"),
+        (
+            ONE_DESTINATION + ONE_MODEL + 'destinations = ["a", "pacs"]\n',
+            {},
+            "models[0].destinations: no [[destinations]] is named 'pacs'; configured: a",
+        ),
+        (
+            "[inference]\nworkers = 2\n" + ONE_MODEL + "workers = 2\n" + ANOTHER_MODEL + "workers = 1\n",
+            {},
+            "models[1].workers: 3 worker processes reserved up to this entry, more than [inference] workers (2)",
+        ),
+        (
+            "[inference]\nworkers = 2\n" + ONE_MODEL + "workers = 2\n" + ANOTHER_MODEL,
+            {},
+            "models[1].workers: every one of the 2 worker processes is reserved, so model 'n' would never run",
+        ),
+        (ONE_MODEL + "colour = 1\n", {}, "models[0].colour: unknown key; known keys: name, package, priority"),
+        ('[[models]]\nname = "m"\n', {}, "models[0].package: is required"),
+        ('[models]\nname = "m"\n', {}, "models: use [[models]] tables, one per model"),
+        (ONE_MODEL, {"TRIAGENODE_MODELS__0__WORKERS": "-1"}, "MODELS__0__WORKERS: models[0].workers: -1 is below"),
+        (ONE_MODEL, {"TRIAGENODE_MODELS__1__NAME": "x"}, "model defined in the environment also needs "
+                                                         "TRIAGENODE_MODELS__1__PACKAGE"),
     ],
 )
 def test_every_refusal_is_one_line_naming_key_and_origin(
@@ -213,3 +240,77 @@ def test_config_show_prints_whole_seconds_as_written() -> None:
     shown = settings_as_dict(load_settings(None, environ={}))
     assert shown["study"]["stable_seconds"] == 30 and isinstance(shown["study"]["stable_seconds"], int)
     assert (shown["delivery"]["initial_backoff_s"], shown["delivery"]["max_backoff_s"]) == (10, 1800)
+
+
+TWO_MODELS = """
+[inference]
+workers = 2
+[[destinations]]
+name = "pacs"
+ae_title = "PACS"
+host = "h"
+port = 104
+[[models]]
+name = "lung-nodule"
+package = "demo"
+priority = 0
+modalities = ["CT"]
+body_parts = ["CHEST", "LUNG", "THORAX"]
+series_description = "(?i)thorax|chest|lung"
+destinations = ["pacs"]
+workers = 1
+[[models]]
+name = "mammo-lesion"
+package = "/var/lib/triagenode/models/mammo.tnm"
+modalities = ["MG"]
+calling_aets = ["MG1"]
+"""
+
+
+def test_a_file_with_two_models_loads_and_shows(tmp_path: Path) -> None:
+    settings = load_settings(write(tmp_path, TWO_MODELS), environ={})
+    assert settings.routes() == settings.models and [m.name for m in settings.models] == ["lung-nodule", "mammo-lesion"]
+    lung, mammo = settings.models
+    assert lung.body_parts == ("CHEST", "LUNG", "THORAX") and lung.destinations == ("pacs",) and lung.workers == 1
+    assert mammo.priority == 0 and mammo.series_description == "" and mammo.calling_aets == ("MG1",)
+    shown = settings_as_dict(settings)["models"]
+    assert [model["name"] for model in shown] == ["lung-nodule", "mammo-lesion"]
+    assert shown[1] == {"name": "mammo-lesion", "package": "/var/lib/triagenode/models/mammo.tnm", "priority": 0,
+                        "modalities": ["MG"], "body_parts": [], "series_description": "", "study_description": "",
+                        "calling_aets": ["MG1"], "destinations": [], "workers": 0}
+    assert pickle.loads(pickle.dumps(settings)) == settings
+    receive_only = load_settings(write(tmp_path, TWO_MODELS), environ={"TRIAGENODE_INFERENCE__WORKERS": "0"})
+    assert receive_only.models[0].workers == 1, "a node that runs no model leaves its reservations unchecked"
+
+
+def test_without_models_the_inference_model_is_the_one_implicit_route(tmp_path: Path) -> None:
+    from triagenode.config import IMPLICIT_MODEL, ModelRoute
+
+    settings = load_settings(write(tmp_path, '[inference]\nmodel = "/srv/lung.tnm"\n'), environ={})
+    assert settings.models == () and IMPLICIT_MODEL == "default"
+    assert settings.routes() == (ModelRoute(name="default", package="/srv/lung.tnm"),)
+    assert settings_as_dict(settings)["models"] == [], "config show prints the file's models, not the implicit one"
+    with_models = load_settings(write(tmp_path, '[inference]\nmodel = "/srv/lung.tnm"\n' + ONE_MODEL), environ={})
+    assert [route.package for route in with_models.routes()] == ["demo"], "[[models]] replaces [inference] model"
+
+
+def test_the_environment_overrides_and_adds_models_by_index(tmp_path: Path) -> None:
+    path = write(tmp_path, TWO_MODELS)
+    env = {
+        "TRIAGENODE_INFERENCE__WORKERS": "3",
+        "TRIAGENODE_MODELS__0__PRIORITY": "5",
+        "TRIAGENODE_MODELS__0__BODY_PARTS": "CHEST, LUNG",
+        "TRIAGENODE_MODELS__1__PACKAGE": "demo",
+        "TRIAGENODE_MODELS__2__NAME": "brain",
+        "TRIAGENODE_MODELS__2__PACKAGE": "/srv/brain.tnm",
+        "TRIAGENODE_MODELS__2__WORKERS": "1",
+        "TRIAGENODE_MODELS__2__SERIES_DESCRIPTION": "(?i)t1,axial",
+    }
+    lung, mammo, brain = load_settings(path, environ=env).models
+    assert (lung.priority, lung.body_parts, lung.series_description) == (5, ("CHEST", "LUNG"), "(?i)thorax|chest|lung")
+    assert mammo.package == "demo" and mammo.modalities == ("MG",)
+    assert (brain.name, brain.package, brain.workers) == ("brain", "/srv/brain.tnm", 1)
+    assert brain.series_description == "(?i)t1,axial", "a regex is one value, never split at its commas"
+    gap = {"TRIAGENODE_MODELS__3__NAME": "x", "TRIAGENODE_MODELS__3__PACKAGE": "demo"}
+    with pytest.raises(ConfigError, match=r"MODELS__3__NAME: model 3 would leave a gap; the next model is 2$"):
+        load_settings(path, environ=gap)
