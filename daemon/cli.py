@@ -11,6 +11,7 @@ only the root group; the commands live beside it by what they deal with:
 - ``cli_queue``: ``queue ls/show/retry/resend/cancel``;
 - ``cli_config``: ``config show``;
 - ``cli_model``: ``phantom``, ``model info/train/evaluate``, ``infer`` (the only ones that load torch);
+- ``cli_models``: ``model ls/pause/resume``, the node's configured models;
 - ``cli_shared``: options, exit codes, settings, :func:`~triagenode.daemon.cli_shared.open_queue`, output.
 
 Every one of them imports only click at the top and the heavy libraries
@@ -26,6 +27,7 @@ import click
 
 from triagenode.daemon.cli_config import config_group
 from triagenode.daemon.cli_model import infer, model, phantom
+from triagenode.daemon.cli_models import register as register_model_admin
 from triagenode.daemon.cli_node import echo, serve, status
 from triagenode.daemon.cli_queue import queue
 from triagenode.daemon.cli_shared import EXIT_NO, EXIT_USAGE
@@ -39,5 +41,6 @@ def main() -> None:
     """Triage Node: receives studies over DICOM, queues them for AI triage, returns reports to the PACS."""
 
 
+register_model_admin(model)
 for _command in (serve, status, echo, queue, config_group, phantom, model, infer):
     main.add_command(_command)

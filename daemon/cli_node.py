@@ -107,6 +107,8 @@ def status(config_path: Path | None, as_json: bool) -> None:
             "min_free_bytes": settings.node.min_free_disk_mb * 1024 * 1024,
         },
         "destinations": destinations,
+        "tasks": snapshot.tasks,
+        "paused_models": sorted(snapshot.paused),
     }
     if as_json:
         print_json(data)
@@ -124,6 +126,8 @@ def status(config_path: Path | None, as_json: bool) -> None:
         if oldest:
             click.echo(f"oldest waiting: {oldest['study_uid']} (queued {human_duration(oldest['waiting_s'])} ago)")
         click.echo("studies:   " + "  ".join(f"{state} {count}" for state, count in counts.items()))
+        if snapshot.paused:
+            click.echo(f"paused:    {', '.join(sorted(snapshot.paused))} (their tasks wait; `triagenode model resume`)")
         if not destinations:
             click.echo("reports:   no destinations configured (add [[destinations]] to send reports to a PACS)")
         for index, d in enumerate(destinations):

@@ -1,4 +1,4 @@
-"""``triagenode queue``: list, inspect, retry, re-send and cancel studies.
+"""``triagenode queue``: list, inspect, prioritize, retry, re-send and cancel studies (and their models' tasks).
 
 Each command opens the queue database through :func:`open_queue` (closed
 however the command ends) and imports the storage layer, with SQLAlchemy,
@@ -53,28 +53,37 @@ OUTCOME_WORDS = {"present": "present", "absent": "absent", "not applicable": "n/
 @json_option
 @click.option("--state", type=LazyChoice(_study_states), help="Only studies in this state.")
 @click.option("--limit", default=50, show_default=True, type=click.IntRange(1, 100_000), help="At most this many.")
-def queue_ls(config_path: Path | None, as_json: bool, state: str | None, limit: int) -> None:
-    """Studies, most recently changed first."""
+@click.option("--model", metavar="NAME", help="Only studies with a task for this model.")
+def queue_ls(config_path: Path | None, as_json: bool, state: str | None, limit: int, model: str | None) -> None:
+    """Studies, most recently changed first, with each model's task and result."""
     from triagenode.storage.models import StudyState
     from triagenode.storage.overview import QueueOverview
 
     settings = settings_from(config_path)
     with open_queue(settings) as engine:
-        studies = QueueOverview(engine).list_studies(StudyState(state) if state else None, limit)
+        studies = QueueOverview(engine).list_studies(StudyState(state) if state else None, limit, model)
     if as_json:
         print_json(studies)
         return
     if not studies:
-        click.echo("no studies" + (f" in state {state}" if state else ""))
+        click.echo("no studies" + (f" in state {state}" if state else "") + (f" for model {model}" if model else ""))
         return
     print_table(
         [
             (s["study_uid"], s["state"], OUTCOME_WORDS.get(s["outcome"], "-"), s["modality"], s["study_date"],
-             s["series"], s["instances"], s["updated_at"])
+             s["series"], s["instances"], s["updated_at"], _tasks_cell(s["tasks"], s["urgent"]))
             for s in studies
         ],
-        ["study uid", "state", "result", "modality", "date", "series", "instances", "updated"],
+        ["study uid", "state", "result", "modality", "date", "series", "instances", "updated", "tasks"],
     )
+
+
+def _tasks_cell(tasks: list[dict[str, Any]], urgent: bool) -> str:
+    """``lung:sent/present mammo:queued``: each model's task, with its result once there is one."""
+    cells = [
+        f"{t['model']}:{t['state']}" + (f"/{OUTCOME_WORDS[t['outcome']]}" if t["outcome"] else "") for t in tasks
+    ]
+    return " ".join((["STAT"] if urgent else []) + cells) or "-"
 
 
 @queue.command("show")
@@ -109,6 +118,8 @@ def queue_show(config_path: Path | None, as_json: bool, study_uid: str) -> None:
         click.echo(f"{label + ':':15}{details[key] if details[key] is not None else '-'}")
     click.echo(f"{'size:':15}{human_bytes(details['bytes'])}")
     click.echo(f"{'sent by:':15}{', '.join(details['calling_aets']) or '-'}")
+    if details["urgent"]:
+        click.echo(f"{'priority:':15}urgent (STAT): its tasks go first")
     if details["lease_owner"]:
         click.echo(f"{'lease:':15}{details['lease_owner']} until {details['lease_expires_at']}")
     click.echo("")
@@ -119,13 +130,24 @@ def queue_show(config_path: Path | None, as_json: bool, study_uid: str) -> None:
         ],
         ["series", "modality", "instances", "description", "series uid"],
     )
-    click.echo("")
-    print_result(details["result"])
-    print_deliveries(details["deliveries"], details["result"])
+    if details["routing"]:
+        click.echo("")
+        print_table(
+            [(r["model"], "yes" if r["matched"] else "no", r["reason"]) for r in details["routing"]],
+            ["model", "routed", "why"],
+        )
+    if not details["tasks"]:
+        click.echo("")
+        print_result(None)
+    for task in details["tasks"]:
+        click.echo("")
+        click.echo(f"{'task:':15}{task['model']}: {task['state']}, {task['attempts']} interrupted run(s)")
+        print_result(task["result"])
+        print_deliveries(task["deliveries"], task["result"])
     click.echo("")
     print_table(
-        [(e["at"], e["from"] or "-", e["to"], e["reason"]) for e in details["events"]],
-        ["at", "from", "to", "reason"],
+        [(e["at"], e["model"] or "-", e["from"] or "-", e["to"], e["reason"]) for e in details["events"]],
+        ["at", "model", "from", "to", "reason"],
     )
 
 
@@ -170,6 +192,9 @@ def print_deliveries(deliveries: list[dict[str, Any]], result: dict[str, Any] | 
     )
 
 
+MODEL_OPTION = click.option("--model", metavar="NAME", help="Only this model's task [default: every task].")
+
+
 def _change_study(config_path: Path | None, action: Callable[[StudyQueue], str | None], done: str) -> None:
     """Apply one state change through the queue's own rules; an unknown study or a refused change is exit 1."""
     from triagenode.storage.queue import StudyQueue, TransitionError, UnknownStudyError
@@ -186,40 +211,54 @@ def _change_study(config_path: Path | None, action: Callable[[StudyQueue], str |
 @queue.command("retry")
 @config_option
 @click.argument("study_uid")
-def queue_retry(config_path: Path | None, study_uid: str) -> None:
-    """Try a failed or cancelled study again (re-send its report, or process it again).
+@MODEL_OPTION
+def queue_retry(config_path: Path | None, study_uid: str, model: str | None) -> None:
+    """Try a failed or cancelled study (or one model's task) again: re-send its report, or process it again.
 
     A report about to be re-sent is first rebuilt in [inference] sr_sop_class when it was made in the other class.
     """
-    from triagenode.storage.models import StudyState
     from triagenode.storage.queue import StudyQueue, TransitionError, UnknownStudyError
     from triagenode.storage.reports import NoReportError, ReportBook
+    from triagenode.storage.states import TaskState
 
     settings = settings_from(config_path)
+    rebuilt: list[str] = []
     with open_queue(settings) as engine:
         try:
-            rebuilt = None
             book = ReportBook(engine)
-            try:
-                state, _, _ = book.report_of(study_uid)
-            except NoReportError:
-                state = None
-            if state == StudyState.FAILED:
-                rebuilt = _rebuild(settings, book, study_uid)
-            outcome = StudyQueue(engine).retry(study_uid)
+            for name in [model] if model else book.tasks_with_reports(study_uid):
+                try:
+                    state, _, _ = book.report_of(study_uid, name)
+                except NoReportError:
+                    continue
+                if state == TaskState.FAILED and (sentence := _rebuild(settings, book, study_uid, name)):
+                    rebuilt.append(sentence)
+            outcome = StudyQueue(engine).retry(study_uid, model=model)
         except (UnknownStudyError, TransitionError) as exc:
             fail(str(exc))
-    if rebuilt:
-        click.echo(f"{study_uid}: {rebuilt}")
+    for sentence in rebuilt:
+        click.echo(f"{study_uid}: {sentence}")
     click.echo(f"{study_uid}: {outcome}")
 
 
-def _rebuild(settings: Settings, book: ReportBook, study_uid: str) -> str | None:
+@queue.command("prioritize")
+@config_option
+@click.argument("study_uid")
+def queue_prioritize(config_path: Path | None, study_uid: str) -> None:
+    """Mark a study urgent (as STAT in Requested Procedure Priority does): its tasks go before all others."""
+
+    def mark(queue: StudyQueue) -> str:
+        return "marked urgent" if queue.prioritize(study_uid) else "already urgent"
+
+    _change_study(config_path, mark, study_uid)
+
+
+def _rebuild(settings: Settings, book: ReportBook, study_uid: str, model: str | None = None) -> str | None:
     """The stored report in the configured SR class (see daemon.delivery.rebuild_report); fails with a line."""
     from triagenode.daemon.delivery import rebuild_report
 
     try:
-        return rebuild_report(settings, book, study_uid)
+        return rebuild_report(settings, book, study_uid, model)
     except ValueError as exc:
         fail(
             f"cannot rebuild the report of {study_uid} as [inference] sr_sop_class = "
@@ -238,7 +277,8 @@ def _rebuild(settings: Settings, book: ReportBook, study_uid: str) -> str | None
 @click.option(
     "--destination", "destination_name", metavar="NAME", help="Only this destination [default: every destination]."
 )
-def queue_resend(config_path: Path | None, study_uid: str, destination_name: str | None) -> None:
+@click.option("--model", metavar="NAME", help="Only this model's report [default: every report of the study].")
+def queue_resend(config_path: Path | None, study_uid: str, destination_name: str | None, model: str | None) -> None:
     """Send a study's report again: to a PACS added later, or to one that lost it.
 
     For a reported, sent or failed study that has a report. The report is
@@ -265,17 +305,22 @@ def queue_resend(config_path: Path | None, study_uid: str, destination_name: str
             EXIT_USAGE,
         )
     targets = [destination_name] if destination_name else configured
+    rebuilt: list[str] = []
     with open_queue(settings) as engine:
         book = ReportBook(engine)
         try:
-            book.report_of(study_uid)  # unknown study or no report: say so before touching anything
-            rebuilt = _rebuild(settings, book, study_uid)
-            book.resend(study_uid, targets)
+            models: list[str | None] = [model] if model else list(book.tasks_with_reports(study_uid)) or [None]
+            for name in models:
+                book.report_of(study_uid, name)  # unknown study or no report: say so before touching anything
+            for name in models:
+                if sentence := _rebuild(settings, book, study_uid, name):
+                    rebuilt.append(sentence)
+                book.resend(study_uid, targets, model=name)
         except (UnknownStudyError, NoReportError, TransitionError) as exc:
             fail(str(exc))
     running = read_receiver_state(settings.node.database_path, utcnow()).running
-    if rebuilt:
-        click.echo(f"{study_uid}: {rebuilt}")
+    for sentence in rebuilt:
+        click.echo(f"{study_uid}: {sentence}")
     click.echo(f"{study_uid}: report scheduled for {', '.join(targets)}")
     if not running:
         click.echo("the node is not running: it sends the report when it starts (`triagenode status`)")
@@ -284,7 +329,9 @@ def queue_resend(config_path: Path | None, study_uid: str, destination_name: str
 @queue.command("cancel")
 @config_option
 @click.argument("study_uid")
-def queue_cancel(config_path: Path | None, study_uid: str) -> None:
-    """Stop a study: it will not be processed or sent (its files stay)."""
-    _change_study(config_path, lambda q: q.cancel(study_uid), f"{study_uid}: cancelled")
+@MODEL_OPTION
+def queue_cancel(config_path: Path | None, study_uid: str, model: str | None) -> None:
+    """Stop a study (or one model's task): it will not be processed or sent (its files stay)."""
+    done = f"{study_uid}: cancelled" + (f" for {model}" if model else "")
+    _change_study(config_path, lambda q: q.cancel(study_uid, model=model), done)
 

@@ -71,11 +71,11 @@ def settings_to_serve(config_path: Path | None) -> Settings:
     """The settings ``serve`` would run with, or exit 2: a missing or broken model package is a configuration
     error too (``serve`` and ``config show`` say the same). Reads the package's manifest only: no torch."""
     from triagenode.config import ConfigError
-    from triagenode.inference.model_package import check_configured_model
+    from triagenode.inference.routing import check_configured_models
 
     settings = settings_from(config_path)
     try:
-        check_configured_model(settings)
+        check_configured_models(settings)
     except ConfigError as exc:
         fail(str(exc), EXIT_USAGE)
     return settings

@@ -120,14 +120,14 @@ def report_in_class(stored: Dataset, sr_class: str) -> Dataset | None:
     return converted
 
 
-def rebuild_report(settings: Settings, book: ReportBook, study_uid: str) -> str | None:
-    """Rebuild a study's stored report in the configured SR class before it is sent again.
+def rebuild_report(settings: Settings, book: ReportBook, study_uid: str, model: str | None = None) -> str | None:
+    """Rebuild a study's stored report (``model``'s) in the configured SR class before it is sent again.
 
     Returns a sentence saying what was done, or None when the stored report
     already is of that class. The new file goes next to the old one (which
     stays, as sent) and the study's result points at it.
     """
-    _, sr_path, old_uid = book.report_of(study_uid)
+    _, sr_path, old_uid = book.report_of(study_uid, model)
     data_dir = settings.node.data_dir
     stored = dcmread(data_dir / sr_path)
     converted = report_in_class(stored, settings.inference.sr_sop_class)
@@ -144,7 +144,7 @@ def rebuild_report(settings: Settings, book: ReportBook, study_uid: str) -> str 
     sentence = (
         f"report rebuilt as {new_class} {new_uid} from the stored {old_class} {old_uid} ([inference] sr_sop_class)"
     )
-    book.replace_report(study_uid, str(relative), new_uid, sentence)
+    book.replace_report(study_uid, str(relative), new_uid, sentence, model=model)
     return sentence
 
 

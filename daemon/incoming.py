@@ -67,6 +67,10 @@ class IncomingHeader:
     study_description: str | None
     series_number: int | None
     series_description: str | None
+    body_part: str | None = None
+    """(0018,0015) Body Part Examined, for routing to models."""
+    urgent: bool = False
+    """(0040,1003) Requested Procedure Priority is STAT (top level, or in the Request Attributes Sequence)."""
 
 
 def read_incoming(
@@ -97,6 +101,8 @@ def read_incoming(
             study_description=_text(ds, "StudyDescription", 64),
             series_number=_integer(ds, "SeriesNumber"),
             series_description=_text(ds, "SeriesDescription", 64),
+            body_part=_text(ds, "BodyPartExamined", 16),
+            urgent=_is_stat(ds),
         )
     except _PARSE_ERRORS as exc:
         raise RefusedDatasetError(
@@ -160,6 +166,12 @@ def _text(ds: Dataset, keyword: str, limit: int | None = 64) -> str | None:
     if not isinstance(value, str) and hasattr(value, "__len__") and hasattr(value, "__getitem__"):
         value = value[0] if len(value) else ""
     return str(value).strip().rstrip("\x00")[:limit] or None
+
+
+def _is_stat(ds: Dataset) -> bool:
+    """Whether the instance's Requested Procedure Priority says STAT, where modalities put it."""
+    places = [ds, *(ds.get("RequestAttributesSequence") or [])]
+    return any((_text(item, "RequestedProcedurePriority", 16) or "").upper() == "STAT" for item in places)
 
 
 def _integer(ds: Dataset, keyword: str) -> int | None:

@@ -386,6 +386,8 @@ class StorageReceiver:
             study_description=header.study_description,
             series_number=header.series_number,
             series_description=header.series_description,
+            body_part=header.body_part,
+            urgent=header.urgent,
             reopens=not self._is_own_report(header.study_uid, header.sop_instance_uid),
         )
         try:

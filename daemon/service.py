@@ -19,7 +19,7 @@ import signal
 import threading
 import time
 from collections.abc import Callable
-from pathlib import Path
+from functools import partial
 
 from apscheduler.schedulers.background import BackgroundScheduler
 from sqlalchemy import Engine
@@ -31,6 +31,7 @@ from triagenode.daemon.receiver import StorageReceiver
 from triagenode.daemon.signals import stop_on_signals
 from triagenode.daemon.supervisor import WorkerPool
 from triagenode.daemon.systemd import notify
+from triagenode.inference.routing import check_configured_models
 from triagenode.storage.database import open_for_daemon
 from triagenode.storage.filestore import FileStore
 from triagenode.storage.heartbeat import Heartbeat
@@ -60,13 +61,15 @@ class Node:
 
     def start(self) -> None:
         node = self.settings.node
-        if self.settings.inference.workers:
-            # Refuse a missing or broken model now, with one line, rather than in a restart loop of workers.
-            from triagenode.inference.model_package import DEMO_MODEL, read_manifest
-
-            model = self.settings.inference.model
-            manifest = read_manifest(DEMO_MODEL if model == "demo" else Path(model))
-            log.info("model name=%s version=%s threshold=%s", manifest.name, manifest.version, manifest.threshold)
+        # Refuse a missing or broken model now, with one line, rather than in a restart loop of workers;
+        # the router sends each complete study to the models whose route it fits.
+        router = check_configured_models(self.settings)
+        if router is not None:
+            for route in router.routes:
+                manifest = router.manifest(route.name)
+                log.info("model name=%s package=%s version=%s threshold=%s priority=%d workers=%s", route.name,
+                         manifest.name, manifest.version, manifest.threshold, route.priority,
+                         route.workers or "shared")
         self._lock_fd = self.store.lock()
         leftovers = self.store.prepare()
         if leftovers:
@@ -93,7 +96,10 @@ class Node:
         self._heartbeat.announce(node.ae_title, self.receiver.port)
         self._scheduler = BackgroundScheduler(job_defaults={"coalesce": True, "max_instances": 1})
         stable = self.settings.study.stable_seconds
-        self._every(max(0.2, min(1.0, stable / 5)), "complete-stable-studies", queue.complete_stable_studies, stable)
+        # Without [[models]], every complete study goes to the one model, which says itself
+        # whether it can read the study (not applicable, with an SR where the site wants one).
+        routed = partial(queue.complete_stable_studies, router=router if self.settings.models else None)
+        self._every(max(0.2, min(1.0, stable / 5)), "complete-stable-studies", routed, stable)
         self._every(HEARTBEAT_INTERVAL_S, "heartbeat", self._heartbeat.beat)
         if self.settings.inference.workers:
             self.workers = WorkerPool(self.settings, queue)

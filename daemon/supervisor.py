@@ -39,7 +39,7 @@ RAN_WELL_S = 300.0
 occasional crash weeks apart is restarted after 2 s, not after the 60 s of a crash loop."""
 
 
-def _run_worker(settings: Settings, worker_id: str, busy_since: Synchronized) -> None:
+def _run_worker(settings: Settings, worker_id: str, busy_since: Synchronized, models: tuple[str, ...]) -> None:
     """A worker process's entry point: imports the worker, and torch with it, in the child only.
 
     Naming :func:`triagenode.daemon.worker.worker_main` as the target would
@@ -48,12 +48,30 @@ def _run_worker(settings: Settings, worker_id: str, busy_since: Synchronized) ->
     """
     from triagenode.daemon.worker import worker_main
 
-    worker_main(settings, worker_id, busy_since)
+    worker_main(settings, worker_id, busy_since, models)
+
+
+def assign_models(settings: Settings) -> list[tuple[str, ...]]:
+    """The models each worker process serves, one entry per ``[inference] workers``.
+
+    A ``[[models]]`` entry with ``workers = N`` gets N processes of its own (a heavy
+    model must not starve a light one); the other processes serve every model
+    that reserved none. Without reservations every process serves every model.
+    """
+    routes = settings.routes()
+    shared = tuple(route.name for route in routes if route.workers == 0)
+    slots: list[tuple[str, ...]] = []
+    for route in routes:
+        slots += [(route.name,)] * route.workers
+    slots += [shared] * (settings.inference.workers - len(slots))
+    return slots[: settings.inference.workers]
 
 
 @dataclass
 class _Slot:
     index: int
+    models: tuple[str, ...] = ()
+    """The models (routes) this slot's worker serves."""
     worker_id: str = ""
     process: BaseProcess | None = None
     busy_since: Synchronized | None = None
@@ -72,7 +90,7 @@ class WorkerPool:
         self._settings = settings
         self._queue = queue
         self._context = multiprocessing.get_context("spawn")
-        self._slots = [_Slot(index) for index in range(settings.inference.workers)]
+        self._slots = [_Slot(index, models) for index, models in enumerate(assign_models(settings))]
         self._stopping = False
         self._lock = threading.Lock()
         """Held by :meth:`check` and :meth:`begin_stop`, so no restart can slip in after a stop began."""
@@ -85,11 +103,12 @@ class WorkerPool:
         slot.worker_id = f"worker{slot.index}-{uuid.uuid4().hex[:6]}"
         slot.busy_since = self._context.Value("d", 0.0)
         slot.process = self._context.Process(
-            target=_run_worker, args=(self._settings, slot.worker_id, slot.busy_since), name=slot.worker_id
+            target=_run_worker, args=(self._settings, slot.worker_id, slot.busy_since, slot.models),
+            name=slot.worker_id,
         )  # not daemonic: a worker starts its own decoder processes; stop() ends it, and it exits if we die
         slot.process.start()
         slot.started_at = time.monotonic()
-        log.info("worker.started worker=%s pid=%s", slot.worker_id, slot.process.pid)
+        log.info("worker.started worker=%s pid=%s models=%s", slot.worker_id, slot.process.pid, ",".join(slot.models))
 
     def check(self) -> None:
         """Restart dead workers, kill hung ones (a scheduler job, every second)."""

@@ -1,4 +1,4 @@
-"""A worker process (:class:`Worker`): load the model once, then take queued studies by lease until told to stop.
+"""A worker process (:class:`Worker`): load its models once, then take queued tasks by lease until told to stop.
 
 It runs in its own (spawned) process, so a crash, an out-of-memory kill or a
 hang never takes the receiver down: the supervisor in ``triagenode serve``
@@ -21,7 +21,7 @@ from pathlib import Path
 
 import torch
 
-from triagenode.config.settings import Settings
+from triagenode.config.settings import ModelRoute, Settings
 from triagenode.daemon.signals import stop_on_signals
 from triagenode.inference.device import resolve_device
 from triagenode.inference.loader import SliceLoader, exit_when_orphaned
@@ -42,8 +42,11 @@ LEASE_SECONDS = 60
 IDLE_POLL_S = 0.5
 
 
-def worker_main(settings: Settings, worker_id: str, busy_since: Synchronized) -> None:
-    """Entry point of a worker process (spawned by the supervisor): set the process up, then run a Worker."""
+def worker_main(settings: Settings, worker_id: str, busy_since: Synchronized, models: tuple[str, ...]) -> None:
+    """Entry point of a worker process (spawned by the supervisor): set the process up, then run a Worker.
+
+    ``models``: the names of the models (routes) this worker serves.
+    """
     from triagenode.daemon.logs import configure_logging
 
     configure_logging()
@@ -52,26 +55,44 @@ def worker_main(settings: Settings, worker_id: str, busy_since: Synchronized) ->
     stop = threading.Event()
     stop_on_signals(stop, [signal.SIGTERM])
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the supervisor decides
-    Worker(settings, worker_id, busy_since, stop).run()
+    Worker(settings, worker_id, busy_since, stop, models).run()
 
 
 class Worker:
-    """One worker: its model, decoders and queue connection, its loop of claims, and what it does with a study.
+    """One worker: its models, decoders and queue connection, its loop of claims, and what it does with a task.
 
-    The loop (:meth:`run`) takes a study under a lease, has a thread renew
-    the lease, publishes when it started (the supervisor kills it after
-    ``study_timeout_s``), runs :meth:`process` and ends the lease with the
-    study's next state: ``reported`` with the outcome, ``failed`` with the
-    reason, or back to the queue when a decoder died (an interrupted run).
+    The loop (:meth:`run`) takes a task (one model's work on one study)
+    under a lease, has a thread renew the lease, publishes when it started
+    (the supervisor kills it after ``study_timeout_s``), runs :meth:`process`
+    and ends the lease with the task's next state: ``reported`` with the
+    outcome, ``failed`` with the reason, or back to the queue when a decoder
+    died (an interrupted run). Each model is loaded once; two routes naming
+    the same package share it.
     """
 
-    def __init__(self, settings: Settings, worker_id: str, busy_since: Synchronized, stop: threading.Event) -> None:
+    def __init__(
+        self,
+        settings: Settings,
+        worker_id: str,
+        busy_since: Synchronized,
+        stop: threading.Event,
+        models: tuple[str, ...] | None = None,
+    ) -> None:
         self.settings, self.worker_id = settings, worker_id
         self._busy_since, self._stop = busy_since, stop
         inference = settings.inference
-        self.package: ModelPackage = load_package(inference.model)
+        routes = settings.routes()
+        self.routes: dict[str, ModelRoute] = {r.name: r for r in routes if models is None or r.name in models}
         self.device: torch.device = resolve_device(inference.device)
-        self.package.network.to(self.device)
+        loaded: dict[str, ModelPackage] = {}
+        for route in self.routes.values():
+            if route.package not in loaded:
+                loaded[route.package] = load_package(route.package)
+                loaded[route.package].network.to(self.device)
+        self.packages: dict[str, ModelPackage] = {name: loaded[r.package] for name, r in self.routes.items()}
+        self.explicit = bool(settings.models)
+        """With [[models]], each report series is its entry's own; the one implicit model keeps today's."""
+        self.priorities = {name: route.priority for name, route in self.routes.items()}
         self.loader = SliceLoader(inference.decoders())
         self._engine = open_for_daemon(settings.node.database_path)
         self.queue, self.book = StudyQueue(self._engine), ReportBook(self._engine)
@@ -80,14 +101,20 @@ class Worker:
         self.destinations = [d.name for d in settings.destinations]
 
     def run(self) -> None:
-        """Take studies until told to stop, then close what the worker holds."""
+        """Take tasks until told to stop, then close what the worker holds."""
         self.loader.start()
-        manifest = self.package.manifest
-        log.info("worker.ready worker=%s model=%s version=%s device=%s decoders=%d", self.worker_id, manifest.name,
-                 manifest.version, self.device, self.loader.processes)
+        models = ", ".join(
+            f"{name}={package.manifest.name} {package.manifest.version} ({_megabytes(package)} MB)"
+            for name, package in self.packages.items()
+        )
+        first = next(iter(self.packages.values())).manifest
+        log.info("worker.ready worker=%s model=%s version=%s models=%r device=%s decoders=%d", self.worker_id,
+                 first.name, first.version, models, self.device, self.loader.processes)
         try:
             while not self._stop.is_set():
-                claim = self.queue.claim(self.worker_id, LEASE_SECONDS)
+                claim = self.queue.claim(
+                    self.worker_id, LEASE_SECONDS, models=list(self.routes), priorities=self.priorities
+                )
                 if claim is None:
                     self._stop.wait(IDLE_POLL_S)
                     continue
@@ -118,17 +145,20 @@ class Worker:
             self._busy_since.value = 0.0
 
     def process(self, claim: Claim) -> None:
-        """One claimed study: analyse it (result and SR), keep the SR, record the outcome (``reported``)."""
+        """One claimed task: its model analyses the study (result and SR), the SR is kept, the outcome recorded."""
         data_dir = self.settings.node.data_dir
         inference = self.settings.inference
+        route, package = self.routes[claim.model], self.packages[claim.model]
+        destinations = list(route.destinations) or self.destinations
         files = self.overview.instance_files(claim.study_uid, data_dir)
-        previous = self.book.previous_report(claim.study_uid)  # a re-opened study's new report names the old one
+        # A re-opened study's new report names the old one of the same model.
+        previous = self.book.previous_report(claim.study_uid, claim.model)
         predecessor = read_predecessor(data_dir / previous.sr_path) if previous is not None else None
         analysis = analyse_study(
-            self.package, read_study(claim.study_uid, files), self.device, inference.batch_size, self.loader,
-            inference, self.settings.node.ae_title, predecessor,
+            package, read_study(claim.study_uid, files), self.device, inference.batch_size, self.loader,
+            inference, self.settings.node.ae_title, predecessor, route=claim.model if self.explicit else None,
         )
-        outcome, report, manifest = analysis.outcome, analysis.report, self.package.manifest
+        outcome, report, manifest = analysis.outcome, analysis.report, package.manifest
         started = time.perf_counter()
         sr: tuple[str | None, str | None] = (None, None)
         if report is not None:
@@ -139,15 +169,20 @@ class Worker:
             sr = (str(relative), str(report.SOPInstanceUID))
         if isinstance(outcome, NotApplicable):
             recorded = self.book.record_result(
-                claim, Outcome.not_applicable(manifest.name, manifest.version, outcome.reason), self.destinations, *sr
+                claim, Outcome.not_applicable(manifest.name, manifest.version, outcome.reason), destinations, *sr
             )
-            log.info("study.not_applicable study_uid=%s reason=%r report=%s recorded=%s", claim.study_uid,
-                     outcome.reason, report is not None, recorded)
+            log.info("study.not_applicable study_uid=%s model=%s reason=%r report=%s recorded=%s", claim.study_uid,
+                     claim.model, outcome.reason, report is not None, recorded)
             return
         outcome.timings_ms["report"] = round(analysis.report_ms + (time.perf_counter() - started) * 1000, 1)
-        recorded = self.book.record_result(claim, outcome.to_outcome(), self.destinations, *sr)
-        log.info("study.result study_uid=%s finding=%s probability=%.4f recorded=%s timings_ms=%s", claim.study_uid,
-                 outcome.finding, outcome.probability, recorded, outcome.timings_ms)
+        recorded = self.book.record_result(claim, outcome.to_outcome(), destinations, *sr)
+        log.info("study.result study_uid=%s model=%s finding=%s probability=%.4f recorded=%s timings_ms=%s",
+                 claim.study_uid, claim.model, outcome.finding, outcome.probability, recorded, outcome.timings_ms)
+
+
+def _megabytes(package: ModelPackage) -> int:
+    """The model's weights in memory, for the log line that says what a worker holds."""
+    return round(sum(p.numel() * p.element_size() for p in package.network.parameters()) / 1e6)
 
 
 class _LeaseRenewer(threading.Thread):

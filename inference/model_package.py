@@ -13,21 +13,16 @@ from __future__ import annotations
 import hashlib
 import io
 import json
-import os
 import zipfile
-from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from triagenode.config import ConfigError
-from triagenode.config.loader import origin_of
 from triagenode.inference.input_spec import InputSpec
 
 if TYPE_CHECKING:
     from torch import nn
 
-    from triagenode.config import Settings
 
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
@@ -160,7 +155,7 @@ def _open(path: Path) -> zipfile.ZipFile:
     try:
         return zipfile.ZipFile(path)
     except FileNotFoundError:
-        raise ModelPackageError(f"model {path} does not exist; check the path (or use 'demo')") from None
+        raise ModelPackageError(f"model package {path} does not exist; check the path (or use 'demo')") from None
     except (zipfile.BadZipFile, OSError) as exc:
         raise ModelPackageError(f"model {path} is not a model package (a .tnm zip): {exc}") from None
 
@@ -180,28 +175,3 @@ def _manifest(path: Path, archive: zipfile.ZipFile) -> Manifest:
         return Manifest.from_dict(data)
     except (TypeError, KeyError, ValueError) as exc:
         raise ModelPackageError(f"model {path}: the manifest is incomplete or has unknown fields ({exc})") from None
-
-
-def check_configured_model(settings: Settings, environ: Mapping[str, str] | None = None) -> None:
-    """Refuse a configured model package that is missing or unreadable, as a configuration error.
-
-    Kept out of :func:`triagenode.config.load_settings` on purpose: ``status``
-    and ``queue`` must keep working on a node whose model file went missing.
-    ``serve`` and ``config show`` call it, so both say the same thing and exit
-    2. A node without workers (``workers = 0``) runs no model, so nothing is
-    checked. Reads the manifest only: no torch.
-    """
-    inference = settings.inference
-    if not inference.workers or inference.model == "demo":
-        return
-    origin = origin_of("inference.model", os.environ if environ is None else environ, settings.source)
-    path = Path(inference.model).expanduser()
-    if not path.is_file():
-        raise ConfigError(
-            f"config error in {origin}: inference.model: model package {path} does not exist; "
-            "check the path (or use 'demo')"
-        )
-    try:
-        read_manifest(path)
-    except ModelPackageError as exc:
-        raise ConfigError(f"config error in {origin}: inference.model: {exc}") from exc

@@ -63,18 +63,22 @@ def analyse_study(
     node_ae_title: str,
     predecessor: Predecessor | None = None,
     with_report: bool = True,
+    route: str | None = None,
 ) -> StudyAnalysis:
     """Run study -> result -> SR: the one path of the node's workers and ``triagenode infer``.
 
     Raises :class:`SeriesGeometryError` for a chosen series that is not one
     volume. ``predecessor`` is the study's earlier report, which the new one
     replaces; ``with_report=False`` skips building the SR (``infer`` without
-    ``--sr-out``), nothing else changes.
+    ``--sr-out``), nothing else changes. ``route``: the ``[[models]]`` entry the
+    report is for (None for the node's one model).
     """
     outcome = score_study(package, study, device, batch_size, loader)
     started = time.perf_counter()
     report = (
-        report_for(outcome, package.manifest, inference_settings, node_ae_title, predecessor) if with_report else None
+        report_for(outcome, package.manifest, inference_settings, node_ae_title, predecessor, route)
+        if with_report
+        else None
     )
     return StudyAnalysis(outcome, report, round((time.perf_counter() - started) * 1000, 1))
 

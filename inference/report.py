@@ -139,10 +139,18 @@ class DocumentOptions:
     """The study's earlier report, which the new one replaces (unless both are the same document)."""
     now: datetime | None = None
     """Series and Content Date/Time; the current time when None."""
+    route: str | None = None
+    """The ``[[models]]`` entry the report is for: its name makes the report series the entry's own (UID,
+    description), so two entries on one study (even of one package) give two series. None for the node's
+    one model (``[inference] model``), whose series stay what they were."""
 
     @classmethod
     def for_site(
-        cls, inference: InferenceSettings, node_ae_title: str, predecessor: Predecessor | None = None
+        cls,
+        inference: InferenceSettings,
+        node_ae_title: str,
+        predecessor: Predecessor | None = None,
+        route: str | None = None,
     ) -> DocumentOptions:
         """The options ``[inference]`` sets: the SR class and the content qualification."""
         return cls(
@@ -150,6 +158,7 @@ class DocumentOptions:
             sr_class=inference.sr_sop_class,
             product=inference.content_qualification == "PRODUCT",
             predecessor=predecessor,
+            route=route,
         )
 
 
@@ -169,9 +178,13 @@ def read_predecessor(path: Path) -> Predecessor | None:
         return None
 
 
-def report_series_uid(study_uid: str, model: str, version: str) -> str:
-    """The report series of a study for one model version: every report of theirs goes into one series."""
-    return str(generate_uid(entropy_srcs=["triagenode-sr-series", study_uid, model, version]))
+def report_series_uid(study_uid: str, model: str, version: str, route: str | None = None) -> str:
+    """The report series of a study for one model version (of one ``[[models]]`` entry, ``route``).
+
+    Every report of theirs goes into one series; another entry, even of the same package, has its own.
+    """
+    sources = ["triagenode-sr-series", study_uid, model, version] + ([route] if route is not None else [])
+    return str(generate_uid(entropy_srcs=sources))
 
 
 def content_uid(sr: Dataset) -> str:
@@ -251,12 +264,14 @@ def report_for(
     inference: InferenceSettings,
     node_ae_title: str,
     predecessor: Predecessor | None = None,
+    route: str | None = None,
 ) -> hd.sr.Comprehensive3DSR | hd.sr.ComprehensiveSR | None:
     """The SR the node sends for an outcome, as the site configured it; None when it sends none.
 
     ``predecessor``: the study's earlier report (see :func:`read_predecessor`), which the new one replaces.
+    ``route``: the ``[[models]]`` entry (see :attr:`DocumentOptions.route`).
     """
-    options = DocumentOptions.for_site(inference, node_ae_title, predecessor)
+    options = DocumentOptions.for_site(inference, node_ae_title, predecessor, route)
     if isinstance(outcome, StudyResult):
         return build_measurement_report(outcome, manifest, outcome.evidence, options)
     if inference.report_not_applicable and outcome.evidence:
@@ -502,12 +517,14 @@ def _document(
         if item.ValueType == "CONTAINER":
             item.ContinuityOfContent = "SEPARATE"  # each item under its concept name, not run together as prose
     now = options.now or datetime.now()
+    if options.route is not None:
+        series_description = series_description.replace("AI triage:", f"AI triage {options.route}:", 1)
     evidence = _evidence(evidence, _own_text(content, series_description, manifest.name, manifest.version))
     document = hd.sr.Comprehensive3DSR if options.sr_class == "comprehensive3d" else hd.sr.ComprehensiveSR
     sr = document(
         evidence=evidence,
         content=content,
-        series_instance_uid=report_series_uid(study_uid, manifest.name, manifest.version),
+        series_instance_uid=report_series_uid(study_uid, manifest.name, manifest.version, options.route),
         series_number=SERIES_NUMBER,
         sop_instance_uid=generate_uid(),  # replaced by the content's UID below
         instance_number=1,

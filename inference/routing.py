@@ -34,7 +34,7 @@ from triagenode.storage.routes import RouteDecision, SeriesSummary, StudySummary
 if TYPE_CHECKING:
     from triagenode.config import ModelRoute, Settings
 
-__all__ = ["ModelRouter", "package_manifest", "package_path"]
+__all__ = ["ModelRouter", "check_configured_models", "package_manifest", "package_path"]
 
 
 def package_path(package: str) -> Path:
@@ -195,3 +195,17 @@ class ModelRouter:
         """One decision per configured model, in configuration order, each with its reason."""
         return [rules.decide(study) for rules in self._rules]
 
+
+
+def check_configured_models(settings: Settings, environ: Mapping[str, str] | None = None) -> ModelRouter | None:
+    """The router of the configured models, or a :class:`ConfigError` for a package that is missing or unreadable.
+
+    Kept out of :func:`triagenode.config.load_settings` on purpose: ``status``
+    and ``queue`` must keep working on a node whose model file went missing.
+    ``serve`` and ``config show`` call it, so both say the same thing and exit
+    2. A node without workers (``workers = 0``) runs no model, so nothing is
+    checked (None). Reads manifests only: no torch.
+    """
+    if not settings.inference.workers:
+        return None
+    return ModelRouter.from_settings(settings, environ=environ)

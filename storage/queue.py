@@ -162,7 +162,7 @@ def move_task(session: Session, task: Task, to_state: TaskState, reason: str, no
                            model=task.model))
     session.info.setdefault(_STATE_CHANGES, []).append((study.study_uid, task.model, str(from_state),
                                                         str(to_state), reason))
-    summarise_study(session, study, now, f"{task.model}: {reason}")
+    summarise_study(session, study, now, reason if task.model == IMPLICIT_MODEL else f"{task.model}: {reason}")
 
 
 def summarise_study(session: Session, study: Study, now: datetime, reason: str) -> None:

@@ -35,8 +35,12 @@ def test_queue_ls_show_retry_cancel(node: NodeProcess, tmp_path: Path) -> None:
     assert node.cli("queue", "retry", second.study_uid).returncode == 0
     shown = node.cli_json("queue", "show", second.study_uid)
     assert shown["state"] == "queued"
-    assert [e["to"] for e in shown["events"]] == ["receiving", "queued", "cancelled", "queued"]
-    assert shown["events"][2]["reason"] == "cancelled by an administrator"
+    study_events = [e for e in shown["events"] if e["model"] is None]
+    assert [e["to"] for e in study_events] == ["receiving", "queued", "cancelled", "queued"]
+    assert study_events[2]["reason"] == "cancelled by an administrator"
+    task_events = [(e["model"], e["to"]) for e in shown["events"] if e["model"] is not None]
+    assert task_events == [("default", "queued"), ("default", "cancelled"), ("default", "queued")]
+    assert [(t["model"], t["state"]) for t in shown["tasks"]] == [("default", "queued")]
 
     details = node.cli_json("queue", "show", first.study_uid)
     assert details["calling_aets"] == ["CT1"]

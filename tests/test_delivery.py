@@ -224,7 +224,7 @@ def test_a_retry_scheduled_before_the_clock_stepped_back_is_not_held_for_the_ste
     study_uid = node.reported_study()
     wait_until(lambda: node.delivery_of(study_uid, "pacs")["attempts"] >= 1, 10, "a failed attempt")
     with node.engine.begin() as connection:  # as if the clock had just been stepped back an hour
-        connection.execute(text("UPDATE deliveries SET next_attempt_at = datetime('now', '+1 hour')"))
+        connection.execute(text("UPDATE task_deliveries SET next_attempt_at = datetime('now', '+1 hour')"))
     pacs = make_pacs("PACS", port)
     wait_until(lambda: node.study(study_uid)["state"] == "sent", 10, "sent without waiting an hour")
     assert len(pacs.received) == 1

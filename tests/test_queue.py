@@ -222,7 +222,7 @@ def test_a_database_of_the_one_model_node_is_upgraded_in_place_keeping_its_studi
         for migration in MIGRATIONS[:2]:
             for statement in migration.statements:
                 connection.exec_driver_sql(statement)
-            connection.exec_driver_sql(f"INSERT INTO schema_version VALUES ({migration.version}, 'old', '{t}')")
+            connection.exec_driver_sql("INSERT INTO schema_version VALUES (?, 'old', ?)", (migration.version, t))
         studies = [(1, "1.2.1", "receiving", 0), (2, "1.2.2", "queued", 1), (3, "1.2.3", "reported", 0),
                    (4, "1.2.4", "sent", 0), (5, "1.2.5", "failed", 3)]
         for study_id, uid, state, attempts in studies:
