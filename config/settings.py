@@ -30,6 +30,7 @@ from pydantic import (
 )
 
 from triagenode.config.values import (
+    IMPLICIT_MODEL,
     SYSTEM_DATA_DIR,
     SettingError,
     check_ae_title,
@@ -97,8 +98,6 @@ def _pattern(value: str) -> str:
 
 
 _MODEL_NAME = re.compile(r"[A-Za-z0-9._-]{1,64}")
-IMPLICIT_MODEL = "default"
-"""The name of the one route a configuration without ``[[models]]`` gets, for ``[inference] model``."""
 
 AeTitle = Annotated[str, AfterValidator(_ae_title)]
 Port = Annotated[int, AfterValidator(_port)]

@@ -55,3 +55,8 @@ def check_port(key: str, value: int) -> None:
     """A TCP port a peer can connect to; 0 ("any free port") is no address to give a PACS."""
     if not 1 <= value <= 65535:
         raise SettingError(key, f"port {value} is out of range; use 1..65535")
+
+
+IMPLICIT_MODEL = "default"
+"""The name of the one route a configuration without ``[[models]]`` gets, for ``[inference] model``:
+its tasks in the queue carry it (storage imports it from here, without pydantic)."""

@@ -32,8 +32,9 @@ def config_show(config_path: Path | None, as_json: bool) -> None:
         click.echo(f"\n[{section}]")
         for key, value in data[section].items():
             click.echo(f"{key} = {json.dumps(value)}")
-    for destination in data["destinations"]:
-        click.echo("\n[[destinations]]")
-        for key, value in destination.items():
-            click.echo(f"{key} = {json.dumps(value)}")
+    for table in ("destinations", "models"):
+        for entry in data[table]:
+            click.echo(f"\n[[{table}]]")
+            for key, value in entry.items():
+                click.echo(f"{key} = {json.dumps(value)}")
 

@@ -9,11 +9,17 @@ from __future__ import annotations
 import json
 import sys
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import click
 
+from triagenode.config import ConfigError
+from triagenode.config.values import IMPLICIT_MODEL
 from triagenode.daemon.cli_shared import EXIT_NO, config_option, fail, json_option, plural, print_json, settings_from
+
+if TYPE_CHECKING:
+    from triagenode.inference.model_package import ModelPackage
+    from triagenode.inference.pipeline import StudyAnalysis
 
 
 @click.command()
@@ -214,7 +220,12 @@ def model_evaluate(
 @click.command()
 @click.argument("path", type=click.Path(path_type=Path, exists=True))
 @config_option
-@click.option("--model", "model_path", help="Model package or 'demo' [default: [inference].model].")
+@click.option(
+    "--model",
+    "model_path",
+    help="A configured model's name, a model package or 'demo' [default: every configured model whose route "
+    "the study fits; without [[models]], [inference].model].",
+)
 @click.option("--device", help="auto, cpu, cuda or cuda:N [default: [inference].device].")
 @click.option(
     "--sr-out", type=click.Path(path_type=Path), help="Write the report: a file for one study, else a folder."
@@ -223,62 +234,102 @@ def model_evaluate(
 def infer(
     config_path: Path | None, path: Path, model_path: str | None, device: str | None, sr_out: Path | None, as_json: bool
 ) -> None:
-    """Run the model on DICOM files (a folder or one file) without a daemon and print the result per study.
+    """Run the models on DICOM files (a folder or one file) without a daemon and print the result per study.
 
     The same series selection, preprocessing and aggregation as the node's workers, so the
-    number matches what the node reports. Exits 1 when a study could not be read.
+    number matches what the node reports; with [[models]], each study goes to the models whose
+    route it fits, as on the node (one result per study and model). Exits 1 when a study could
+    not be read.
     """
+    from triagenode.config.settings import ModelRoute
     from triagenode.inference.device import DeviceError, resolve_device
     from triagenode.inference.model_package import ModelPackageError, load_package
-    from triagenode.inference.pipeline import NotApplicable, SeriesGeometryError, analyse_study
+    from triagenode.inference.pipeline import SeriesGeometryError, analyse_study
+    from triagenode.inference.routing import ModelRouter, summary_of
     from triagenode.inference.studies import dicom_files, read_studies
 
     settings = settings_from(config_path)
     inference = settings.inference
+    routes = {route.name: route for route in settings.routes()}
+    if model_path in routes:
+        routes = {model_path: routes[model_path]}
+    elif model_path is not None:
+        routes = {IMPLICIT_MODEL: ModelRoute(name=IMPLICIT_MODEL, package=model_path)}
+    routed = bool(settings.models) and model_path is None
+    packages: dict[str, ModelPackage] = {}
     try:
-        package = load_package(model_path or inference.model)
+        router = ModelRouter.from_settings(settings) if routed else None
         torch_device = resolve_device(device or inference.device)
-    except (ModelPackageError, DeviceError) as exc:
+        for route in routes.values():
+            if route.package not in packages:
+                packages[route.package] = load_package(route.package)
+                packages[route.package].network.to(torch_device)
+    except (ModelPackageError, DeviceError, ConfigError) as exc:
         fail(str(exc))
     studies = read_studies(dicom_files(path))
     if not studies:
         fail(f"no DICOM files with a Study Instance UID under {path}")
-    package.network.to(torch_device)
     results: list[dict[str, Any]] = []
     failed = False
     for study_uid, study in studies.items():
-        try:
-            analysis = analyse_study(package, study, torch_device, inference.batch_size, None, inference,
-                                     settings.node.ae_title, with_report=sr_out is not None)
-        except SeriesGeometryError as exc:
-            results.append({"study_uid": study_uid, "status": "failed", "reason": str(exc)})
-            failed = True
-            continue
-        outcome, report = analysis.outcome, analysis.report
-        if isinstance(outcome, NotApplicable):
-            entry: dict[str, Any] = {"study_uid": study_uid, "status": "not applicable", "reason": outcome.reason}
+        if router is not None:
+            decisions = router(summary_of(study))
+            names = [d.model for d in decisions if d.matched]
+            if not names:
+                why = "; ".join(f"{d.model}: {d.reason}" for d in decisions)
+                reason = f"no model applies ({why})"
+                results.append({"study_uid": study_uid, "status": "not applicable", "reason": reason})
+                continue
         else:
-            entry = {"status": "reported", **outcome.to_dict()}
-        if sr_out is not None and report is not None:
-            target = sr_out / f"{study_uid}.dcm" if len(studies) > 1 or sr_out.is_dir() else sr_out
-            target.parent.mkdir(parents=True, exist_ok=True)
-            report.save_as(target, enforce_file_format=True)
-            entry["sr"] = {"path": str(target), "sop_instance_uid": str(report.SOPInstanceUID)}
-        results.append(entry)
+            names = list(routes)
+        for name in names:
+            route, package = routes[name], packages[routes[name].package]
+            try:
+                analysis = analyse_study(package, study, torch_device, inference.batch_size, None, inference,
+                                         settings.node.ae_title, with_report=sr_out is not None,
+                                         route=name if routed or settings.models else None)
+            except SeriesGeometryError as exc:
+                results.append({"study_uid": study_uid, "route": name, "status": "failed", "reason": str(exc)})
+                failed = True
+                continue
+            results.append(_infer_entry(study_uid, name, package, analysis, sr_out, len(studies) * len(names)))
     if as_json:
         print_json(results)
     else:
         for entry in results:
             written = f"; report {entry['sr']['path']}" if "sr" in entry else ""
+            model = f" [{entry['route']}]" if len(routes) > 1 and "route" in entry else ""
             if entry["status"] != "reported":
-                click.echo(f"{entry['study_uid']}: {entry['status']}: {entry['reason']}{written}")
+                click.echo(f"{entry['study_uid']}{model}: {entry['status']}: {entry['reason']}{written}")
                 continue
             verdict = "PRESENT" if entry["finding"] else "absent"
             click.echo(
-                f"{entry['study_uid']}: {package.manifest.finding.meaning.lower()} {verdict}, probability "
+                f"{entry['study_uid']}{model}: {entry['finding_meaning']} {verdict}, probability "
                 f"{entry['probability']:.3f} (threshold {entry['threshold']:.3f}), "
                 f"key slice {entry['key_instance_uid']}, {plural(entry['slices'], 'slice')}, "
                 f"{entry['timings_ms']['total']:.0f} ms{written}"
             )
     if failed:
         sys.exit(EXIT_NO)
+
+
+def _infer_entry(
+    study_uid: str, model: str, package: ModelPackage, analysis: StudyAnalysis, sr_out: Path | None, outputs: int
+) -> dict[str, Any]:
+    """One study's result from one model as ``infer`` prints it, with the report written where asked."""
+    from triagenode.inference.pipeline import NotApplicable
+
+    outcome, report = analysis.outcome, analysis.report
+    if isinstance(outcome, NotApplicable):
+        entry: dict[str, Any] = {"study_uid": study_uid, "status": "not applicable", "reason": outcome.reason}
+    else:
+        entry = {"status": "reported", **outcome.to_dict()}
+        entry["finding_meaning"] = package.manifest.finding.meaning.lower()
+    entry["route"] = model  # "model" is the package's own name, as in the node's result
+    if sr_out is not None and report is not None:
+        name = f"{study_uid}.dcm" if outputs == 1 or model == IMPLICIT_MODEL else f"{study_uid}.{model}.dcm"
+        target = sr_out / name if outputs > 1 or sr_out.is_dir() else sr_out
+        target.parent.mkdir(parents=True, exist_ok=True)
+        report.save_as(target, enforce_file_format=True)
+        entry["sr"] = {"path": str(target), "sop_instance_uid": str(report.SOPInstanceUID)}
+    return entry

@@ -86,9 +86,19 @@ class Worker:
         self.device: torch.device = resolve_device(inference.device)
         loaded: dict[str, ModelPackage] = {}
         for route in self.routes.values():
-            if route.package not in loaded:
+            if route.package in loaded:
+                continue
+            try:
                 loaded[route.package] = load_package(route.package)
                 loaded[route.package].network.to(self.device)
+            except (RuntimeError, MemoryError) as exc:  # torch.cuda.OutOfMemoryError is a RuntimeError
+                held = ", ".join(f"{package} {_megabytes(model)} MB" for package, model in loaded.items()) or "none"
+                log.error(
+                    "worker.cannot_load worker=%s model=%s package=%s device=%s already_loaded=%r error=%r: give "
+                    "the heavy model processes of its own ([[models]] workers) or fewer models per device",
+                    worker_id, route.name, route.package, self.device, held, str(exc)[:300],
+                )
+                raise
         self.packages: dict[str, ModelPackage] = {name: loaded[r.package] for name, r in self.routes.items()}
         self.explicit = bool(settings.models)
         """With [[models]], each report series is its entry's own; the one implicit model keeps today's."""

@@ -386,10 +386,20 @@ def _group(
     )
 
 
+_UNSPECIFIED_REGION = {
+    "MR": codes.LN.MRIUnspecifiedBodyRegion,
+    "NM": codes.LN.NMUnspecifiedBodyRegion,
+    "PT": codes.LN.PETUnspecifiedBodyRegion,
+    "CR": codes.LN.XRUnspecifiedBodyRegion,
+    "DX": codes.LN.XRUnspecifiedBodyRegion,
+}
+"""Procedure codes (CID 100) of modalities other than CT whose region the manifest does not say."""
+
+
 def _procedure(manifest: Manifest) -> Code:
     """Procedure reported (TID 1500, CID 100): what the model reads."""
     if manifest.input.modality != "CT":
-        return codes.DCM.Imaging
+        return _UNSPECIFIED_REGION.get(manifest.input.modality, codes.SCT.ImagingProcedure)
     site = manifest.finding_site
     if site is not None and site.scheme == "SCT" and site.value in CHEST_SITES:
         return CT_CHEST

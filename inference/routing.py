@@ -32,9 +32,12 @@ from triagenode.inference.model_package import DEMO_MODEL, Manifest, ModelPackag
 from triagenode.storage.routes import RouteDecision, SeriesSummary, StudySummary
 
 if TYPE_CHECKING:
-    from triagenode.config import ModelRoute, Settings
+    from pydicom import Dataset
 
-__all__ = ["ModelRouter", "check_configured_models", "package_manifest", "package_path"]
+    from triagenode.config import ModelRoute, Settings
+    from triagenode.inference.studies import StudyHeaders
+
+__all__ = ["ModelRouter", "check_configured_models", "package_manifest", "package_path", "summary_of"]
 
 
 def package_path(package: str) -> Path:
@@ -209,3 +212,32 @@ def check_configured_models(settings: Settings, environ: Mapping[str, str] | Non
     if not settings.inference.workers:
         return None
     return ModelRouter.from_settings(settings, environ=environ)
+
+
+def summary_of(study: StudyHeaders) -> StudySummary:
+    """What routing sees of a study read from files (``triagenode infer``): as the queue would record it.
+
+    Files carry no calling AE, so a route limited to ``calling_aets`` matches no such study.
+    """
+    first = next((series.headers[0] for series in study.series if series.headers), None)
+    return StudySummary(
+        study_uid=study.study_uid,
+        description=_header_text(first, "StudyDescription"),
+        calling_aets=(),
+        series=tuple(
+            SeriesSummary(
+                series.series_uid,
+                series.modality or None,
+                _header_text(series.headers[0] if series.headers else None, "SeriesDescription"),
+                _header_text(series.headers[0] if series.headers else None, "BodyPartExamined"),
+                tuple(sorted(series.sop_classes)),
+                len(series.files),
+            )
+            for series in study.series
+        ),
+    )
+
+
+def _header_text(header: Dataset | None, keyword: str) -> str | None:
+    value = header.get(keyword) if header is not None else None
+    return str(value).strip() or None if value not in (None, "") else None

@@ -25,6 +25,7 @@ from typing import Any
 from sqlalchemy import Engine, Select, case, event, select, update
 from sqlalchemy.orm import Session
 
+from triagenode.config.values import IMPLICIT_MODEL
 from triagenode.storage.engine import reader, writer
 from triagenode.storage.models import (
     Delivery,
@@ -61,9 +62,6 @@ MAX_PROCESSING_ATTEMPTS = 3
 """Interrupted runs (a worker crash, a hang past study_timeout_s, a dead decoder, the node crashing mid-study)
 after which a task is ``failed`` instead of queued again: what stops a study that kills its worker from
 crash-looping. Runs that ended with a result or a deliberate failure do not count."""
-
-IMPLICIT_MODEL = "default"
-"""The task name of the one model a node without ``[[models]]`` runs (``[inference] model``)."""
 
 RETRYABLE = frozenset({T.FAILED, T.CANCELLED})
 CANCELLABLE = frozenset(state for state, targets in TASK_TRANSITIONS.items() if T.CANCELLED in targets)

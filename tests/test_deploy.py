@@ -67,12 +67,23 @@ def test_the_example_config_sends_nowhere_until_its_destination_is_uncommented(t
     example = REPO / "deploy/triagenode.example.toml"
     assert not load_settings(example, environ={}).destinations
     uncommented = tmp_path / "triagenode.toml"
-    uncommented.write_text(
-        "\n".join(line[1:] if line == "#[[destinations]]" or line.startswith(("#name", "#ae_title", "#host", "#port"))
-                  else line for line in example.read_text().splitlines())
-    )
-    destinations = load_settings(uncommented, environ={}).destinations
+    uncommented.write_text(_uncomment(example.read_text(), "#[[destinations]]"))
+    settings = load_settings(uncommented, environ={})
+    destinations = settings.destinations
     assert [(d.name, d.ae_title, d.host, d.port) for d in destinations] == [("pacs", "PACS", "127.0.0.1", 4242)]
+    assert [route.name for route in settings.routes()] == ["default"], "one model until [[models]] is uncommented"
+    uncommented.write_text(_uncomment(uncommented.read_text(), "#[[models]]"))
+    [route] = load_settings(uncommented, environ={}).routes()
+    assert (route.name, route.package, route.modalities) == ("lung-nodule", "demo", ("CT",))
+
+
+def _uncomment(text: str, table: str) -> str:
+    """The example with one commented-out table (from its header to the next blank line) made live."""
+    lines, live = [], False
+    for line in text.splitlines():
+        live = live and bool(line.strip()) or line == table
+        lines.append(line[1:] if live and line.startswith("#") else line)
+    return "\n".join(lines) + "\n"
 
 
 def test_unit_is_hardened_and_notifies() -> None:
