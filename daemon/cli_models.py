@@ -59,6 +59,11 @@ def model_rows(settings: Settings) -> list[dict[str, Any]]:
     except DatabaseUnavailableError:  # the node has not run yet: no tasks, nothing paused
         tasks, paused = {}, {}
     rows = []
+    configured = {route.name for route in settings.routes()}
+    for name in sorted(set(tasks) - configured):  # tasks left by a model renamed or removed since
+        rows.append({"name": name, "package": None, "version": None, "problem": "no longer configured",
+                     "route": "-", "priority": None, "workers": None, "paused": name in paused,
+                     "paused_at": iso(paused[name]) if name in paused else None, "tasks": tasks[name]})
     for route in settings.routes():
         try:
             manifest = package_manifest(route.package)
@@ -103,7 +108,7 @@ def model_ls(config_path: Path | None, as_json: bool) -> None:
         [
             (
                 r["name"] + (" (PAUSED)" if r["paused"] else ""),
-                r["version"] or f"UNREADABLE: {r['problem']}",
+                r["version"] or (r["problem"] if r["package"] is None else f"UNREADABLE: {r['problem']}"),
                 r["priority"],
                 r["workers"],
                 " ".join(f"{state} {count}" for state, count in sorted(r["tasks"].items())) or "-",
@@ -115,11 +120,18 @@ def model_ls(config_path: Path | None, as_json: bool) -> None:
     )
 
 
-def _configured(settings: Settings, name: str) -> None:
+def _set_pause(config_path: Path | None, name: str, paused: bool) -> bool:
+    """Pause or resume a configured model in the queue; whether that changed anything. Unknown name: exit 2."""
+    from triagenode.storage.queue import StudyQueue
+
+    settings = settings_from(config_path)
     names = [route.name for route in settings.routes()]
     if name not in names:
         fail(f"no model {name!r} in {settings.source}; configured: {', '.join(names)} (`triagenode model ls`)",
              EXIT_USAGE)
+    with open_queue(settings) as engine:
+        queue = StudyQueue(engine)
+        return queue.pause(name) if paused else queue.resume(name)
 
 
 @click.command("pause")
@@ -127,13 +139,8 @@ def _configured(settings: Settings, name: str) -> None:
 @click.argument("name")
 def model_pause(config_path: Path | None, name: str) -> None:
     """Stop a model taking new tasks (they wait, queued; the other models go on). Holds across restarts."""
-    from triagenode.storage.queue import StudyQueue
-
-    settings = settings_from(config_path)
-    _configured(settings, name)
-    with open_queue(settings) as engine:
-        changed = StudyQueue(engine).pause(name)
-    click.echo(f"{name}: {'paused' if changed else 'already paused'}; `triagenode model resume {name}` resumes it")
+    done = "paused" if _set_pause(config_path, name, True) else "already paused"
+    click.echo(f"{name}: {done}; `triagenode model resume {name}` resumes it")
 
 
 @click.command("resume")
@@ -141,10 +148,4 @@ def model_pause(config_path: Path | None, name: str) -> None:
 @click.argument("name")
 def model_resume(config_path: Path | None, name: str) -> None:
     """Let a paused model take tasks again; its waiting tasks run in their turn."""
-    from triagenode.storage.queue import StudyQueue
-
-    settings = settings_from(config_path)
-    _configured(settings, name)
-    with open_queue(settings) as engine:
-        changed = StudyQueue(engine).resume(name)
-    click.echo(f"{name}: {'resumed' if changed else 'was not paused'}")
+    click.echo(f"{name}: {'resumed' if _set_pause(config_path, name, False) else 'was not paused'}")

@@ -138,7 +138,10 @@ def queue_show(config_path: Path | None, as_json: bool, study_uid: str) -> None:
         )
     if not details["tasks"]:
         click.echo("")
-        print_result(None)
+        if details["routing"] and details["state"] == "reported":
+            click.echo(f"{'result:':15}no model applies (see why above); nothing more will happen")
+        else:
+            print_result(None)
     for task in details["tasks"]:
         click.echo("")
         click.echo(f"{'task:':15}{task['model']}: {task['state']}, {task['attempts']} interrupted run(s)")
@@ -304,24 +307,35 @@ def queue_resend(config_path: Path | None, study_uid: str, destination_name: str
             "(`triagenode status` lists them)",
             EXIT_USAGE,
         )
-    targets = [destination_name] if destination_name else configured
+    routes = {route.name: route for route in settings.routes()}
+
+    def targets(name: str | None) -> list[str]:
+        """The named destination, else where the model's route sends its reports (all, unless it names some)."""
+        route = routes.get(name or "")
+        return [destination_name] if destination_name else list(route.destinations if route else ()) or configured
+
     rebuilt: list[str] = []
+    scheduled: list[str] = []
     with open_queue(settings) as engine:
         book = ReportBook(engine)
         try:
             models: list[str | None] = [model] if model else list(book.tasks_with_reports(study_uid)) or [None]
-            for name in models:
-                book.report_of(study_uid, name)  # unknown study or no report: say so before touching anything
+            for name in models:  # unknown study, no report, nothing to re-send: say so before touching anything
+                state, _, _ = book.report_of(study_uid, name)
+                if state not in ("reported", "sent", "failed"):
+                    raise TransitionError(f"study {study_uid}: the report of {name or 'its model'} is {state}; "
+                                          "only reported, sent or failed ones can be re-sent")
             for name in models:
                 if sentence := _rebuild(settings, book, study_uid, name):
                     rebuilt.append(sentence)
-                book.resend(study_uid, targets, model=name)
+                sent_to = book.resend(study_uid, targets(name), model=name)
+                scheduled.append(", ".join(sent_to) + (f" ({name})" if len(models) > 1 else ""))
         except (UnknownStudyError, NoReportError, TransitionError) as exc:
             fail(str(exc))
     running = read_receiver_state(settings.node.database_path, utcnow()).running
     for sentence in rebuilt:
         click.echo(f"{study_uid}: {sentence}")
-    click.echo(f"{study_uid}: report scheduled for {', '.join(targets)}")
+    click.echo(f"{study_uid}: report scheduled for {'; '.join(scheduled)}")
     if not running:
         click.echo("the node is not running: it sends the report when it starts (`triagenode status`)")
 

@@ -230,8 +230,8 @@ class DestinationSender:
             record_failure(self._book, self._settings.delivery, self._rng, delivery, why)
             return
         self._book.succeeded(delivery.id)
-        log.info("delivery.sent study_uid=%s destination=%s attempt=%d", delivery.study_uid, delivery.destination,
-                 delivery.attempts + 1)
+        log.info("delivery.sent study_uid=%s model=%s destination=%s attempt=%d", delivery.study_uid, delivery.model,
+                 delivery.destination, delivery.attempts + 1)
 
 
 def record_failure(
@@ -244,8 +244,9 @@ def record_failure(
     limit = settings.max_attempts if max_attempts is None else max_attempts
     last = book.failed_attempt(delivery.id, error, utcnow() + timedelta(seconds=wait), limit)
     log.warning(
-        "delivery.failed study_uid=%s destination=%s attempt=%d error=%r %s",
+        "delivery.failed study_uid=%s model=%s destination=%s attempt=%d error=%r %s",
         delivery.study_uid,
+        delivery.model,
         delivery.destination,
         attempt,
         error,

@@ -9,6 +9,7 @@ the wire (pydicom itself reads a truncated value without complaint).
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import struct
 import zlib
@@ -19,6 +20,7 @@ from pydicom import Dataset, dcmread
 from pydicom.charset import convert_encodings
 from pydicom.errors import InvalidDicomError
 from pydicom.filereader import data_element_generator
+from pydicom.tag import Tag
 from pydicom.uid import UID, DeflatedExplicitVRLittleEndian
 
 from triagenode.daemon.statuses import StoreStatus
@@ -26,6 +28,8 @@ from triagenode.storage.filestore import is_valid_uid
 
 _UNDEFINED_LENGTH = 0xFFFFFFFF
 _DEFER_BYTES = 512
+_REQUEST_ATTRIBUTES = Tag(0x0040, 0x0275)
+"""Request Attributes Sequence, where modalities put Requested Procedure Priority (STAT)."""
 _META_START = 132
 """128-byte preamble + b"DICM": where pynetdicom's spool file has its file meta."""
 
@@ -104,6 +108,10 @@ def read_incoming(
             body_part=_text(ds, "BodyPartExamined", 16),
             urgent=_is_stat(ds),
         )
+        if not header.urgent and _REQUEST_ATTRIBUTES in ds and ds.get("RequestAttributesSequence") is None:
+            # A sequence longer than _DEFER_BYTES is left unread above; STAT may sit in it.
+            requests = dcmread(path, stop_before_pixels=True, specific_tags=[_REQUEST_ATTRIBUTES])
+            header = dataclasses.replace(header, urgent=_is_stat(requests))
     except _PARSE_ERRORS as exc:
         raise RefusedDatasetError(
             StoreStatus.CANNOT_UNDERSTAND, f"dataset cannot be parsed ({type(exc).__name__})"

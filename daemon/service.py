@@ -31,7 +31,7 @@ from triagenode.daemon.receiver import StorageReceiver
 from triagenode.daemon.signals import stop_on_signals
 from triagenode.daemon.supervisor import WorkerPool
 from triagenode.daemon.systemd import notify
-from triagenode.inference.routing import check_configured_models
+from triagenode.inference.routing import ModelRouter, check_configured_models
 from triagenode.storage.database import open_for_daemon
 from triagenode.storage.filestore import FileStore
 from triagenode.storage.heartbeat import Heartbeat
@@ -64,6 +64,8 @@ class Node:
         # Refuse a missing or broken model now, with one line, rather than in a restart loop of workers;
         # the router sends each complete study to the models whose route it fits.
         router = check_configured_models(self.settings)
+        if router is None and self.settings.models:  # workers = 0: nothing runs, but studies are still routed
+            router = ModelRouter.from_settings(self.settings)
         if router is not None:
             for route in router.routes:
                 manifest = router.manifest(route.name)
@@ -78,6 +80,10 @@ class Node:
         self.queue = queue = StudyQueue(self.engine)
         recovered = queue.recover_expired_leases(MAX_PROCESSING_ATTEMPTS, all_leases=True)
         resumed = queue.restart_stability_clocks()
+        for model, count in queue.cancel_unconfigured([route.name for route in self.settings.routes()]).items():
+            log.warning("model.unconfigured model=%s queued_tasks_cancelled=%d: no [[models]] entry has this name "
+                        "any more; `triagenode queue retry UID --model %s` after configuring it again", model, count,
+                        model)
         log.info(
             "node.starting data_dir=%s config=%r receiving_studies_resumed=%d leases_recovered=%d",
             node.data_dir,

@@ -59,7 +59,9 @@ def assign_models(settings: Settings) -> list[tuple[str, ...]]:
     that reserved none. Without reservations every process serves every model.
     """
     routes = settings.routes()
-    shared = tuple(route.name for route in routes if route.workers == 0)
+    # Processes left over after the reservations serve the models that reserved none, or, when every
+    # model reserved its own, every model (a process with nothing to serve would only crash-loop).
+    shared = tuple(route.name for route in routes if route.workers == 0) or tuple(route.name for route in routes)
     slots: list[tuple[str, ...]] = []
     for route in routes:
         slots += [(route.name,)] * route.workers

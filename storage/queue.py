@@ -56,7 +56,6 @@ TASK_TRANSITIONS: dict[TaskState, frozenset[TaskState]] = {
 }
 """Which task state may follow which. ``queued`` after a later state: the study was complete again
 (a late instance re-opened it) or an administrator retried it."""
-ALLOWED_TRANSITIONS = TASK_TRANSITIONS
 
 MAX_PROCESSING_ATTEMPTS = 3
 """Interrupted runs (a worker crash, a hang past study_timeout_s, a dead decoder, the node crashing mid-study)
@@ -66,9 +65,10 @@ crash-looping. Runs that ended with a result or a deliberate failure do not coun
 RETRYABLE = frozenset({T.FAILED, T.CANCELLED})
 CANCELLABLE = frozenset(state for state, targets in TASK_TRANSITIONS.items() if T.CANCELLED in targets)
 
-_SUMMARY_ORDER = (T.PROCESSING, T.QUEUED, T.FAILED, T.REPORTED, T.SENT, T.CANCELLED)
-"""A study's state is the first of these that any of its tasks is in: processing while any is, queued while
-any waits, failed when one failed, reported until every report is sent, sent, cancelled when all are."""
+_SUMMARY_ORDER = (T.PROCESSING, T.FAILED, T.QUEUED, T.REPORTED, T.SENT, T.CANCELLED)
+"""A study's state is the first of these that any of its tasks is in: processing while any is, failed when
+one failed (so ``queue ls --state failed`` shows it even while a paused model's task waits), queued while
+any waits, reported until every report is sent, sent, cancelled when all are."""
 
 
 # The statements of record_instance, on the tables of storage.models.
@@ -156,11 +156,27 @@ def move_task(session: Session, task: Task, to_state: TaskState, reason: str, no
     if to_state is T.QUEUED:
         task.queued_at = now
     study = task.study
+    if not _told_by_study(study, task):
+        _record_task_event(session, task, from_state, to_state, reason, now)
+    summarise_study(session, study, now, reason if task.model == IMPLICIT_MODEL else f"{task.model}: {reason}")
+
+
+def _told_by_study(study: Study, task: Task) -> bool:
+    """Whether the study's own event tells this task's change: a one-model node's only task moves the
+    study with it, so its history reads as before tasks existed (one line per change, not two)."""
+    return task.model == IMPLICIT_MODEL and len(study.tasks) == 1 and study.state != S.RECEIVING
+
+
+def _record_task_event(
+    session: Session, task: Task, from_state: TaskState | None, to_state: TaskState, reason: str, now: datetime
+) -> None:
+    """The task's line in its study's history and, once committed, in the log."""
+    study = task.study
     session.add(StudyEvent(study=study, at=now, from_state=from_state, to_state=to_state, reason=reason,
                            model=task.model))
-    session.info.setdefault(_STATE_CHANGES, []).append((study.study_uid, task.model, str(from_state),
-                                                        str(to_state), reason))
-    summarise_study(session, study, now, reason if task.model == IMPLICIT_MODEL else f"{task.model}: {reason}")
+    session.info.setdefault(_STATE_CHANGES, []).append(
+        (study.study_uid, task.model, str(from_state) if from_state else "-", str(to_state), reason)
+    )
 
 
 def summarise_study(session: Session, study: Study, now: datetime, reason: str) -> None:
@@ -403,6 +419,7 @@ class StudyQueue:
             return []
         with self._sessions.begin() as session:
             studies = session.scalars(stable).all()
+            routed = []
             for study in studies:
                 complete = (
                     f"complete: no new instance for {stable_seconds:g} s ({study.instance_count} "
@@ -413,8 +430,13 @@ class StudyQueue:
                     if router is not None
                     else [RouteDecision(IMPLICIT_MODEL, True, "the node's one model ([inference] model)")]
                 )
-                self._route(session, study, decisions, complete, now)
-            return [study.study_uid for study in studies]
+                try:
+                    with session.begin_nested():  # one study that cannot be routed holds up no other
+                        self._route(session, study, decisions, complete, now)
+                    routed.append(study.study_uid)
+                except TransitionError as exc:
+                    log.error("study.not_routed study_uid=%s error=%r", study.study_uid, str(exc))
+            return routed
 
     @staticmethod
     def _route(session: Session, study: Study, decisions: list[RouteDecision], complete: str, now: datetime) -> None:
@@ -427,17 +449,21 @@ class StudyQueue:
                 task = Task(study=study, model=decision.model, state=T.QUEUED, processing_attempts=0,
                             queued_at=now, updated_at=now)
                 session.add(task)
-                session.add(StudyEvent(study=study, at=now, from_state=None, to_state=T.QUEUED,
-                                       reason=decision.reason, model=decision.model))
+                session.flush()
+                if [d.model for d in decisions] != [IMPLICIT_MODEL]:  # else the study's "complete" line tells it
+                    _record_task_event(session, task, None, T.QUEUED, decision.reason, now)
             elif decision.matched and task is not None:
                 task.processing_attempts = 0  # new work: the runs of the previous round do not count
                 if task.state != T.QUEUED:
                     move_task(session, task, T.QUEUED, f"{complete}; {decision.reason}", now)
-            elif task is not None and task.state not in (T.CANCELLED,):
+            elif task is not None and T.CANCELLED in TASK_TRANSITIONS[TaskState(task.state)]:
                 move_task(session, task, T.CANCELLED, f"no longer routed to this model: {decision.reason}", now)
+            # A task whose report was sent before the study changed keeps it: the PACS has it already.
         session.flush()
         if matched:
-            set_study_state(session, study, S.QUEUED, f"{complete}; for {', '.join(d.model for d in matched)}", now)
+            models = [d.model for d in matched]
+            for_whom = "" if models == [IMPLICIT_MODEL] else f"; for {', '.join(models)}"
+            set_study_state(session, study, S.QUEUED, complete + for_whom, now)
         else:
             why = "; ".join(f"{d.model}: {d.reason}" for d in decisions) or "no model is configured"
             set_study_state(session, study, S.REPORTED, f"{complete}; no model applies ({why})", now)
@@ -528,7 +554,8 @@ class StudyQueue:
             return Claim(claim.study_uid, claim.worker_id, expires, claim.attempt, claim.model)
 
     def finish(self, claim: Claim, to_state: StudyState | TaskState, reason: str, now: datetime | None = None) -> bool:
-        """End a lease with the task's next state; False when the lease was lost meanwhile."""
+        """End a lease with the task's next state (a study state of the same name is taken as it); False when
+        the lease was lost meanwhile."""
         now = now or utcnow()
         with self._sessions.begin() as session:
             task = self.held(session, claim)
@@ -645,17 +672,17 @@ class StudyQueue:
         now = now or utcnow()
         with self._sessions.begin() as session:
             study = self._get(session, study_uid)
-            if not study.tasks and study.state == S.CANCELLED and model is None:
-                set_study_state(session, study, S.RECEIVING, f"{reason}: to be routed again", now)
-                study.last_instance_at = datetime(1970, 1, 1)  # complete at the next look
-                return "queued again"
             tasks = self._tasks(study, model)
             retryable = [task for task in tasks if task.state in RETRYABLE]
+            if study.state == S.CANCELLED and model is None and not retryable:
+                # Cancelled before it was routed (or while a late instance re-opened it): route it afresh.
+                set_study_state(session, study, S.RECEIVING, f"{reason}: to be routed again", now)
+                study.last_instance_at = datetime(1970, 1, 1)  # complete at the scheduler's next look
+                return "queued again"
             if not retryable:
-                states = ", ".join(f"{task.model} {task.state}" for task in tasks)
                 raise TransitionError(
-                    f"study {study_uid} is {study.state}{f' ({states})' if len(tasks) > 1 else ''}; "
-                    f"only {' or '.join(sorted(RETRYABLE))} studies can be retried"
+                    f"study {study_uid} {_states(study, tasks)}; only {' or '.join(sorted(RETRYABLE))} "
+                    "studies can be retried"
                 )
             outcomes = []
             for task in retryable:
@@ -686,12 +713,16 @@ class StudyQueue:
         now = now or utcnow()
         with self._sessions.begin() as session:
             study = self._get(session, study_uid)
+            tasks = self._tasks(study, model)
+            cancellable = [task for task in tasks if task.state in CANCELLABLE]
             if study.state == S.RECEIVING and model is None:
+                # Still (or again) receiving: the study stops, and so do the tasks of its previous round.
+                for task in cancellable:
+                    move_task(session, task, T.CANCELLED, reason, now)
                 set_study_state(session, study, S.CANCELLED, reason, now)
                 return
-            cancellable = [task for task in self._tasks(study, model) if task.state in CANCELLABLE]
             if not cancellable:
-                raise TransitionError(f"study {study_uid} is {study.state}; it cannot be cancelled")
+                raise TransitionError(f"study {study_uid} {_states(study, tasks)}; it cannot be cancelled")
             for task in cancellable:
                 move_task(session, task, T.CANCELLED, reason, now)
 
@@ -706,6 +737,21 @@ class StudyQueue:
             study.urgent = True
             session.add(StudyEvent(study=study, at=now, from_state=study.state, to_state=study.state, reason=reason))
             return True
+
+    def cancel_unconfigured(self, models: Collection[str], now: datetime | None = None) -> dict[str, int]:
+        """Cancel the queued tasks of models no longer configured (renamed, removed, or the one model of
+        before ``[[models]]``): no worker would ever take them. Returns how many per model."""
+        now = now or utcnow()
+        orphans = select(Task).where(Task.state == T.QUEUED, Task.model.not_in(list(models)))
+        if not self._any(orphans):
+            return {}
+        cancelled: dict[str, int] = {}
+        with self._sessions.begin() as session:
+            for task in session.scalars(orphans).all():
+                move_task(session, task, T.CANCELLED, f"model {task.model} is no longer configured; "
+                          "`triagenode queue retry --model` does nothing until it is", now)
+                cancelled[task.model] = cancelled.get(task.model, 0) + 1
+        return cancelled
 
     def pause(self, model: str, reason: str = "paused by an administrator", now: datetime | None = None) -> bool:
         """Stop workers from taking ``model``'s tasks (they wait, queued); False when it was paused already."""
@@ -727,11 +773,6 @@ class StudyQueue:
             log.info("model.resumed model=%s", model)
             return True
 
-    def paused(self) -> dict[str, datetime]:
-        """The paused models, with when each was paused."""
-        with self._reads() as session:
-            return {row.model: row.paused_at for row in session.scalars(select(ModelPause))}
-
     @staticmethod
     def _tasks(study: Study, model: str | None) -> list[Task]:
         if model is None:
@@ -748,6 +789,13 @@ class StudyQueue:
         if study is None:
             raise UnknownStudyError(f"no study {study_uid} on this node; `triagenode queue ls` lists them")
         return study
+
+
+def _states(study: Study, tasks: list[Task]) -> str:
+    """``is failed``, or ``has lung sent, mr queued`` where a study's tasks say more than its state."""
+    if len(tasks) == 1 and tasks[0].model == IMPLICIT_MODEL or not tasks:
+        return f"is {study.state}"
+    return "has " + ", ".join(f"{task.model} {task.state}" for task in tasks)
 
 
 def _summary(session: Session, study: Study) -> StudySummary:

@@ -27,6 +27,7 @@ from typing import Any
 from sqlalchemy import Engine, func, select, update
 from sqlalchemy.orm import Session
 
+from triagenode.config.values import IMPLICIT_MODEL
 from triagenode.storage.engine import reader, writer
 from triagenode.storage.models import (
     Delivery,
@@ -39,7 +40,6 @@ from triagenode.storage.models import (
     TaskState,
 )
 from triagenode.storage.queue import (
-    IMPLICIT_MODEL,
     TASK_TRANSITIONS,
     Claim,
     StudyQueue,

@@ -20,9 +20,10 @@ class StudyState(enum.StrEnum):
     PROCESSING = "processing"
     """Held by a worker under a lease."""
     REPORTED = "reported"
-    """The result exists; its report is waiting to reach every destination."""
+    """Its results exist and their reports are on their way to every destination; or no model applies
+    (the routing reasons say why), and nothing more will happen."""
     SENT = "sent"
-    """Every destination has the report."""
+    """Every destination has every report."""
     FAILED = "failed"
     """Gave up, with the reason in the event history; ``queue retry`` re-queues it."""
     CANCELLED = "cancelled"

@@ -160,3 +160,33 @@ def _taken(node: NodeProcess) -> list[tuple[str, str]]:
         for line in node.log().splitlines()
         if "task.state" in line and "to=processing" in line
     ]
+
+
+def test_stat_is_read_where_modalities_put_it(tmp_path: Path) -> None:
+    """Top level, or in a Request Attributes Sequence of any length (a long one is read apart)."""
+    from pydicom.uid import ExplicitVRLittleEndian
+
+    from triagenode.daemon.incoming import read_incoming
+
+    def urgent(ds: Dataset) -> bool:
+        path = tmp_path / f"{ds.SOPInstanceUID}.dcm"
+        ds.save_as(path, enforce_file_format=True)
+        return read_incoming(path, ExplicitVRLittleEndian, ds.SOPClassUID, ds.SOPInstanceUID).urgent
+
+    def requests(count: int, stat_at: int | None) -> list[Dataset]:
+        items = []
+        for index in range(count):
+            item = Dataset()
+            item.RequestedProcedureID, item.ScheduledProcedureStepID = f"RP{index}", f"SPS{index}"
+            item.RequestedProcedurePriority = "STAT" if index == stat_at else "ROUTINE"
+            items.append(item)
+        return items
+
+    [plain] = series("CT", 1)
+    assert not urgent(plain)
+    [top] = series("CT", 1, RequestedProcedurePriority="stat")
+    assert urgent(top)
+    for count in (1, 40):  # 40 items: longer than what the receiver reads at once
+        [stat] = series("CT", 1, RequestAttributesSequence=requests(count, count - 1))
+        [routine] = series("CT", 1, RequestAttributesSequence=requests(count, None))
+        assert urgent(stat) and not urgent(routine), count

@@ -33,3 +33,18 @@ def test_backoff_doubles_from_the_initial_wait_with_jitter_and_stops_at_the_cap(
 )
 def test_decoder_processes_per_worker(configured: int, cpus: int, workers: int, expected: int) -> None:
     assert InferenceSettings(workers=workers, decode_processes=configured).decoders(cpus) == expected
+
+
+def test_workers_are_reserved_per_model_and_none_is_left_without_a_model() -> None:
+    from triagenode.config.settings import Settings
+    from triagenode.daemon.supervisor import assign_models
+
+    def slots(workers: int, *reserved: tuple[str, int]) -> list[tuple[str, ...]]:
+        models = [{"name": name, "package": "demo", "workers": count} for name, count in reserved]
+        return assign_models(Settings.model_validate({"inference": {"workers": workers}, "models": models}))
+
+    assert slots(2, ("a", 0), ("b", 0)) == [("a", "b"), ("a", "b")]
+    assert slots(3, ("heavy", 1), ("a", 0), ("b", 0)) == [("heavy",), ("a", "b"), ("a", "b")]
+    assert slots(3, ("x", 1), ("y", 1)) == [("x",), ("y",), ("x", "y")], "the spare process serves every model"
+    assert Settings.model_validate({"inference": {"workers": 2}}).routes()[0].name == "default"
+    assert slots(2) == [("default",), ("default",)]

@@ -384,3 +384,73 @@ def test_the_status_snapshot_reads_what_the_orm_wrote(database) -> None:
     receiver = snapshot.receiver
     assert (receiver.pid, receiver.ae_title, receiver.port, receiver.started_at) == (os.getpid(), "TRIAGE", 11112, now)
     assert not receiver.running, "this process holds no lock on the data directory: not a running node"
+
+
+def _route_to(*models: str, matched: bool = True):
+    from triagenode.storage.routes import RouteDecision
+
+    return lambda study: [RouteDecision(model, matched, "test route") for model in models]
+
+
+def _take_and_report(queue: StudyQueue, database, model: str) -> None:
+    from triagenode.storage.reports import Outcome, ReportBook
+
+    claim = queue.claim("w1", 60, models=[model])
+    assert claim is not None and claim.model == model
+    outcome = Outcome(model=model, model_version="1", finding=False, probability=0.1, threshold=0.5)
+    assert ReportBook(database).record_result(claim, outcome, [], f"reports/{claim.study_uid}/{model}.dcm", model)
+
+
+def test_a_late_instance_re_routes_and_a_sent_report_stays_sent_while_other_studies_go_on(database) -> None:
+    queue = StudyQueue(database)
+    queue.record_instance(instance("1.2.30", sop="1.2.30.1"))
+    assert queue.complete_stable_studies(0, now=utcnow() + timedelta(seconds=1), router=_route_to("a", "b")) == [
+        "1.2.30"
+    ]
+    _take_and_report(queue, database, "a")
+    _take_and_report(queue, database, "b")
+    with database.begin() as connection:  # a's report reached its destination
+        connection.execute(text("UPDATE tasks SET state = 'sent' WHERE model = 'a'"))
+    assert queue.record_instance(instance("1.2.30", sop="1.2.30.2")) is Registration.REOPENED
+    queue.record_instance(instance("1.2.31", sop="1.2.31.1"))  # another study completes in the same pass
+    no_longer = _route_to("a", "b", matched=False)
+    assert sorted(queue.complete_stable_studies(0, now=utcnow() + timedelta(seconds=1), router=no_longer)) == [
+        "1.2.30", "1.2.31"]
+    details = QueueOverview(database).study_details("1.2.30")
+    assert [(t["model"], t["state"]) for t in details["tasks"]] == [("a", "sent"), ("b", "cancelled")]
+    assert QueueOverview(database).study_details("1.2.31")["state"] == "reported", "no model applies"
+
+
+def test_cancel_then_retry_a_re_opened_study_routes_it_afresh(database) -> None:
+    queue = StudyQueue(database)
+    queue.record_instance(instance("1.2.32", sop="1.2.32.1"))
+    queue.complete_stable_studies(0, now=utcnow() + timedelta(seconds=1), router=_route_to("a"))
+    _take_and_report(queue, database, "a")
+    queue.record_instance(instance("1.2.32", sop="1.2.32.2"))  # re-opened: receiving, task a reported
+    queue.cancel("1.2.32")
+    details = QueueOverview(database).study_details("1.2.32")
+    assert details["state"] == "cancelled" and [t["state"] for t in details["tasks"]] == ["cancelled"]
+    assert queue.retry("1.2.32") == "a: queued again"
+    assert queue.claim("w1", 60) is not None, "the retried task is queued"
+
+
+def test_a_failed_task_shows_even_while_another_waits_and_messages_name_the_task(database) -> None:
+    queue = StudyQueue(database)
+    queue.record_instance(instance("1.2.33", sop="1.2.33.1"))
+    queue.complete_stable_studies(0, now=utcnow() + timedelta(seconds=1), router=_route_to("a", "b"))
+    queue.pause("b")
+    claim = queue.claim("w1", 60)
+    assert claim is not None and claim.model == "a"
+    assert queue.finish(claim, StudyState.FAILED, "the series cannot be read")
+    assert QueueOverview(database).study_details("1.2.33")["state"] == "failed", "not hidden behind b's queued task"
+    with pytest.raises(TransitionError, match="has b queued; only cancelled or failed"):
+        queue.retry("1.2.33", model="b")
+    assert queue.retry("1.2.33", model="a") == "a: queued again"
+
+
+def test_queued_tasks_of_a_model_no_longer_configured_are_cancelled(database) -> None:
+    queue = StudyQueue(database)
+    queued_study(queue, "1.2.34")  # the one model of before [[models]]: "default"
+    assert queue.cancel_unconfigured(["lung"]) == {"default": 1}
+    assert QueueOverview(database).study_details("1.2.34")["state"] == "cancelled"
+    assert queue.cancel_unconfigured(["lung"]) == {}
