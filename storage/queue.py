@@ -156,12 +156,12 @@ def move_task(session: Session, task: Task, to_state: TaskState, reason: str, no
     if to_state is T.QUEUED:
         task.queued_at = now
     study = task.study
-    if not _told_by_study(study, task):
+    if not told_by_study(study, task):
         _record_task_event(session, task, from_state, to_state, reason, now)
     summarise_study(session, study, now, reason if task.model == IMPLICIT_MODEL else f"{task.model}: {reason}")
 
 
-def _told_by_study(study: Study, task: Task) -> bool:
+def told_by_study(study: Study, task: Task) -> bool:
     """Whether the study's own event tells this task's change: a one-model node's only task moves the
     study with it, so its history reads as before tasks existed (one line per change, not two)."""
     return task.model == IMPLICIT_MODEL and len(study.tasks) == 1 and study.state != S.RECEIVING

@@ -46,6 +46,7 @@ from triagenode.storage.queue import (
     TransitionError,
     UnknownStudyError,
     move_task,
+    told_by_study,
 )
 from triagenode.storage.timeutil import iso, utcnow
 
@@ -439,8 +440,9 @@ def _schedule(session: Session, task: Task, destinations: Sequence[str], now: da
 
 def _note(session: Session, task: Task, reason: str, now: datetime) -> None:
     """An event in the task's history that changes no state (a delivery, a rebuilt report)."""
+    model = None if told_by_study(task.study, task) else task.model
     session.add(StudyEvent(study=task.study, at=now, from_state=task.state, to_state=task.state, reason=reason,
-                           model=task.model))
+                           model=model))
     session.flush()
 
 

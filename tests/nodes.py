@@ -189,10 +189,6 @@ def send(
 
 
 def study_events(details: dict[str, Any]) -> list[dict[str, Any]]:
-    """The study's own history from ``queue show --json`` (its state as its tasks sum it up)."""
+    """The study's own history from ``queue show --json`` (its state as its tasks sum it up); on a
+    one-model node that is the whole history, one line per change."""
     return [event for event in details["events"] if event["model"] is None]
-
-
-def task_events(details: dict[str, Any], model: str = "default") -> list[dict[str, Any]]:
-    """One model's task history from ``queue show --json`` ("default": the node's one model)."""
-    return [event for event in details["events"] if event["model"] == model]

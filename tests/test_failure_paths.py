@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from dicom_factory import write_study
-from nodes import NodeProcess, send, task_events, wait_until
+from nodes import NodeProcess, send, study_events, wait_until
 
 
 def test_a_worker_busy_past_study_timeout_s_is_killed_and_the_study_fails_after_three_tries(
@@ -18,7 +18,7 @@ def test_a_worker_busy_past_study_timeout_s_is_killed_and_the_study_fails_after_
     wait_until(lambda: "worker.ready" in node.log(), 90, "the worker loaded its model")
     assert send(node.port, study.files) == [0] * len(study.files)
     details = node.wait_for_state(study.study_uid, "failed", timeout=180)
-    reasons = [event["reason"] for event in task_events(details)]
+    reasons = [event["reason"] for event in study_events(details)]
     killed = [reason for reason in reasons if "killed after study_timeout_s=1" in reason]
     assert len(killed) == 3, reasons
     assert "on attempt 3 of 3; giving up" in killed[-1]
