@@ -13,8 +13,6 @@ from typing import TYPE_CHECKING, Any
 
 import click
 
-from triagenode.config import ConfigError
-from triagenode.config.values import IMPLICIT_MODEL
 from triagenode.daemon.cli_shared import EXIT_NO, config_option, fail, json_option, plural, print_json, settings_from
 
 if TYPE_CHECKING:
@@ -241,7 +239,8 @@ def infer(
     route it fits, as on the node (one result per study and model). Exits 1 when a study could
     not be read.
     """
-    from triagenode.config.settings import ModelRoute
+    from triagenode.config import ConfigError
+    from triagenode.config.settings import IMPLICIT_MODEL, ModelRoute
     from triagenode.inference.device import DeviceError, resolve_device
     from triagenode.inference.model_package import ModelPackageError, load_package
     from triagenode.inference.pipeline import SeriesGeometryError, analyse_study
@@ -317,6 +316,7 @@ def _infer_entry(
     study_uid: str, model: str, package: ModelPackage, analysis: StudyAnalysis, sr_out: Path | None, outputs: int
 ) -> dict[str, Any]:
     """One study's result from one model as ``infer`` prints it, with the report written where asked."""
+    from triagenode.config.values import IMPLICIT_MODEL
     from triagenode.inference.pipeline import NotApplicable
 
     outcome, report = analysis.outcome, analysis.report

@@ -39,7 +39,9 @@ RAN_WELL_S = 300.0
 occasional crash weeks apart is restarted after 2 s, not after the 60 s of a crash loop."""
 
 
-def _run_worker(settings: Settings, worker_id: str, busy_since: Synchronized, models: tuple[str, ...]) -> None:
+def _run_worker(
+    settings: Settings, worker_id: str, busy_since: Synchronized, models: tuple[str, ...], node_pid: int
+) -> None:
     """A worker process's entry point: imports the worker, and torch with it, in the child only.
 
     Naming :func:`triagenode.daemon.worker.worker_main` as the target would
@@ -48,7 +50,7 @@ def _run_worker(settings: Settings, worker_id: str, busy_since: Synchronized, mo
     """
     from triagenode.daemon.worker import worker_main
 
-    worker_main(settings, worker_id, busy_since, models)
+    worker_main(settings, worker_id, busy_since, models, node_pid)
 
 
 def assign_models(settings: Settings) -> list[tuple[str, ...]]:
@@ -105,7 +107,7 @@ class WorkerPool:
         slot.worker_id = f"worker{slot.index}-{uuid.uuid4().hex[:6]}"
         slot.busy_since = self._context.Value("d", 0.0)
         slot.process = self._context.Process(
-            target=_run_worker, args=(self._settings, slot.worker_id, slot.busy_since, slot.models),
+            target=_run_worker, args=(self._settings, slot.worker_id, slot.busy_since, slot.models, os.getpid()),
             name=slot.worker_id,
         )  # not daemonic: a worker starts its own decoder processes; stop() ends it, and it exits if we die
         slot.process.start()

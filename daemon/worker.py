@@ -42,16 +42,19 @@ LEASE_SECONDS = 60
 IDLE_POLL_S = 0.5
 
 
-def worker_main(settings: Settings, worker_id: str, busy_since: Synchronized, models: tuple[str, ...]) -> None:
+def worker_main(
+    settings: Settings, worker_id: str, busy_since: Synchronized, models: tuple[str, ...], node_pid: int
+) -> None:
     """Entry point of a worker process (spawned by the supervisor): set the process up, then run a Worker.
 
-    ``models``: the names of the models (routes) this worker serves.
+    ``models``: the names of the models (routes) this worker serves; ``node_pid``: the process that
+    spawned it, whose death ends the worker too.
     """
     from triagenode.daemon.logs import configure_logging
 
     configure_logging()
     faulthandler.register(signal.SIGUSR1, all_threads=True)  # `kill -USR1 <pid>`: every thread's stack to the log
-    exit_when_orphaned()
+    exit_when_orphaned(node_pid)
     stop = threading.Event()
     stop_on_signals(stop, [signal.SIGTERM])
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the supervisor decides

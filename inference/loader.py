@@ -53,13 +53,17 @@ RUN_SLICES = 16
 """Slices per decoder task: small enough that the first batch is ready early, large enough to amortise a task."""
 
 
-def exit_when_orphaned(poll_s: float = 1.0) -> None:
-    """Exit this process when its parent dies (a daemon thread polls the parent's pid).
+def exit_when_orphaned(parent: int, poll_s: float = 1.0) -> None:
+    """Exit this process when its parent ``parent`` (the pid that spawned it) is gone.
 
     Spawned children of a process that is SIGKILLed are not killed with it;
-    a worker or decoder left behind would hold memory (and a GPU) forever.
+    a worker or decoder left behind would hold memory (and a GPU) forever. The
+    parent's pid comes from the parent itself: a child reading ``getppid()``
+    once started would take the adopting init for its parent when the parent
+    died while the child was still importing (seconds, with torch), and never exit.
     """
-    parent = os.getppid()
+    if os.getppid() != parent:
+        os._exit(0)
 
     def watch() -> None:
         while True:
@@ -70,7 +74,7 @@ def exit_when_orphaned(poll_s: float = 1.0) -> None:
     threading.Thread(target=watch, name="parent-watch", daemon=True).start()
 
 
-def _decoder_init() -> None:
+def _decoder_init(worker: int) -> None:
     torch.set_num_threads(1)  # the pool is the parallelism; one thread per process avoids oversubscription
     # A signal to the node's process group (Ctrl-C, `kill -TERM -- -PGID`) must not
     # reach the decoders: one that died of it would break its worker's study
@@ -78,7 +82,7 @@ def _decoder_init() -> None:
     # a decoder also exits when its worker is gone. (Under systemd the unit's
     # KillMode=mixed sends SIGTERM to the main process only, for the same reason.)
     os.setpgrp()
-    exit_when_orphaned()
+    exit_when_orphaned(worker)
 
 
 def _warm() -> int:
@@ -157,7 +161,8 @@ class SliceLoader:
             self._pool = ThreadPoolExecutor(1, thread_name_prefix="decoder")
         if self.processes and self._pool is None:
             self._pool = ProcessPoolExecutor(
-                self.processes, mp_context=multiprocessing.get_context("spawn"), initializer=_decoder_init
+                self.processes, mp_context=multiprocessing.get_context("spawn"), initializer=_decoder_init,
+                initargs=(os.getpid(),),
             )
             futures = [self._pool.submit(_warm) for _ in range(self.processes)]
             for future in futures:

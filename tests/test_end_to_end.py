@@ -294,3 +294,23 @@ def test_resend_builds_the_report_in_the_configured_sr_class(make_node, make_pac
     shown = node.cli_json("queue", "show", study_uid)
     assert shown["result"]["sr_sop_instance_uid"] == sr.SOPInstanceUID != old_uid
     assert shown["result"]["probability"] == failed["result"]["probability"]
+
+
+def test_a_worker_whose_node_dies_while_it_is_still_starting_exits_too(make_node) -> None:
+    """Killed before its worker has even imported torch, the node must not leave the worker behind."""
+    import os
+    import signal
+
+    node = make_node(inference={"workers": 1, "device": "cpu"})
+    [worker] = wait_until(lambda: _worker_pids(node), 30, "the worker spawned")
+    assert "worker.ready" not in node.log(), "the node is killed while its worker is still starting"
+    node.stop(signal.SIGKILL)
+
+    def gone() -> bool:
+        try:
+            os.kill(worker, 0)
+        except ProcessLookupError:
+            return True
+        return Path(f"/proc/{worker}/stat").read_text().split(")")[1].split()[0] == "Z"
+
+    wait_until(gone, 15, f"worker {worker} left behind by its dead node")
