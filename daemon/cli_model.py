@@ -255,6 +255,7 @@ def infer(
     elif model_path is not None:
         routes = {IMPLICIT_MODEL: ModelRoute(name=IMPLICIT_MODEL, package=model_path)}
     routed = bool(settings.models) and model_path is None
+    configured = {entry.name for entry in settings.models}  # their reports get the entry's own series
     packages: dict[str, ModelPackage] = {}
     try:
         router = ModelRouter.from_settings(settings) if routed else None
@@ -286,7 +287,7 @@ def infer(
             try:
                 analysis = analyse_study(package, study, torch_device, inference.batch_size, None, inference,
                                          settings.node.ae_title, with_report=sr_out is not None,
-                                         route=name if routed or settings.models else None)
+                                         route=name if name in configured else None)
             except SeriesGeometryError as exc:
                 results.append({"study_uid": study_uid, "route": name, "status": "failed", "reason": str(exc)})
                 failed = True

@@ -155,10 +155,8 @@ def move_task(session: Session, task: Task, to_state: TaskState, reason: str, no
         task.lease_expires_at = None
     if to_state is T.QUEUED:
         task.queued_at = now
-    study = task.study
-    if not told_by_study(study, task):
-        _record_task_event(session, task, from_state, to_state, reason, now)
-    summarise_study(session, study, now, reason if task.model == IMPLICIT_MODEL else f"{task.model}: {reason}")
+    record_task_event(session, task, from_state, to_state, reason, now)
+    summarise_study(session, task.study, now, reason if task.model == IMPLICIT_MODEL else f"{task.model}: {reason}")
 
 
 def told_by_study(study: Study, task: Task) -> bool:
@@ -167,16 +165,25 @@ def told_by_study(study: Study, task: Task) -> bool:
     return task.model == IMPLICIT_MODEL and len(study.tasks) == 1 and study.state != S.RECEIVING
 
 
-def _record_task_event(
+def record_task_event(
     session: Session, task: Task, from_state: TaskState | None, to_state: TaskState, reason: str, now: datetime
 ) -> None:
-    """The task's line in its study's history and, once committed, in the log."""
+    """The task's line in its study's history and, for a change of state, once committed, in the log.
+
+    The one writer of task history: where the study's own line tells a change (:func:`told_by_study`)
+    it writes nothing, and a note that changes no state (a delivery) is written as the study's.
+    """
     study = task.study
+    change = from_state != to_state
+    told = told_by_study(study, task)
+    if change and told:
+        return
     session.add(StudyEvent(study=study, at=now, from_state=from_state, to_state=to_state, reason=reason,
-                           model=task.model))
-    session.info.setdefault(_STATE_CHANGES, []).append(
-        (study.study_uid, task.model, str(from_state) if from_state else "-", str(to_state), reason)
-    )
+                           model=None if told else task.model))
+    if change:
+        session.info.setdefault(_STATE_CHANGES, []).append(
+            (study.study_uid, task.model, str(from_state) if from_state else "-", str(to_state), reason)
+        )
 
 
 def summarise_study(session: Session, study: Study, now: datetime, reason: str) -> None:
@@ -451,7 +458,7 @@ class StudyQueue:
                 session.add(task)
                 session.flush()
                 if [d.model for d in decisions] != [IMPLICIT_MODEL]:  # else the study's "complete" line tells it
-                    _record_task_event(session, task, None, T.QUEUED, decision.reason, now)
+                    record_task_event(session, task, None, T.QUEUED, decision.reason, now)
             elif decision.matched and task is not None:
                 task.processing_attempts = 0  # new work: the runs of the previous round do not count
                 if task.state != T.QUEUED:
@@ -671,7 +678,7 @@ class StudyQueue:
         """
         now = now or utcnow()
         with self._sessions.begin() as session:
-            study = self._get(session, study_uid)
+            study = find_study(session, study_uid)
             tasks = self._tasks(study, model)
             retryable = [task for task in tasks if task.state in RETRYABLE]
             if study.state == S.CANCELLED and model is None and not retryable:
@@ -712,7 +719,7 @@ class StudyQueue:
         """Cancel a study's tasks (one model's, with ``model``); a study still receiving is cancelled itself."""
         now = now or utcnow()
         with self._sessions.begin() as session:
-            study = self._get(session, study_uid)
+            study = find_study(session, study_uid)
             tasks = self._tasks(study, model)
             cancellable = [task for task in tasks if task.state in CANCELLABLE]
             if study.state == S.RECEIVING and model is None:
@@ -731,7 +738,7 @@ class StudyQueue:
         """Mark a study urgent: its queued tasks go before every other's. False when it already was."""
         now = now or utcnow()
         with self._sessions.begin() as session:
-            study = self._get(session, study_uid)
+            study = find_study(session, study_uid)
             if study.urgent:
                 return False
             study.urgent = True
@@ -783,12 +790,14 @@ class StudyQueue:
             raise TransitionError(f"study {study.study_uid} has no task for model {model!r} (its tasks: {known})")
         return tasks
 
-    @staticmethod
-    def _get(session: Session, study_uid: str) -> Study:
-        study = session.scalar(select(Study).where(Study.study_uid == study_uid))
-        if study is None:
-            raise UnknownStudyError(f"no study {study_uid} on this node; `triagenode queue ls` lists them")
-        return study
+
+
+def find_study(session: Session, study_uid: str) -> Study:
+    """The study with this Study Instance UID, or :class:`UnknownStudyError` with what to do."""
+    study = session.scalar(select(Study).where(Study.study_uid == study_uid))
+    if study is None:
+        raise UnknownStudyError(f"no study {study_uid} on this node; `triagenode queue ls` lists them")
+    return study
 
 
 def _states(study: Study, tasks: list[Task]) -> str:

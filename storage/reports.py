@@ -34,7 +34,6 @@ from triagenode.storage.models import (
     DeliveryState,
     ResultRecord,
     Study,
-    StudyEvent,
     StudyState,
     Task,
     TaskState,
@@ -44,9 +43,9 @@ from triagenode.storage.queue import (
     Claim,
     StudyQueue,
     TransitionError,
-    UnknownStudyError,
+    find_study,
     move_task,
-    told_by_study,
+    record_task_event,
 )
 from triagenode.storage.timeutil import iso, utcnow
 
@@ -318,7 +317,7 @@ class ReportBook:
     def tasks_with_reports(self, study_uid: str) -> list[str]:
         """The models whose tasks on the study have a report, in task order."""
         with self._read() as session:
-            study = _study(session, study_uid)
+            study = find_study(session, study_uid)
             return [
                 task.model
                 for task in study.tasks
@@ -393,16 +392,9 @@ class ReportBook:
                               row.created_at)
 
 
-def _study(session: Session, study_uid: str) -> Study:
-    study = session.scalar(select(Study).where(Study.study_uid == study_uid))
-    if study is None:
-        raise UnknownStudyError(f"no study {study_uid} on this node; `triagenode queue ls` lists them")
-    return study
-
-
 def _one_task(session: Session, study_uid: str, model: str | None) -> Task:
     """The study's task for ``model``; without a model, its only task (else a line that says to name one)."""
-    study = _study(session, study_uid)
+    study = find_study(session, study_uid)
     if model is not None:
         for task in study.tasks:
             if task.model == model:
@@ -440,9 +432,7 @@ def _schedule(session: Session, task: Task, destinations: Sequence[str], now: da
 
 def _note(session: Session, task: Task, reason: str, now: datetime) -> None:
     """An event in the task's history that changes no state (a delivery, a rebuilt report)."""
-    model = None if told_by_study(task.study, task) else task.model
-    session.add(StudyEvent(study=task.study, at=now, from_state=task.state, to_state=task.state, reason=reason,
-                           model=model))
+    record_task_event(session, task, task.state, task.state, reason, now)
     session.flush()
 
 
