@@ -51,10 +51,10 @@ def model() -> None:
 @json_option
 def model_info(package: str, as_json: bool) -> None:
     """Print a model package's manifest (FILE may be 'demo')."""
-    from triagenode.inference.model_package import DEMO_MODEL, ModelPackageError, read_manifest
+    from triagenode.inference.model_package import ModelPackageError, package_file, read_manifest
 
     try:
-        manifest = read_manifest(DEMO_MODEL if package == "demo" else Path(package))
+        manifest = read_manifest(package_file(package))
     except ModelPackageError as exc:
         fail(str(exc))
     data = manifest.to_dict()

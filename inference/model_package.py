@@ -16,7 +16,7 @@ import json
 import zipfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Literal, get_args
 
 from triagenode.inference.input_spec import InputSpec
 
@@ -28,7 +28,17 @@ FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
 WEIGHTS = "weights.pt"
 DEMO_MODEL = Path(__file__).parent / "demo" / "demo.tnm"
-"""The built-in demo model (``model = "demo"``)."""
+"""The built-in demo model (``model = "demo"``): lung-nodule triage on chest CT."""
+MAMMO_DEMO_MODEL = Path(__file__).parent / "demo" / "mammo-demo.tnm"
+"""The built-in demo detector (``model = "mammo-demo"``): masses and calcification clusters on mammograms."""
+BUILTIN_MODELS: dict[str, Path] = {"demo": DEMO_MODEL, "mammo-demo": MAMMO_DEMO_MODEL}
+"""Names that work wherever a package path does (``--model``, ``package =``, ``[inference] model``)."""
+
+
+def package_file(package: str | Path) -> Path:
+    """The file a package name or path means: a built-in model's name (:data:`BUILTIN_MODELS`), else the path
+    (``~`` expanded)."""
+    return BUILTIN_MODELS.get(str(package)) or Path(package).expanduser()
 
 
 class ModelPackageError(ValueError):
@@ -46,6 +56,62 @@ class CodedConcept:
 
 NODULE = CodedConcept("27925004", "SCT", "Nodule")
 LUNG = CodedConcept("39607008", "SCT", "Lung")
+LESION = CodedConcept("52988006", "SCT", "Lesion")
+BREAST = CodedConcept("76752008", "SCT", "Breast")
+LEFT_BREAST = CodedConcept("80248007", "SCT", "Left breast")
+RIGHT_BREAST = CodedConcept("73056007", "SCT", "Right breast")
+MASS = CodedConcept("4147007", "SCT", "Mass")
+CALCIFICATION_CLUSTER = CodedConcept("129769006", "SCT", "Calcification Cluster")
+"""The breast findings as DICOM's breast imaging CIDs (6014, 6010) code them in SNOMED CT."""
+
+Task = Literal["classification", "detection"]
+TASKS: tuple[str, ...] = get_args(Task)
+
+
+@dataclass(frozen=True)
+class LesionClass:
+    """One kind of lesion a detection model marks: its name in results and its code in reports."""
+
+    name: str
+    """As results and labels name it ("mass", "calcification"); the network's output channel i + 1 is class i."""
+    code: CodedConcept
+
+
+@dataclass(frozen=True)
+class DetectionSpec:
+    """How a detection model's output map becomes marked lesions (see :mod:`inference.detection`)."""
+
+    classes: tuple[LesionClass, ...] = (
+        LesionClass("mass", MASS),
+        LesionClass("calcification", CALCIFICATION_CLUSTER),
+    )
+    output_stride: int = 4
+    """Input pixels per output cell along each axis."""
+    candidate_threshold: float = 0.05
+    """Lowest certainty a candidate is kept at (FROC needs the low ones; reports show those at ``threshold``)."""
+    max_per_image: int = 10
+    """At most this many candidates per image, the most certain."""
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "classes": [{"name": c.name, "code": asdict(c.code)} for c in self.classes],
+            "output_stride": self.output_stride,
+            "candidate_threshold": self.candidate_threshold,
+            "max_per_image": self.max_per_image,
+        }
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> DetectionSpec:
+        values = dict(data)
+        if "classes" in values:
+            values["classes"] = tuple(LesionClass(c["name"], CodedConcept(**c["code"])) for c in values["classes"])
+        return cls(**values)
+
+    def code_of(self, name: str) -> CodedConcept:
+        for lesion_class in self.classes:
+            if lesion_class.name == name:
+                return lesion_class.code
+        raise KeyError(name)
 
 
 @dataclass
@@ -55,6 +121,9 @@ class Manifest:
     name: str
     version: str
     architecture: str
+    task: Task = "classification"
+    """'classification' (one probability per study, from per-slice scores) or 'detection' (lesions marked
+    per image, :attr:`detection`); packages written before the field existed are classifiers."""
     architecture_params: dict[str, Any] = field(default_factory=dict)
     input: InputSpec = field(default_factory=InputSpec)
     labels: list[str] = field(default_factory=lambda: ["absent", "present"])
@@ -69,10 +138,19 @@ class Manifest:
     created_at: str = ""
     weights_sha256: str = ""
     format_version: int = FORMAT_VERSION
+    detection: DetectionSpec | None = None
+    """For a detection model: its lesion classes and how its output map is read (None for a classifier)."""
+
+    def __post_init__(self) -> None:
+        if self.task not in TASKS:
+            raise ValueError(f"unknown task {self.task!r}; this node runs {', '.join(TASKS)}")
+        if self.task == "detection" and self.detection is None:
+            raise ValueError("a detection model's manifest needs its 'detection' section (lesion classes)")
 
     def to_dict(self) -> dict[str, Any]:
         data = asdict(self)
         data["input"] = self.input.to_dict()
+        data["detection"] = self.detection.to_dict() if self.detection is not None else None
         return data
 
     @classmethod
@@ -82,6 +160,8 @@ class Manifest:
         values["finding"] = CodedConcept(**values["finding"])
         if values.get("finding_site"):
             values["finding_site"] = CodedConcept(**values["finding_site"])
+        if values.get("detection"):
+            values["detection"] = DetectionSpec.from_dict(values["detection"])
         return cls(**values)
 
 
@@ -116,12 +196,12 @@ def read_manifest(path: Path) -> Manifest:
 
 
 def load_package(path: Path | str) -> ModelPackage:
-    """Load and check a package; ``"demo"`` is the built-in demo model."""
+    """Load and check a package; a built-in model's name (``"demo"``, ``"mammo-demo"``) loads that model."""
     import torch
 
     from triagenode.inference.architectures import UnknownArchitectureError, build_network
 
-    path = DEMO_MODEL if str(path) == "demo" else Path(path)
+    path = package_file(path)
     with _open(path) as archive:
         manifest = _manifest(path, archive)
         try:
@@ -155,7 +235,10 @@ def _open(path: Path) -> zipfile.ZipFile:
     try:
         return zipfile.ZipFile(path)
     except FileNotFoundError:
-        raise ModelPackageError(f"model package {path} does not exist; check the path (or use 'demo')") from None
+        raise ModelPackageError(
+            f"model package {path} does not exist; check the path (or use a built-in model: "
+            f"{', '.join(BUILTIN_MODELS)})"
+        ) from None
     except (zipfile.BadZipFile, OSError) as exc:
         raise ModelPackageError(f"model {path} is not a model package (a .tnm zip): {exc}") from None
 

@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from triagenode.config import ConfigError, origin_of
-from triagenode.inference.model_package import DEMO_MODEL, Manifest, ModelPackageError, read_manifest
+from triagenode.inference.model_package import Manifest, ModelPackageError, package_file, read_manifest
 from triagenode.storage.routes import RouteDecision, SeriesSummary, StudySummary
 
 if TYPE_CHECKING:
@@ -41,8 +41,8 @@ __all__ = ["ModelRouter", "check_configured_models", "package_manifest", "packag
 
 
 def package_path(package: str) -> Path:
-    """The file a route's ``package`` names: ``"demo"`` is the built-in demo model; ``~`` is expanded."""
-    return DEMO_MODEL if package == "demo" else Path(package).expanduser()
+    """The file a route's ``package`` names: a built-in model's name (``"demo"``, ``"mammo-demo"``) or a path."""
+    return package_file(package)
 
 
 def package_manifest(package: str) -> Manifest:
