@@ -128,6 +128,10 @@ class Outcome:
     timings_ms: Mapping[str, float] = field(default_factory=dict)
     reason: str | None = None
     """Why the study is not applicable to the model; None for a finding."""
+    lesions: tuple[Mapping[str, Any], ...] = ()
+    """A detection model's marks (``inference.outcomes.Lesion.to_dict``): image, type, box, certainty."""
+    skipped: tuple[str, ...] = ()
+    """Images the model did not read, each with its reason."""
 
     @property
     def applicable(self) -> bool:
