@@ -107,6 +107,9 @@ ModelName = Annotated[str, AfterValidator(_model_name)]
 Pattern = Annotated[str, AfterValidator(_pattern)]
 """A Python regular expression, searched (``re.search``) in a DICOM text; empty matches anything."""
 SrSopClass = Literal["comprehensive3d", "comprehensive"]
+MammoSr = Literal["tid1500", "mammography-cad", "both"]
+"""What a mammography detector's report is: a TID 1500 measurement report (one planar ROI per lesion), a
+Mammography CAD SR (TID 4000, what breast-imaging workstations draw CAD marks from), or both."""
 ContentQualification = Literal["RESEARCH", "PRODUCT"]
 
 
@@ -149,8 +152,9 @@ class StudySettings(_Section):
 class InferenceSettings(_Section):
     """``[inference]``: which model runs, where, and what report it writes."""
 
-    model: Annotated[str, _required("name a model package path, or 'demo'")] = "demo"
-    """'demo' (the built-in demo model) or the path of a model package (*.tnm)."""
+    model: Annotated[str, _required("name a model package path, or a built-in model: 'demo', 'mammo-demo'")] = "demo"
+    """A built-in model ('demo': lung nodules on CT; 'mammo-demo': lesions on mammograms) or the path of a
+    model package (*.tnm)."""
     device: str = "auto"
     """auto (a GPU when there is one), cpu, cuda or cuda:N."""
     workers: int = Field(1, ge=0)
@@ -166,6 +170,9 @@ class InferenceSettings(_Section):
     """RESEARCH, or PRODUCT once the site has validated the model."""
     report_not_applicable: bool = False
     """Also send an SR (finding Indeterminate, with the reason) for studies the model cannot read."""
+    mammo_sr: MammoSr = "tid1500"
+    """A detection model's report: tid1500, mammography-cad (Mammography CAD SR) or both; a ``[[models]]``
+    entry may set its own."""
 
     @field_validator("device")
     @classmethod
@@ -224,8 +231,8 @@ class ModelRoute(_Section):
 
     name: ModelName
     """Unique; shown everywhere, and part of the model's task, series and SR UIDs and file names."""
-    package: Annotated[str, _required("name a model package path, or 'demo'")]
-    """'demo' (the built-in demo model) or the path of a model package (*.tnm); two routes may share one."""
+    package: Annotated[str, _required("name a model package path, or a built-in model: 'demo', 'mammo-demo'")]
+    """A built-in model ('demo', 'mammo-demo') or the path of a model package (*.tnm); two routes may share one."""
     priority: int = 0
     """Higher runs first (after urgent studies); equal priorities go by the time the study became complete."""
     modalities: tuple[str, ...] = Field((), strict=False)
@@ -243,6 +250,8 @@ class ModelRoute(_Section):
     workers: int = Field(0, ge=0)
     """Worker processes reserved for this model alone (a heavy model must not starve a light one);
     0: the model is served by the workers no model reserved."""
+    mammo_sr: MammoSr | None = None
+    """This entry's detection report (see ``[inference] mammo_sr``, which applies when this is not set)."""
 
 
 class Settings(_Section):
