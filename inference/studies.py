@@ -45,8 +45,13 @@ SELECTION_TAGS = (
     "PixelSpacing",
     "ImageOrientationPatient",
     "ImagePositionPatient",
+    "ImageLaterality",
+    "Laterality",
+    "ViewPosition",
+    "PresentationIntentType",
 )
-"""Every element selection (:func:`select_series`) and layout (``layout_series``) read.
+"""Every element selection (:func:`select_series`, a detection model's ``select_images``) and layout
+(``layout_series``) read.
 
 Reading only these keeps the lifecycle's index of thousands of studies small;
 the node reads whole headers because the report copies patient and study from
