@@ -22,23 +22,47 @@ if TYPE_CHECKING:
 
 @click.command()
 @click.argument("out_dir", type=click.Path(path_type=Path, file_okay=False))
+@click.option(
+    "--kind", type=click.Choice(["ct", "mammo"]), default="ct", show_default=True,
+    help="ct: chest CT with lung nodules; mammo: four-view screening mammograms with masses and calcifications.",
+)
 @click.option("--studies", default=10, show_default=True, type=click.IntRange(1), help="How many studies.")
 @click.option("--positive-fraction", default=0.5, show_default=True, type=click.FloatRange(0, 1))
 @click.option("--seed", default=0, show_default=True, type=int, help="Same seed, same studies (pixels and UIDs).")
-@click.option("--slices", default=64, show_default=True, type=click.IntRange(8, 2000))
-@click.option("--matrix", default=256, show_default=True, type=click.IntRange(64, 1024))
-def phantom(out_dir: Path, studies: int, positive_fraction: float, seed: int, slices: int, matrix: int) -> None:
-    """Write synthetic chest CT studies (real DICOM, one folder each) and labels.csv.
+@click.option("--slices", default=64, show_default=True, type=click.IntRange(8, 2000), help="CT slices per study.")
+@click.option(
+    "--matrix", type=click.IntRange(64, 4096),
+    help="CT: rows and columns (default 256, at most 1024); mammo: rows, the columns keep the detector's aspect "
+    "(default 3328: the full field at 0.07 mm).",
+)
+def phantom(
+    out_dir: Path, kind: str, studies: int, positive_fraction: float, seed: int, slices: int, matrix: int | None
+) -> None:
+    """Write synthetic studies (real DICOM, one folder each) and their labels.
 
-    Positive studies carry 1-3 lung nodules of 4-25 mm; labels.csv gives each
-    study's label and its nodules' positions and diameters. For tests, demos
-    and training the demo model; not patient data.
+    ct: positive studies carry 1-3 lung nodules of 4-25 mm; labels.csv gives each
+    study's label and its nodules' positions and diameters. mammo: four views (L/R CC
+    and MLO); positive studies carry 1-3 masses or calcification clusters, on both
+    views of their breast; labels.csv gives each study's label, lesions.csv each
+    lesion's box on each image. For tests, demos and training the demo models; not
+    patient data.
     """
-    from triagenode.inference.phantom import LABELS_FILE, write_phantoms
+    from triagenode.inference.phantom import LABELS_FILE
 
-    written = write_phantoms(out_dir, studies, positive_fraction, seed, slices, matrix)
-    positives = sum(study.label for study in written)
-    click.echo(f"wrote {plural(len(written), 'study', 'studies')} ({positives} positive) and {out_dir / LABELS_FILE}")
+    if kind == "mammo":
+        from triagenode.inference.phantom_mammo import FULL_FIELD_ROWS, LESIONS_FILE, write_mammo_phantoms
+
+        labels = [s.label for s in write_mammo_phantoms(out_dir, studies, positive_fraction, seed,
+                                                        matrix or FULL_FIELD_ROWS)]
+        files = f"{out_dir / LABELS_FILE} and {out_dir / LESIONS_FILE}"
+    else:
+        from triagenode.inference.phantom import write_phantoms
+
+        if matrix is not None and matrix > 1024:
+            fail(f"--matrix {matrix}: a CT phantom has at most 1024 rows and columns")
+        labels = [s.label for s in write_phantoms(out_dir, studies, positive_fraction, seed, slices, matrix or 256)]
+        files = str(out_dir / LABELS_FILE)
+    click.echo(f"wrote {plural(len(labels), 'study', 'studies')} ({sum(labels)} positive) and {files}")
 
 
 @click.group()
@@ -81,8 +105,21 @@ def model_info(package: str, as_json: bool) -> None:
 @click.option("--data", "data_dir", required=True, type=click.Path(path_type=Path, exists=True, file_okay=False))
 @click.option("--labels", "labels_csv", required=True, type=click.Path(path_type=Path, exists=True, dir_okay=False))
 @click.option(
-    "--arch", default="simplecnn", show_default=True, type=click.Choice(["simplecnn", "resnet18", "densenet121"])
+    "--task", type=click.Choice(["classification", "detection"]), default="classification", show_default=True,
+    help="classification: one probability per study (CT); detection: lesions marked per image (mammography).",
 )
+@click.option(
+    "--arch", type=click.Choice(["simplecnn", "resnet18", "densenet121", "lesionfcn"]),
+    help="The network [default: simplecnn for classification, lesionfcn for detection].",
+)
+@click.option(
+    "--lesions", "lesions_csv", type=click.Path(path_type=Path, exists=True, dir_okay=False),
+    help="Detection: the lesion boxes [default: lesions.csv next to --labels].",
+)
+@click.option("--crop", default=256, show_default=True, type=click.IntRange(32, 2048),
+              help="Detection: side of the square crops trained on, in input pixels.")
+@click.option("--crops-per-epoch", default=1024, show_default=True, type=click.IntRange(1),
+              help="Detection: crops drawn per epoch.")
 @click.option(
     "--out", required=True, type=click.Path(path_type=Path, dir_okay=False), help="The package to write (*.tnm)."
 )
@@ -95,7 +132,10 @@ def model_info(package: str, as_json: bool) -> None:
 )
 @click.option("--seed", default=0, show_default=True, type=int)
 @click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N.")
-@click.option("--matrix", default=128, show_default=True, type=click.IntRange(32, 1024), help="Input size.")
+@click.option(
+    "--matrix", type=click.IntRange(32, 2048),
+    help="Input size [default: 128 for classification; detection: 512, the image's longer side].",
+)
 @click.option(
     "--slice-context", default=1, show_default=True, type=click.IntRange(0, 5), help="Neighbours as channels."
 )
@@ -107,7 +147,7 @@ def model_info(package: str, as_json: bool) -> None:
     help="Early stop after N epochs without a better validation AUC.",
 )
 @click.option("--slices-per-epoch", default=None, type=click.IntRange(1), help="Cap on slices drawn per epoch.")
-@click.option("--name", default="lung-nodule-triage", show_default=True)
+@click.option("--name", help="The model's name [default: lung-nodule-triage, or mammo-lesion-detection].")
 @click.option("--version", "model_version", default="0.1.0", show_default=True)
 @click.option("--intended-use", default="", help="Text stored in the manifest.")
 @click.option(
@@ -116,7 +156,11 @@ def model_info(package: str, as_json: bool) -> None:
 def model_train(
     data_dir: Path,
     labels_csv: Path,
-    arch: str,
+    task: str,
+    arch: str | None,
+    lesions_csv: Path | None,
+    crop: int,
+    crops_per_epoch: int,
     out: Path,
     epochs: int,
     batch_size: int,
@@ -125,29 +169,47 @@ def model_train(
     val_fraction: float,
     seed: int,
     device: str,
-    matrix: int,
+    matrix: int | None,
     slice_context: int,
     patience: int,
     slices_per_epoch: int | None,
-    name: str,
+    name: str | None,
     model_version: str,
     intended_use: str,
     resume: Path | None,
 ) -> None:
     """Train a CNN on labelled studies and write a model package.
 
+    Classification (CT): labels.csv gives each study's label (and nodule positions, for
+    slice-level training). Detection (mammography): labels.csv and lesions.csv, the
+    boxes of each lesion on each image, as `triagenode phantom --kind mammo` writes them.
     Writes OUT, OUT.ckpt (after every epoch, for --resume) and OUT.log.jsonl (one line per epoch).
     """
+    from dataclasses import replace
+
     from triagenode.inference.device import DeviceError
+    from triagenode.inference.labelled import LabelledDataError
     from triagenode.inference.preprocessing import InputSpec
     from triagenode.inference.training import TrainingConfig, TrainingError, train
 
+    detection = task == "detection"
+    if detection:
+        from triagenode.inference.detection_training import MAMMO_INPUT, train_detector
+
+        spec = replace(MAMMO_INPUT, matrix=matrix or MAMMO_INPUT.matrix)
+        if crop % 4:
+            fail(f"--crop {crop}: use a multiple of 4 (the detector's output stride)")
+    else:
+        spec = InputSpec(matrix=matrix or 128, slice_context=slice_context)
     config = TrainingConfig(
         data_dir=data_dir,
         labels=labels_csv,
         out=out,
-        arch=arch,
-        input=InputSpec(matrix=matrix, slice_context=slice_context),
+        arch=arch or ("lesionfcn" if detection else "simplecnn"),
+        input=spec,
+        lesions=lesions_csv,
+        crop=crop,
+        crops_per_epoch=crops_per_epoch,
         epochs=epochs,
         batch_size=batch_size,
         optimizer=optimizer,
@@ -156,15 +218,15 @@ def model_train(
         seed=seed,
         device=device,
         patience=patience,
-        name=name,
+        name=name or ("mammo-lesion-detection" if detection else "lung-nodule-triage"),
         version=model_version,
         intended_use=intended_use,
         resume=resume,
         slices_per_epoch=slices_per_epoch,
     )
     try:
-        train(config, log=lambda line: click.echo(line, err=True))
-    except (TrainingError, DeviceError, ValueError) as exc:
+        (train_detector if detection else train)(config, log=lambda line: click.echo(line, err=True))
+    except (TrainingError, DeviceError, LabelledDataError, ValueError) as exc:
         fail(str(exc))
 
 

@@ -13,6 +13,7 @@ imports this module (the import-linter contracts in ``pyproject.toml``).
 
 from __future__ import annotations
 
+from collections.abc import Collection
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -37,8 +38,8 @@ class LabelledSeries:
     series: SeriesCandidate
 
 
-def labelled_series(data_dir: Path, labels: dict[str, PhantomStudy], spec: InputSpec) -> list[LabelledSeries]:
-    """Each labelled study with the series the model reads, refusing missing studies and studies it cannot read."""
+def labelled_index(data_dir: Path, labels: Collection[str]) -> dict[str, StudyHeaders]:
+    """The headers of every labelled study under ``data_dir``; refuses labels whose study is not there."""
     index = read_studies(dicom_files(data_dir), whole_headers=False)
     missing = [uid for uid in labels if uid not in index]
     if missing:
@@ -46,6 +47,12 @@ def labelled_series(data_dir: Path, labels: dict[str, PhantomStudy], spec: Input
             f"{len(missing)} labelled studies are not under {data_dir}, e.g. {missing[0]}; "
             "check --data and --labels belong together"
         )
+    return index
+
+
+def labelled_series(data_dir: Path, labels: dict[str, PhantomStudy], spec: InputSpec) -> list[LabelledSeries]:
+    """Each labelled study with the series the model reads, refusing missing studies and studies it cannot read."""
+    index = labelled_index(data_dir, labels)
     out = []
     for uid, truth in labels.items():
         chosen = select_series(index[uid], spec)
@@ -63,4 +70,4 @@ def slice_labels(positions_mm: np.ndarray, nodules: list[Nodule]) -> np.ndarray:
     return labels
 
 
-__all__ = ["LabelledDataError", "LabelledSeries", "labelled_series", "slice_labels"]
+__all__ = ["LabelledDataError", "LabelledSeries", "labelled_index", "labelled_series", "slice_labels"]

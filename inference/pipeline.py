@@ -27,6 +27,7 @@ import torch
 from pydicom import Dataset
 
 from triagenode.config.settings import InferenceSettings
+from triagenode.inference.detection import detect_study
 from triagenode.inference.input_spec import InputSpec
 from triagenode.inference.loader import DecodeTimings, SliceLoader
 from triagenode.inference.model_package import ModelPackage
@@ -92,11 +93,16 @@ def score_study(
 ) -> StudyResult | NotApplicable:
     """Select the series by the manifest's rules, decode, preprocess, infer, aggregate: the node's and evaluation's.
 
+    A detection model (``task = "detection"``) reads the study image by image instead
+    (:func:`inference.detection.detect_study`): its result carries the lesions it marks.
+
     ``loader`` holds the worker's decoder processes; without one, slices are
     decoded by a thread of this process, ahead of the model. Raises
     :class:`SeriesGeometryError` for a series that is not one volume. The
     time spent reading the study's headers counts in 'select' and 'total'.
     """
+    if package.manifest.task == "detection":
+        return detect_study(package, study, device, batch_size)
     started = time.perf_counter()
     series = select_series(study, package.manifest.input)
     if isinstance(series, NotApplicable):

@@ -19,11 +19,11 @@ import math
 import random
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 import torch
@@ -74,6 +74,12 @@ class TrainingConfig:
     """Cap on training slices drawn per epoch (slice-level mode); None uses every training slice once."""
     decoders: int | None = None
     """Decoder processes reading the studies; None: as a node's worker would on this machine."""
+    lesions: Path | None = None
+    """Detection: the lesion boxes (``lesions.csv``); None: ``lesions.csv`` next to the labels."""
+    crop: int = 256
+    """Detection: side of the square crops trained on, in input pixels (a multiple of the output stride)."""
+    crops_per_epoch: int = 1024
+    """Detection: crops drawn per epoch."""
 
 
 @dataclass
@@ -120,7 +126,11 @@ def load_studies(
     return out
 
 
-def stratified_split(studies: list[LabelledStudy], fraction: float, seed: int) -> tuple[list[int], list[int]]:
+class _Labelled(Protocol):
+    label: int
+
+
+def stratified_split(studies: Sequence[_Labelled], fraction: float, seed: int) -> tuple[list[int], list[int]]:
     """Indices of training and validation studies, each label split in the same proportion."""
     rng = random.Random(seed)  # noqa: S311 - reproducible augmentation for a seed
     train, validation = [], []
@@ -172,17 +182,78 @@ def _evaluate(
     return roc_auc(labels, scores), scores
 
 
+def make_optimizer(
+    config: TrainingConfig, network: nn.Module
+) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LRScheduler]:
+    """AdamW, or SGD with Nesterov momentum (the seed's recipe), and a cosine schedule over the epochs."""
+    if config.optimizer not in ("adam", "sgd"):
+        raise TrainingError(f"--optimizer {config.optimizer!r}: use adam or sgd")
+    if config.optimizer == "adam":
+        optimizer: torch.optim.Optimizer = torch.optim.AdamW(
+            network.parameters(), lr=config.lr, weight_decay=config.weight_decay
+        )
+    else:
+        optimizer = torch.optim.SGD(
+            network.parameters(), lr=config.lr, momentum=0.9, nesterov=True, weight_decay=config.weight_decay
+        )
+    return optimizer, torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=max(config.epochs, 1))
+
+
+def save_checkpoint(
+    path: Path,
+    network: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    scheduler: torch.optim.lr_scheduler.LRScheduler,
+    generator: torch.Generator,
+    state: dict[str, Any],
+) -> None:
+    """Everything ``--resume`` needs to go on exactly where an epoch ended: weights, optimiser, schedule, RNGs."""
+    torch.save(
+        {
+            "network": network.state_dict(),
+            "optimizer": optimizer.state_dict(),
+            "scheduler": scheduler.state_dict(),
+            "generator": generator.get_state(),
+            "torch_rng": torch.get_rng_state(),
+            "state": state,
+        },
+        path,
+    )
+
+
+def load_checkpoint(
+    path: Path,
+    network: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    scheduler: torch.optim.lr_scheduler.LRScheduler,
+    generator: torch.Generator,
+) -> dict[str, Any]:
+    """Restore what :func:`save_checkpoint` wrote; returns the training state (epoch, best so far)."""
+    saved = torch.load(path, map_location="cpu", weights_only=False)
+    network.load_state_dict(saved["network"])
+    optimizer.load_state_dict(saved["optimizer"])
+    scheduler.load_state_dict(saved["scheduler"])
+    generator.set_state(saved["generator"])
+    torch.set_rng_state(saved["torch_rng"])
+    return saved["state"]
+
+
+def seed_everything(seed: int, device: torch.device) -> torch.Generator:
+    """Python's, numpy's and torch's RNGs from one seed (deterministic on CPU); returns the augmentation's generator."""
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+    if device.type == "cpu":
+        torch.use_deterministic_algorithms(True, warn_only=True)
+    return torch.Generator().manual_seed(seed)
+
+
 def train(config: TrainingConfig, log: Callable[[str], None] = print) -> Manifest:
     """Train, keep the best epoch by validation AUC, write the model package; returns its manifest."""
     if config.optimizer not in ("adam", "sgd"):
         raise TrainingError(f"--optimizer {config.optimizer!r}: use adam or sgd")
     device = resolve_device(config.device)
-    random.seed(config.seed)
-    np.random.seed(config.seed)
-    torch.manual_seed(config.seed)
-    if device.type == "cpu":
-        torch.use_deterministic_algorithms(True, warn_only=True)
-    generator = torch.Generator().manual_seed(config.seed)
+    generator = seed_everything(config.seed, device)
 
     labels = read_labels(config.labels)
     studies = load_studies(config.data_dir, labels, config.input, log, config.decoders)
@@ -199,26 +270,12 @@ def train(config: TrainingConfig, log: Callable[[str], None] = print) -> Manifes
     # channels_last: twice the speed on CPU (oneDNN) and the layout tensor cores want.
     network = build_network(config.arch, config.input.channels, 2, config.arch_params).to(device)
     network = network.to(memory_format=torch.channels_last)
-    if config.optimizer == "adam":
-        optimizer: torch.optim.Optimizer = torch.optim.AdamW(
-            network.parameters(), lr=config.lr, weight_decay=config.weight_decay
-        )
-    else:
-        optimizer = torch.optim.SGD(
-            network.parameters(), lr=config.lr, momentum=0.9, nesterov=True, weight_decay=config.weight_decay
-        )
-    scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=max(config.epochs, 1))
+    optimizer, scheduler = make_optimizer(config, network)
     checkpoint_path = config.out.with_suffix(".ckpt")
     log_path = config.out.with_suffix(".log.jsonl")
     state = {"epoch": 0, "best_auc": -1.0, "best_epoch": 0, "stale": 0, "best_weights": None}
     if config.resume:
-        saved = torch.load(config.resume, map_location="cpu", weights_only=False)
-        network.load_state_dict(saved["network"])
-        optimizer.load_state_dict(saved["optimizer"])
-        scheduler.load_state_dict(saved["scheduler"])
-        generator.set_state(saved["generator"])
-        torch.set_rng_state(saved["torch_rng"])
-        state = saved["state"]
+        state = load_checkpoint(config.resume, network, optimizer, scheduler, generator)
         log(f"resumed from {config.resume} after epoch {state['epoch']}")
 
     if slice_mode:
@@ -297,17 +354,7 @@ def train(config: TrainingConfig, log: Callable[[str], None] = print) -> Manifes
                 f"epoch {epoch}/{config.epochs}: loss {record['train_loss']:.4f}, validation AUC "
                 f"{'-' if auc is None else f'{auc:.4f}'}{' (best)' if improved else ''}, {elapsed:.1f} s"
             )
-            torch.save(
-                {
-                    "network": network.state_dict(),
-                    "optimizer": optimizer.state_dict(),
-                    "scheduler": scheduler.state_dict(),
-                    "generator": generator.get_state(),
-                    "torch_rng": torch.get_rng_state(),
-                    "state": state,
-                },
-                checkpoint_path,
-            )
+            save_checkpoint(checkpoint_path, network, optimizer, scheduler, generator, state)
             if state["stale"] >= config.patience:
                 log(f"early stop: no better validation AUC for {config.patience} epochs")
                 break
