@@ -238,7 +238,11 @@ def model_train(
     "--out",
     "out_dir",
     type=click.Path(path_type=Path, file_okay=False),
-    help="Write metrics.json, roc.png, confusion.png here.",
+    help="Write metrics.json, roc.png, confusion.png (and froc.png for a detector) here.",
+)
+@click.option(
+    "--lesions", "lesions_csv", type=click.Path(path_type=Path, exists=True, dir_okay=False),
+    help="Detection models: the lesion boxes [default: lesions.csv next to --labels].",
 )
 @click.option("--target-sensitivity", default=0.95, show_default=True, type=click.FloatRange(0, 1, min_open=True))
 @click.option("--device", default="auto", show_default=True)
@@ -249,28 +253,32 @@ def model_evaluate(
     data_dir: Path,
     labels_csv: Path,
     out_dir: Path | None,
+    lesions_csv: Path | None,
     target_sensitivity: float,
     device: str,
     record: bool,
     as_json: bool,
 ) -> None:
-    """Measure a model on labelled local studies: accuracy, sensitivity, specificity, PPV, NPV, F1, ROC AUC."""
+    """Measure a model on labelled local studies: accuracy, sensitivity, specificity, PPV, NPV, F1, ROC AUC.
+
+    A detection model is also judged as breast-imaging CAD is: FROC (lesion sensitivity at 0.25-4 false
+    positives per image, froc.png) and lesion-level recall, precision and F1 (needs lesions.csv).
+    """
     from triagenode.inference.device import DeviceError, resolve_device
     from triagenode.inference.evaluation import EvaluationError, evaluate
     from triagenode.inference.model_package import ModelPackageError, load_package
 
+    log = (lambda line: click.echo(line, err=True)) if as_json else click.echo
     try:
         loaded = load_package(package)
-        report = evaluate(
-            loaded,
-            data_dir,
-            labels_csv,
-            out_dir,
-            target_sensitivity,
-            resolve_device(device),
-            record,
-            log=(lambda line: click.echo(line, err=True)) if as_json else click.echo,
-        )
+        if loaded.manifest.task == "detection":
+            from triagenode.inference.detection_evaluation import evaluate_detector
+
+            report = evaluate_detector(loaded, data_dir, labels_csv, out_dir, target_sensitivity,
+                                       resolve_device(device), record, log, lesions_csv)
+        else:
+            report = evaluate(loaded, data_dir, labels_csv, out_dir, target_sensitivity, resolve_device(device),
+                              record, log)
     except (ModelPackageError, EvaluationError, DeviceError, ValueError) as exc:
         fail(str(exc))
     if as_json:
