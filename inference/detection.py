@@ -220,10 +220,14 @@ def decode_map(
         regions, count = ndimage.label(heat >= spec.candidate_threshold)
         if not count:
             continue
-        peaks = ndimage.maximum(heat, regions, index=np.arange(1, count + 1))
-        for region, peak in enumerate(peaks, start=1):
-            core = (regions == region) & (heat >= peak / 2)
+        peaks = np.asarray(ndimage.maximum(heat, regions, index=np.arange(1, count + 1)), dtype=float)
+        extents = ndimage.find_objects(regions)
+        # The most certain regions only: an untrained or confused map may hold thousands.
+        for region in np.argsort(-peaks, kind="stable")[: 3 * spec.max_per_image]:
+            peak, (rows_in, columns_in) = float(peaks[region]), extents[region]
+            core = (regions[rows_in, columns_in] == region + 1) & (heat[rows_in, columns_in] >= peak / 2)
             ys, xs = np.nonzero(core)
+            ys, xs = ys + rows_in.start, xs + columns_in.start
             box = (
                 max(0.0, float(xs.min()) * cell),
                 max(0.0, float(ys.min()) * cell),
@@ -231,7 +235,7 @@ def decode_map(
                 min(float(rows), float(ys.max() + 1) * cell),
             )
             if box[2] > box[0] and box[3] > box[1]:
-                found.append((lesion_class.name, box, float(peak)))
+                found.append((lesion_class.name, box, peak))
     found.sort(key=lambda candidate: -candidate[2])
     kept: list[tuple[str, tuple[float, float, float, float], float]] = []
     for candidate in found:

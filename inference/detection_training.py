@@ -286,6 +286,7 @@ def train_detector(config: TrainingConfig, log: Callable[[str], None] = print) -
     weights = torch.tensor([1.0] + [LESION_WEIGHT] * (classes - 1), device=device)
     checkpoint_path = config.out.with_suffix(".ckpt")
     log_path = config.out.with_suffix(".log.jsonl")
+    config.out.parent.mkdir(parents=True, exist_ok=True)
     state = {"epoch": 0, "best_score": -1.0, "best_epoch": 0, "stale": 0, "best_weights": None}
     if config.resume:
         state = load_checkpoint(config.resume, network, optimizer, scheduler, generator)

@@ -273,6 +273,7 @@ def train(config: TrainingConfig, log: Callable[[str], None] = print) -> Manifes
     optimizer, scheduler = make_optimizer(config, network)
     checkpoint_path = config.out.with_suffix(".ckpt")
     log_path = config.out.with_suffix(".log.jsonl")
+    config.out.parent.mkdir(parents=True, exist_ok=True)
     state = {"epoch": 0, "best_auc": -1.0, "best_epoch": 0, "stale": 0, "best_weights": None}
     if config.resume:
         state = load_checkpoint(config.resume, network, optimizer, scheduler, generator)
