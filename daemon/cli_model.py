@@ -296,7 +296,8 @@ def model_evaluate(
 )
 @click.option("--device", help="auto, cpu, cuda or cuda:N [default: [inference].device].")
 @click.option(
-    "--sr-out", type=click.Path(path_type=Path), help="Write the report: a file for one study, else a folder."
+    "--sr-out", type=click.Path(path_type=Path),
+    help="Write the reports: a file for one study and one document, else a folder.",
 )
 @json_option
 def infer(
@@ -357,7 +358,7 @@ def infer(
             try:
                 analysis = analyse_study(package, study, torch_device, inference.batch_size, None, inference,
                                          settings.node.ae_title, with_report=sr_out is not None,
-                                         route=name if name in configured else None)
+                                         route=name if name in configured else None, mammo_sr=route.mammo_sr)
             except SeriesGeometryError as exc:
                 results.append({"study_uid": study_uid, "route": name, "status": "failed", "reason": str(exc)})
                 failed = True
@@ -373,6 +374,21 @@ def infer(
                 click.echo(f"{entry['study_uid']}{model}: {entry['status']}: {entry['reason']}{written}")
                 continue
             verdict = "PRESENT" if entry["finding"] else "absent"
+            if entry.get("task") == "detection":
+                click.echo(
+                    f"{entry['study_uid']}{model}: {entry['finding_meaning']} {verdict}, highest certainty "
+                    f"{entry['probability']:.3f} (threshold {entry['threshold']:.3f}), "
+                    f"{plural(len(entry['lesions']), 'lesion')} marked on {plural(entry['slices'], 'image')}, "
+                    f"{entry['timings_ms']['total']:.0f} ms{written}"
+                )
+                for number, lesion in enumerate(entry["lesions"], start=1):
+                    view = " ".join(part for part in (lesion["laterality"], lesion["view"]) if part) or "image"
+                    box = " ".join(f"{value:.1f}" for value in lesion["box"])
+                    click.echo(f"  lesion {number}: {lesion['type']}, {view}, box {box}, certainty "
+                               f"{lesion['certainty']:.3f} (image {lesion['sop_instance_uid']})")
+                for reason in entry["skipped"]:
+                    click.echo(f"  skipped: {reason}")
+                continue
             click.echo(
                 f"{entry['study_uid']}{model}: {entry['finding_meaning']} {verdict}, probability "
                 f"{entry['probability']:.3f} (threshold {entry['threshold']:.3f}), "
@@ -390,17 +406,32 @@ def _infer_entry(
     from triagenode.config.values import IMPLICIT_MODEL
     from triagenode.inference.pipeline import NotApplicable
 
-    outcome, report = analysis.outcome, analysis.report
+    outcome = analysis.outcome
     if isinstance(outcome, NotApplicable):
         entry: dict[str, Any] = {"study_uid": study_uid, "status": "not applicable", "reason": outcome.reason}
     else:
-        entry = {"status": "reported", **outcome.to_dict()}
+        entry = {"status": "reported", "task": package.manifest.task, **outcome.to_dict()}
         entry["finding_meaning"] = package.manifest.finding.meaning.lower()
     entry["route"] = model  # "model" is the package's own name, as in the node's result
-    if sr_out is not None and report is not None:
-        name = f"{study_uid}.dcm" if outputs == 1 or model == IMPLICIT_MODEL else f"{study_uid}.{model}.dcm"
-        target = sr_out / name if outputs > 1 or sr_out.is_dir() else sr_out
-        target.parent.mkdir(parents=True, exist_ok=True)
-        report.save_as(target, enforce_file_format=True)
-        entry["sr"] = {"path": str(target), "sop_instance_uid": str(report.SOPInstanceUID)}
+    documents = analysis.reports
+    if sr_out is not None and documents:
+        written = []
+        for number, document in enumerate(documents):
+            stem = study_uid if outputs == 1 or model == IMPLICIT_MODEL else f"{study_uid}.{model}"
+            # A second document (the Mammography CAD SR beside the TID 1500) is named after its kind.
+            name = f"{stem}.dcm" if number == 0 else f"{stem}.{_document_kind(document)}.dcm"
+            target = sr_out / name if outputs > 1 or len(documents) > 1 or sr_out.is_dir() else sr_out
+            target.parent.mkdir(parents=True, exist_ok=True)
+            document.save_as(target, enforce_file_format=True)
+            written.append({"path": str(target), "sop_instance_uid": str(document.SOPInstanceUID),
+                            "sop_class_uid": str(document.SOPClassUID)})
+        entry["sr"] = written[0]
+        entry["reports"] = written
     return entry
+
+
+def _document_kind(document: Any) -> str:
+    """A file-name word for a report document's kind: 'mammo-cad' for a Mammography CAD SR, else 'sr'."""
+    from triagenode.inference.mammo_cad_sr import MAMMOGRAPHY_CAD_SR
+
+    return "mammo-cad" if str(document.SOPClassUID) == MAMMOGRAPHY_CAD_SR else "sr"

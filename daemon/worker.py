@@ -20,6 +20,7 @@ from multiprocessing.sharedctypes import Synchronized
 from pathlib import Path
 
 import torch
+from pydicom import Dataset
 
 from triagenode.config.settings import ModelRoute, Settings
 from triagenode.daemon.signals import stop_on_signals
@@ -34,7 +35,7 @@ from triagenode.storage.filestore import FileStore
 from triagenode.storage.models import StudyState
 from triagenode.storage.overview import QueueOverview
 from triagenode.storage.queue import Claim, StudyQueue
-from triagenode.storage.reports import Outcome, ReportBook
+from triagenode.storage.reports import Outcome, ReportBook, ReportObject
 
 log = logging.getLogger("triagenode.worker")
 
@@ -170,27 +171,34 @@ class Worker:
         analysis = analyse_study(
             package, read_study(claim.study_uid, files), self.device, inference.batch_size, self.loader,
             inference, self.settings.node.ae_title, predecessor, route=claim.model if self.explicit else None,
+            mammo_sr=route.mammo_sr,
         )
-        outcome, report, manifest = analysis.outcome, analysis.report, package.manifest
+        outcome, manifest = analysis.outcome, package.manifest
         started = time.perf_counter()
-        sr: tuple[str | None, str | None] = (None, None)
-        if report is not None:
-            relative = Path("reports") / claim.study_uid / f"{report.SOPInstanceUID}.dcm"
-            spooled = self.store.spool_dir / f"{report.SOPInstanceUID}.sr"
-            report.save_as(spooled, enforce_file_format=True)
-            self.store.commit_file(spooled, relative)
-            sr = (str(relative), str(report.SOPInstanceUID))
+        stored = [self._keep(claim.study_uid, document) for document in analysis.reports]
+        sr: tuple[str | None, str | None] = (stored[0].path, stored[0].sop_instance_uid) if stored else (None, None)
+        more = stored[1:]
         if isinstance(outcome, NotApplicable):
             recorded = self.book.record_result(
-                claim, Outcome.not_applicable(manifest.name, manifest.version, outcome.reason), destinations, *sr
+                claim, Outcome.not_applicable(manifest.name, manifest.version, outcome.reason), destinations, *sr,
+                extra_objects=more,
             )
             log.info("study.not_applicable study_uid=%s model=%s reason=%r report=%s recorded=%s", claim.study_uid,
-                     claim.model, outcome.reason, report is not None, recorded)
+                     claim.model, outcome.reason, bool(stored), recorded)
             return
         outcome.timings_ms["report"] = round(analysis.report_ms + (time.perf_counter() - started) * 1000, 1)
-        recorded = self.book.record_result(claim, outcome.to_outcome(), destinations, *sr)
-        log.info("study.result study_uid=%s model=%s finding=%s probability=%.4f recorded=%s timings_ms=%s",
-                 claim.study_uid, claim.model, outcome.finding, outcome.probability, recorded, outcome.timings_ms)
+        recorded = self.book.record_result(claim, outcome.to_outcome(), destinations, *sr, extra_objects=more)
+        log.info("study.result study_uid=%s model=%s finding=%s probability=%.4f lesions=%d reports=%d recorded=%s "
+                 "timings_ms=%s", claim.study_uid, claim.model, outcome.finding, outcome.probability,
+                 len(outcome.lesions), len(stored), recorded, outcome.timings_ms)
+
+    def _keep(self, study_uid: str, document: Dataset) -> ReportObject:
+        """Write a report document durably under ``reports/<study>/`` (spooled, fsync'd, renamed into place)."""
+        relative = Path("reports") / study_uid / f"{document.SOPInstanceUID}.dcm"
+        spooled = self.store.spool_dir / f"{document.SOPInstanceUID}.sr"
+        document.save_as(spooled, enforce_file_format=True)
+        self.store.commit_file(spooled, relative)
+        return ReportObject(str(relative), str(document.SOPInstanceUID), str(document.SOPClassUID))
 
 
 def _megabytes(package: ModelPackage) -> int:

@@ -19,21 +19,21 @@ from __future__ import annotations
 import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import torch
 from pydicom import Dataset
 
-from triagenode.config.settings import InferenceSettings
+from triagenode.config.settings import InferenceSettings, MammoSr
 from triagenode.inference.detection import detect_study
 from triagenode.inference.input_spec import InputSpec
 from triagenode.inference.loader import DecodeTimings, SliceLoader
 from triagenode.inference.model_package import ModelPackage
 from triagenode.inference.outcomes import NotApplicable, StudyResult
 from triagenode.inference.preprocessing import SeriesGeometryError, SeriesLayout, layout_series
-from triagenode.inference.report import Predecessor, report_for
+from triagenode.inference.report import Predecessor, reports_for
 from triagenode.inference.studies import (
     SeriesCandidate,
     StudyHeaders,
@@ -52,6 +52,14 @@ class StudyAnalysis:
     report: Dataset | None
     report_ms: float = 0.0
     """Time spent building the report (the worker adds it to the result's timings)."""
+    more_reports: list[Dataset] = field(default_factory=list)
+    """The site's other documents for the outcome, sent with ``report`` (a detector's Mammography CAD SR
+    beside its TID 1500, with ``mammo_sr = "both"``)."""
+
+    @property
+    def reports(self) -> list[Dataset]:
+        """Every document, the primary first."""
+        return ([self.report] if self.report is not None else []) + self.more_reports
 
 
 def analyse_study(
@@ -65,6 +73,7 @@ def analyse_study(
     predecessor: Predecessor | None = None,
     with_report: bool = True,
     route: str | None = None,
+    mammo_sr: MammoSr | None = None,
 ) -> StudyAnalysis:
     """Run study -> result -> SR: the one path of the node's workers and ``triagenode infer``.
 
@@ -72,16 +81,18 @@ def analyse_study(
     volume. ``predecessor`` is the study's earlier report, which the new one
     replaces; ``with_report=False`` skips building the SR (``infer`` without
     ``--sr-out``), nothing else changes. ``route``: the ``[[models]]`` entry the
-    report is for (None for the node's one model).
+    report is for (None for the node's one model); ``mammo_sr``: the entry's detection report
+    (None: ``[inference] mammo_sr``).
     """
     outcome = score_study(package, study, device, batch_size, loader)
     started = time.perf_counter()
-    report = (
-        report_for(outcome, package.manifest, inference_settings, node_ae_title, predecessor, route)
+    documents = (
+        reports_for(outcome, package.manifest, inference_settings, node_ae_title, predecessor, route, mammo_sr)
         if with_report
-        else None
+        else []
     )
-    return StudyAnalysis(outcome, report, round((time.perf_counter() - started) * 1000, 1))
+    elapsed = round((time.perf_counter() - started) * 1000, 1)
+    return StudyAnalysis(outcome, documents[0] if documents else None, elapsed, documents[1:])
 
 
 def score_study(
