@@ -38,19 +38,13 @@ import torch
 import torch.nn.functional as F
 from pydicom import Dataset, dcmread
 
-from triagenode.inference.input_spec import InputSpec
+from triagenode.inference.input_spec import FOR_PROCESSING_CLASSES, InputSpec
 from triagenode.inference.model_package import DetectionSpec, ModelPackage
 from triagenode.inference.outcomes import Lesion, NotApplicable, StudyResult
 from triagenode.inference.preprocessing import modality_values
 from triagenode.inference.studies import StudyHeaders
 
 FOR_PROCESSING = "FOR PROCESSING"
-FOR_PROCESSING_CLASSES = frozenset({
-    "1.2.840.10008.5.1.4.1.1.1.1.1",  # Digital X-Ray Image Storage - For Processing
-    "1.2.840.10008.5.1.4.1.1.1.2.1",  # Digital Mammography X-Ray Image Storage - For Processing
-    "1.2.840.10008.5.1.4.1.1.1.3.1",  # Digital Intra-Oral X-Ray Image Storage - For Processing
-})
-"""The raw-data twins of the DX, MG and IO classes: what the detector measured, before the display processing."""
 SIZE_MULTIPLE = 8
 """Input sides are padded to a multiple of this, so the network's pooling steps divide them evenly."""
 

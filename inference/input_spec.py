@@ -19,6 +19,13 @@ SeriesPreference = Literal["thinnest", "thickest", "most_slices", "fewest_slices
 """One rule to rank the series that qualify; the manifest lists them in order, the first deciding."""
 
 SERIES_PREFERENCES: tuple[str, ...] = get_args(SeriesPreference)
+FOR_PROCESSING_CLASSES = frozenset({
+    "1.2.840.10008.5.1.4.1.1.1.1.1",  # Digital X-Ray Image Storage - For Processing
+    "1.2.840.10008.5.1.4.1.1.1.2.1",  # Digital Mammography X-Ray Image Storage - For Processing
+    "1.2.840.10008.5.1.4.1.1.1.3.1",  # Digital Intra-Oral X-Ray Image Storage - For Processing
+})
+"""The raw-data twins of the DX, MG and IO classes: what the detector measured, before the display processing.
+A model trained on For Presentation images never reads them (selection and routing say so)."""
 
 
 @dataclass(frozen=True)

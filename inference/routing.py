@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from triagenode.config import ConfigError, origin_of
+from triagenode.inference.input_spec import FOR_PROCESSING_CLASSES
 from triagenode.inference.model_package import Manifest, ModelPackageError, package_file, read_manifest
 from triagenode.storage.routes import RouteDecision, SeriesSummary, StudySummary
 
@@ -110,7 +111,13 @@ class _Rules:
         if self.modalities and modality.upper() not in self.modalities:
             return f"modality {modality} is not one of {', '.join(self.route.modalities)}"
         other = sorted(set(series.sop_classes) - set(spec.sop_classes)) if spec.sop_classes else []
-        if other:  # as select_series: every instance of the series must be of a class the model reads
+        if self.manifest.task == "detection":
+            # As select_images: a detector reads image by image, so one readable image in the series is enough.
+            if other and len(other) == len(series.sop_classes):
+                if set(other) <= FOR_PROCESSING_CLASSES:
+                    return f"For Processing images only (SOP class {other[0]}): raw detector data the model does not read"
+                return f"SOP class {other[0]} is not one the model reads"
+        elif other:  # as select_series: every instance of the series must be of a class the model reads
             return f"SOP class {other[0]} is not one the model reads"
         if series.instance_count < spec.min_slices:
             return f"{series.instance_count} instances, the model needs {spec.min_slices}"
