@@ -115,7 +115,7 @@ class _Rules:
             # As select_images: a detector reads image by image, so one readable image in the series is enough.
             if other and len(other) == len(series.sop_classes):
                 if set(other) <= FOR_PROCESSING_CLASSES:
-                    return f"For Processing images only (SOP class {other[0]}): raw detector data the model does not read"
+                    return f"For Processing images only (SOP class {other[0]}): raw data the model does not read"
                 return f"SOP class {other[0]} is not one the model reads"
         elif other:  # as select_series: every instance of the series must be of a class the model reads
             return f"SOP class {other[0]} is not one the model reads"
