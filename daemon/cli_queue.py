@@ -7,7 +7,7 @@ only when it runs: ``--help`` and the other groups never pay for it.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -145,7 +145,7 @@ def queue_show(config_path: Path | None, as_json: bool, study_uid: str) -> None:
     for task in details["tasks"]:
         click.echo("")
         click.echo(f"{'task:':15}{task['model']}: {task['state']}, {task['attempts']} interrupted run(s)")
-        print_result(task["result"])
+        print_result(task["result"], task["report_objects"])
         print_deliveries(task["deliveries"], task["result"])
     click.echo("")
     print_table(
@@ -154,8 +154,11 @@ def queue_show(config_path: Path | None, as_json: bool, study_uid: str) -> None:
     )
 
 
-def print_result(result: dict[str, Any] | None) -> None:
-    """The model's answer for ``queue show``: finding, probability, threshold, key slice, timings, report."""
+def print_result(result: dict[str, Any] | None, objects: Sequence[dict[str, Any]] = ()) -> None:
+    """The model's answer for ``queue show``: finding, probability, threshold, key slice, lesions, images not
+    read, timings, and the report's objects (the primary SR, then those sent with it)."""
+    from triagenode.storage.reports import class_name
+
     if result is None:
         click.echo(f"{'result:':15}- (not processed yet)")
         return
@@ -172,10 +175,35 @@ def print_result(result: dict[str, Any] | None) -> None:
         click.echo(f"{'key slice:':15}{result['key_instance_uid'] or '-'}")
         if result.get("slices") is not None:
             click.echo(f"{'slices read:':15}{result['slices']} in series {result['series_uid']}")
+    lesions, skipped = result.get("lesions") or [], result.get("skipped") or []
+    if lesions:
+        click.echo(f"{'lesions:':15}{len(lesions)} marked")
+        for number, lesion in enumerate(lesions, 1):
+            click.echo(f"  lesion {number}: {lesion_line(lesion)}")
+    if skipped:
+        click.echo(f"{'not read:':15}{len(skipped)} image(s)")
+        for reason in skipped:
+            click.echo(f"  {reason}")
     timings = result.get("timings_ms") or {}
     if timings:
         click.echo(f"{'timings:':15}" + ", ".join(f"{stage} {ms:.0f} ms" for stage, ms in timings.items()))
-    click.echo(f"{'report (SR):':15}{result['sr_sop_instance_uid'] or '- (none for this study)'}")
+    primary = next((o for o in objects if o["primary"]), None)
+    kind = f" ({class_name(primary['sop_class_uid'])})" if primary and primary["sop_class_uid"] else ""
+    click.echo(f"{'report (SR):':15}{result['sr_sop_instance_uid'] or '- (none for this study)'}{kind}")
+    for extra in (o for o in objects if not o["primary"]):
+        click.echo(f"{'  and:':15}{extra['sop_instance_uid']} ({class_name(extra['sop_class_uid'])})")
+
+
+def lesion_line(lesion: dict[str, Any]) -> str:
+    """``mass, L CC, box 120.0 88.5 160.0 130.0, certainty 0.913 (image 1.2.3)``: one mark, as ``queue show``
+    prints it; the box is x0 y0 x1 y1 in the image's pixels, as the report's SCOORD has it."""
+    where = " ".join(part for part in (lesion.get("laterality"), lesion.get("view")) if part)
+    box = " ".join(f"{value:.1f}" for value in lesion["box"])
+    return ", ".join(
+        part
+        for part in (lesion["type"], where, f"box {box}", f"certainty {lesion['certainty']:.3f}")
+        if part
+    ) + f" (image {lesion['sop_instance_uid']})"
 
 
 def print_deliveries(deliveries: list[dict[str, Any]], result: dict[str, Any] | None) -> None:

@@ -15,6 +15,10 @@ other delivery is pending (see :func:`storage.reports.summarise`).
 ``triagenode queue retry`` and ``triagenode queue resend`` send again. The
 schedule lives in the database, so a restart keeps every pending delivery.
 
+A report of several objects (a TID 1500 SR and a Mammography CAD SR; a SEG
+and its SR) is one delivery per destination: every object, primary first, on
+one association (:func:`send_reports`), sent only when each one was stored.
+
 This module runs in the receiver's process: it must not import torch (nor
 :mod:`inference.report`, which does); :func:`report_in_class` imports it
 only where it is called, in the CLI.
@@ -40,12 +44,13 @@ from sqlalchemy.exc import SQLAlchemyError
 
 from triagenode.config.settings import DeliverySettings, Destination, Settings
 from triagenode.storage.filestore import FileStore
-from triagenode.storage.reports import DueDelivery, ReportBook
+from triagenode.storage.reports import DueDelivery, ReportBook, class_name
 from triagenode.storage.timeutil import utcnow
 
 log = logging.getLogger("triagenode.delivery")
 
 REPORT_CONTEXTS = (Comprehensive3DSRStorage, ComprehensiveSRStorage)
+"""Proposed on every association; an object of another class (a Mammography CAD SR, a SEG) adds its own."""
 REPORT_TRANSFER_SYNTAXES = (ExplicitVRLittleEndian, ImplicitVRLittleEndian)
 TIMEOUT_S = 30
 BATCH = 20
@@ -71,10 +76,26 @@ def peer(destination: Destination) -> str:
 
 
 def send_report(path: Path, destination: Destination, calling_ae: str) -> None:
-    """C-STORE one report; raises :class:`DeliveryError` unless the destination answers Success."""
+    """C-STORE one report; raises :class:`DeliveryError` unless the destination answers Success (or Warning)."""
+    send_reports([path], destination, calling_ae)
+
+
+def send_reports(paths: Sequence[Path], destination: Destination, calling_ae: str) -> None:
+    """C-STORE a report's objects in order on one association; raises :class:`DeliveryError` unless each is stored.
+
+    A destination that holds only some of a report's objects (the TID 1500
+    SR without its Mammography CAD SR) does not have the report, so one
+    refused object fails the attempt, with a reason naming it, and the retry
+    sends them all again: the same UIDs, which a PACS takes as a re-send.
+    Every file is read before the association opens, so an unreadable one
+    costs the destination nothing. Status Success or Warning (coerced,
+    elements discarded) counts as stored.
+    """
+    several = len(paths) > 1
+    datasets = [_read_report(path, several) for path in paths]
     ae = AE(ae_title=calling_ae)
     ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = ae.connection_timeout = TIMEOUT_S
-    for sop_class in REPORT_CONTEXTS:
+    for sop_class in _proposed_classes(datasets):
         ae.add_requested_context(sop_class, list(REPORT_TRANSFER_SYNTAXES))
     association = ae.associate(destination.host, destination.port, ae_title=destination.ae_title)
     if association.is_rejected:
@@ -82,20 +103,63 @@ def send_report(path: Path, destination: Destination, calling_ae: str) -> None:
     if not association.is_established:
         raise DeliveryError(f"no association with {peer(destination)}")
     try:
-        status = association.send_c_store(dcmread(path))
-    except ValueError as exc:  # no accepted context for the SR class
-        raise DeliveryError(
-            f"{destination.ae_title} accepts no presentation context for the report ({exc}); "
-            "if it refuses 3D SR, set [inference] sr_sop_class = \"comprehensive\" and `triagenode queue resend`"
-        ) from exc
+        for number, ds in enumerate(datasets, 1):
+            label = f"{_describe(ds)}, object {number} of {len(datasets)}" if several else ""
+            which = f" for {label}" if several else ""
+            try:
+                status = association.send_c_store(ds)
+            except ValueError as exc:  # no accepted context for the object's class
+                raise DeliveryError(_no_context(destination, ds, label, exc)) from exc
+            if not status or "Status" not in status:
+                raise DeliveryError(f"no C-STORE response{which} (timeout or aborted association)")
+            category = code_to_category(int(status.Status))
+            if category not in (STATUS_SUCCESS, STATUS_WARNING):  # a warning (coerced, elements discarded) is stored
+                raise DeliveryError(f"C-STORE status 0x{status.Status:04X} ({category}){which}")
     finally:
         if association.is_established:
             association.release()
-    if not status or "Status" not in status:
-        raise DeliveryError("no C-STORE response (timeout or aborted association)")
-    category = code_to_category(int(status.Status))
-    if category not in (STATUS_SUCCESS, STATUS_WARNING):  # a warning (coerced, elements discarded) is stored
-        raise DeliveryError(f"C-STORE status 0x{status.Status:04X} ({category})")
+
+
+def _read_report(path: Path, several: bool) -> Dataset:
+    """A stored report object; one pydicom cannot read is a :class:`DeliveryError` that names it (OSError as is)."""
+    try:
+        return dcmread(path)
+    except (InvalidDicomError, ValueError, AttributeError, KeyError) as exc:
+        name = f" {path.name}" if several else ""
+        raise DeliveryError(
+            f"the stored report{name} cannot be read ({type(exc).__name__}); see `triagenode queue show`"
+        ) from exc
+
+
+def _proposed_classes(datasets: Sequence[Dataset]) -> list[str]:
+    """The SR classes always proposed, then each other class among the objects, once."""
+    classes = [str(uid) for uid in REPORT_CONTEXTS]
+    for ds in datasets:
+        uid = str(ds.get("SOPClassUID", ""))
+        if uid and uid not in classes:
+            classes.append(uid)
+    return classes
+
+
+def _describe(ds: Dataset) -> str:
+    """``Mammography CAD SR 1.2.3``: an object as a delivery error names it."""
+    return f"{class_name(str(ds.get('SOPClassUID', '')) or None)} {ds.get('SOPInstanceUID', '(no SOP Instance UID)')}"
+
+
+def _no_context(destination: Destination, ds: Dataset, label: str, exc: ValueError) -> str:
+    """Why the destination cannot take an object, and what the administrator can do about it."""
+    if str(ds.get("SOPClassUID", "")) in SR_CLASS_UIDS.values():
+        whose = f"'s {label}" if label else ""
+        return (
+            f"{destination.ae_title} accepts no presentation context for the report{whose} ({exc}); "
+            "if it refuses 3D SR, set [inference] sr_sop_class = \"comprehensive\" and `triagenode queue resend`"
+        )
+    sop_class = str(ds.get("SOPClassUID", ""))
+    return (
+        f"{destination.ae_title} accepts no presentation context for {_describe(ds)} ({exc}); "
+        f"ask its administrator to accept {class_name(sop_class)} Storage ({sop_class}): "
+        "the report's objects go together"
+    )
 
 
 SR_CLASS_NAMES = {str(Comprehensive3DSRStorage): "Comprehensive 3D SR", str(ComprehensiveSRStorage): "Comprehensive SR"}
@@ -105,15 +169,17 @@ def report_in_class(stored: Dataset, sr_class: str) -> Dataset | None:
     """The stored report rebuilt in ``sr_class`` (``[inference] sr_sop_class``), or None when it already is.
 
     Changing the SR class (for an archive that refuses 3D SR) must help the
-    reports already made. The conversion is
+    reports already made. A report of another class (a Mammography CAD SR
+    made with ``mammo_sr = "mammography-cad"``) is not a Comprehensive (3D)
+    SR that the setting chooses between: None, it is sent as it is. The conversion is
     :func:`inference.report.convert_report`, imported here, at the call,
     because :mod:`inference.report` brings torch in, which the receiver's
     process must not load (only the CLI calls this). Raises ValueError when
     the report cannot be held by that class.
     """
     wanted = SR_CLASS_UIDS[sr_class]
-    if str(stored.SOPClassUID) == wanted:
-        return None
+    if str(stored.SOPClassUID) == wanted or str(stored.SOPClassUID) not in SR_CLASS_UIDS.values():
+        return None  # sr_sop_class chooses between the Comprehensive classes only: a Mammography CAD SR stays one
     from triagenode.inference.report import convert_report
 
     converted: Dataset = convert_report(stored, sr_class)  # type: ignore[arg-type]
@@ -124,8 +190,10 @@ def rebuild_report(settings: Settings, book: ReportBook, study_uid: str, model: 
     """Rebuild a study's stored report (``model``'s) in the configured SR class before it is sent again.
 
     Returns a sentence saying what was done, or None when the stored report
-    already is of that class. The new file goes next to the old one (which
-    stays, as sent) and the study's result points at it.
+    already is of that class (or of neither Comprehensive class). Only the
+    primary report is rebuilt; the task's other objects go as they are. The
+    new file goes next to the old one (which stays, as sent) and the study's
+    result points at it.
     """
     _, sr_path, old_uid = book.report_of(study_uid, model)
     data_dir = settings.node.data_dir
@@ -144,7 +212,8 @@ def rebuild_report(settings: Settings, book: ReportBook, study_uid: str, model: 
     sentence = (
         f"report rebuilt as {new_class} {new_uid} from the stored {old_class} {old_uid} ([inference] sr_sop_class)"
     )
-    book.replace_report(study_uid, str(relative), new_uid, sentence, model=model)
+    book.replace_report(study_uid, str(relative), new_uid, sentence, model=model,
+                        sr_sop_class_uid=SR_CLASS_UIDS[settings.inference.sr_sop_class])
     return sentence
 
 
@@ -219,9 +288,10 @@ class DestinationSender:
                     self._busy = False
 
     def _attempt(self, delivery: DueDelivery) -> None:
-        path = self._settings.node.data_dir / delivery.sr_path
+        data_dir = self._settings.node.data_dir
+        paths = [data_dir / delivery.sr_path] + [data_dir / path for path in delivery.extra_paths]
         try:
-            send_report(path, self.destination, self._settings.node.ae_title)
+            send_reports(paths, self.destination, self._settings.node.ae_title)
         except (DeliveryError, OSError) as exc:
             record_failure(self._book, self._settings.delivery, self._rng, delivery, str(exc))
             return
@@ -230,8 +300,8 @@ class DestinationSender:
             record_failure(self._book, self._settings.delivery, self._rng, delivery, why)
             return
         self._book.succeeded(delivery.id)
-        log.info("delivery.sent study_uid=%s model=%s destination=%s attempt=%d", delivery.study_uid, delivery.model,
-                 delivery.destination, delivery.attempts + 1)
+        log.info("delivery.sent study_uid=%s model=%s destination=%s attempt=%d objects=%d", delivery.study_uid,
+                 delivery.model, delivery.destination, delivery.attempts + 1, len(paths))
 
 
 def record_failure(

@@ -218,6 +218,17 @@ MIGRATIONS: tuple[Migration, ...] = (
             )""",
         ),
     ),
+    Migration(
+        4,
+        "a result's lesion marks and skipped images, and its report objects besides the primary SR",
+        (
+            # NULL in every row written before: a classifier's result, with its one SR. The primary's
+            # SOP class was not kept either; NULL says "unknown" (it was a Comprehensive (3D) SR).
+            "ALTER TABLE task_results ADD COLUMN details VARCHAR",
+            "ALTER TABLE task_results ADD COLUMN extra_objects VARCHAR",
+            "ALTER TABLE task_results ADD COLUMN sr_sop_class_uid VARCHAR(64)",
+        ),
+    ),
 )
 
 LATEST_VERSION = MIGRATIONS[-1].version

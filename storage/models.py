@@ -196,7 +196,14 @@ class ResultRecord(Base):
     sr_path: Mapped[str | None]
     """Relative to data_dir."""
     sr_sop_instance_uid: Mapped[str | None] = mapped_column(String(64))
+    sr_sop_class_uid: Mapped[str | None] = mapped_column(String(64))
+    """The primary report's SOP Class UID; None for results recorded before schema 4 (a Comprehensive (3D) SR)."""
     created_at: Mapped[datetime]
+    details: Mapped[str | None]
+    """JSON ``{"lesions": [...], "skipped": [...]}`` of a detection model; None when it has neither (a classifier)."""
+    extra_objects: Mapped[str | None]
+    """JSON list of ``{path, sop_instance_uid, sop_class_uid}``: the task's report objects besides ``sr_path``
+    (a Mammography CAD SR next to a TID 1500 SR, a SEG), sent after it on the same association; None when none."""
 
 
 class Delivery(Base):

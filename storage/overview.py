@@ -3,9 +3,11 @@
 ``queue ls --json``: a list of :func:`study_summary` objects (with
 ``tasks``: model, state, outcome); ``queue show --json``: one of them where
 ``series`` holds the series (the count moves to ``series_count``), plus
-``calling_aets``, ``tasks`` (each with its attempts, result, SR UID and
-deliveries), ``routing`` (``{model, matched, reason}``), ``result`` and
-``deliveries`` (a one-model node's keys) and ``events``; ``status --json``:
+``calling_aets``, ``tasks`` (each with its attempts, result, SR UID,
+``report_objects`` and deliveries; a result has ``lesions`` and ``skipped``,
+empty for a classifier), ``routing`` (``{model, matched, reason}``),
+``result``, ``deliveries`` and ``report_objects`` (a one-model node's keys,
+the same shapes as a task's) and ``events``; ``status --json``:
 ``receiver``, ``counts`` and ``destinations``. ``outcome`` tells present, absent and not applicable apart at a glance (a
 not-applicable study without a report stays ``reported``, next to ``sent``
 ones, and must not look stuck). Reads only, through deferred transactions, so
@@ -148,9 +150,10 @@ class QueueOverview:
             ]
             details["calling_aets"] = sorted({aet for s in details["series"] for aet in s["calling_aets"]})
             details["tasks"] = ReportBook(self._engine).details(study.id)
-            # Today's keys for a one-model node: the first task's result, every task's deliveries.
+            # Today's keys for a one-model node: the first task's result, every task's deliveries and objects.
             details["result"] = next((task["result"] for task in details["tasks"] if task["result"]), None)
             details["deliveries"] = [d for task in details["tasks"] for d in task["deliveries"]]
+            details["report_objects"] = [o for task in details["tasks"] for o in task["report_objects"]]
             details["routing"] = json.loads(study.routing) if study.routing else []
             details["events"] = [
                 {"at": iso(event.at), "model": event.model, "from": event.from_state, "to": event.to_state,

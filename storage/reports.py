@@ -13,6 +13,12 @@ whatever another destination did. A task's state summarises its deliveries
 (:func:`summarise`): ``sent`` when every one is sent, ``failed`` when one
 gave up and none is pending any more, ``reported`` while any is pending;
 the study's state summarises its tasks.
+
+A task's report may be several DICOM objects (a TID 1500 SR and a
+Mammography CAD SR; a SEG and its SR): the primary (``sr_path``, the one a
+later report names as its predecessor) and :class:`ReportObject` extras. They
+travel together: one delivery per destination sends them all, primary first,
+on one association, and is sent only once every object is stored.
 """
 
 from __future__ import annotations
@@ -57,6 +63,45 @@ DELIVERABLE = frozenset({TaskState.REPORTED, TaskState.SENT, TaskState.FAILED})
 """Task states whose report stands: their pending deliveries are due. A re-queued task will get a new
 report, a cancelled one none; nothing goes out while its study receives again."""
 _NOT_DELIVERING = [StudyState.RECEIVING.value, StudyState.CANCELLED.value]
+
+
+REPORT_CLASS_NAMES = {
+    "1.2.840.10008.5.1.4.1.1.88.34": "Comprehensive 3D SR",
+    "1.2.840.10008.5.1.4.1.1.88.33": "Comprehensive SR",
+    "1.2.840.10008.5.1.4.1.1.88.50": "Mammography CAD SR",
+    "1.2.840.10008.5.1.4.1.1.66.4": "Segmentation",
+}
+"""SOP Class UID -> the name the CLI and delivery errors use (without importing pydicom, which ``queue show``
+must not pay for); another class is shown as its UID."""
+
+
+def class_name(sop_class_uid: str | None) -> str:
+    """A report object's SOP class in words, for messages (its UID when this node has no name for it)."""
+    if sop_class_uid is None:
+        return "report"
+    return REPORT_CLASS_NAMES.get(sop_class_uid, sop_class_uid)
+
+
+@dataclass(frozen=True)
+class ReportObject:
+    """A report object of a task besides its primary SR: stored under ``data_dir``, sent with the primary."""
+
+    path: str
+    """Relative to data_dir, like ``sr_path``, so that the data directory can move."""
+    sop_instance_uid: str
+    sop_class_uid: str
+
+    def to_dict(self) -> dict[str, str]:
+        return {"path": self.path, "sop_instance_uid": self.sop_instance_uid, "sop_class_uid": self.sop_class_uid}
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> ReportObject:
+        return cls(str(data["path"]), str(data["sop_instance_uid"]), str(data["sop_class_uid"]))
+
+
+def extra_objects_of(row: ResultRecord) -> list[ReportObject]:
+    """The result's report objects besides the primary SR (none for a result recorded before schema 4)."""
+    return [ReportObject.from_dict(item) for item in json.loads(row.extra_objects)] if row.extra_objects else []
 
 
 class NoReportError(LookupError):
@@ -105,6 +150,8 @@ class DueDelivery:
     sr_path: str
     attempts: int
     model: str = IMPLICIT_MODEL
+    extra_paths: tuple[str, ...] = ()
+    """The task's other report objects (relative to data_dir), sent after ``sr_path`` on the same association."""
 
 
 @dataclass(frozen=True)
@@ -146,7 +193,16 @@ class Outcome:
         if not self.applicable:
             return f"not applicable: {self.reason}"
         verdict = "present" if self.finding else "absent"
-        return f"finding {verdict}, probability {self.probability:.3f} ({self.model} {self.model_version})"
+        marked = ""
+        if self.lesions:
+            marked = f", {len(self.lesions)} lesion{'s' if len(self.lesions) != 1 else ''} marked"
+        return f"finding {verdict}, probability {self.probability:.3f}{marked} ({self.model} {self.model_version})"
+
+    def details_json(self) -> str | None:
+        """``task_results.details``: the lesions and skipped images as JSON; None when there are neither."""
+        if not self.lesions and not self.skipped:
+            return None
+        return json.dumps({"lesions": [dict(lesion) for lesion in self.lesions], "skipped": list(self.skipped)})
 
 
 class ReportBook:
@@ -162,8 +218,18 @@ class ReportBook:
         sr_path: str | None = None,
         sr_sop_instance_uid: str | None = None,
         now: datetime | None = None,
+        extra_objects: Sequence[ReportObject] = (),
+        sr_sop_class_uid: str | None = None,
     ) -> bool:
-        """Store the outcome, schedule its deliveries and end the lease (``reported``); False if the lease was lost."""
+        """Store the outcome, schedule its deliveries and end the lease (``reported``); False if the lease was lost.
+
+        ``extra_objects`` are the report's other objects, already stored under
+        data_dir: each destination's one delivery sends them after the primary
+        SR. ``sr_sop_class_uid`` is the primary's class, shown by ``queue
+        show`` (``resend`` reads the file itself).
+        """
+        if extra_objects and sr_path is None:
+            raise ValueError("report objects besides the SR need the SR itself (sr_path) to go with")
         now = now or utcnow()
         with self._write.begin() as session:
             task = StudyQueue.held(session, claim)
@@ -186,6 +252,9 @@ class ReportBook:
             row.timings_ms = json.dumps(dict(outcome.timings_ms))
             row.sr_path = sr_path
             row.sr_sop_instance_uid = sr_sop_instance_uid
+            row.sr_sop_class_uid = sr_sop_class_uid
+            row.details = outcome.details_json()
+            row.extra_objects = json.dumps([o.to_dict() for o in extra_objects]) if extra_objects else None
             row.created_at = now
             if sr_path is not None:
                 _schedule(session, task, destinations, now)
@@ -208,7 +277,7 @@ class ReportBook:
         now = now or utcnow()
         query = (
             select(Delivery.id, Study.study_uid, Delivery.destination, ResultRecord.sr_path, Delivery.attempts,
-                   Task.model)
+                   Task.model, ResultRecord.extra_objects)
             .join(Task, Task.id == Delivery.task_id)
             .join(Study, Study.id == Task.study_id)
             .join(ResultRecord, ResultRecord.task_id == Delivery.task_id)
@@ -228,7 +297,10 @@ class ReportBook:
             query = query.where(Delivery.destination.not_in(list(exclude)))
         with self._read() as session:
             rows = session.execute(query).all()
-        return [DueDelivery(*row) for row in rows]
+        return [
+            DueDelivery(*fields, extra_paths=tuple(item["path"] for item in json.loads(extras or "[]")))
+            for *fields, extras in rows
+        ]
 
     def catch_up_clock(self, longest_wait_s: float, now: datetime | None = None) -> int:
         """Make due now the pending deliveries scheduled further ahead than any backoff could schedule them.
@@ -332,8 +404,12 @@ class ReportBook:
             ]
 
     def replace_report(self, study_uid: str, sr_path: str, sr_sop_instance_uid: str, reason: str,
-                       now: datetime | None = None, model: str | None = None) -> None:
-        """Point a task's result at a rebuilt report (another SR class); the old file stays."""
+                       now: datetime | None = None, model: str | None = None,
+                       sr_sop_class_uid: str | None = None) -> None:
+        """Point a task's result at a rebuilt primary report (another SR class); the old file stays.
+
+        The task's other report objects stay as they are: they go with the new primary.
+        """
         now = now or utcnow()
         with self._write.begin() as session:
             task = _one_task(session, study_uid, model)
@@ -341,6 +417,7 @@ class ReportBook:
             if row is None:
                 raise NoReportError(f"study {study_uid} has no report to send (it has not been processed yet)")
             row.sr_path, row.sr_sop_instance_uid = sr_path, sr_sop_instance_uid
+            row.sr_sop_class_uid = sr_sop_class_uid
             _note(session, task, reason, now)
 
     def resend(self, study_uid: str, destinations: Sequence[str], now: datetime | None = None,
@@ -349,7 +426,8 @@ class ReportBook:
 
         For a ``reported``, ``sent`` or ``failed`` task with a report: a PACS
         added later, or one that lost the report. Each named delivery starts
-        afresh (pending, no attempts), whatever its state was.
+        afresh (pending, no attempts), whatever its state was, and sends every
+        report object of the task again.
         """
         now = now or utcnow()
         with self._write.begin() as session:
@@ -444,7 +522,17 @@ def _task_details(session: Session, task: Task) -> dict[str, Any]:
     row = session.scalar(select(ResultRecord).where(ResultRecord.task_id == task.id))
     deliveries = session.scalars(select(Delivery).where(Delivery.task_id == task.id).order_by(Delivery.id)).all()
     result = None
+    objects: list[dict[str, Any]] = []
     if row is not None:
+        details = json.loads(row.details) if row.details else {}
+        if row.sr_path is not None:
+            objects.append({"sop_instance_uid": row.sr_sop_instance_uid, "sop_class_uid": row.sr_sop_class_uid,
+                            "primary": True, "model": task.model})
+        objects += [
+            {"sop_instance_uid": o.sop_instance_uid, "sop_class_uid": o.sop_class_uid, "primary": False,
+             "model": task.model}
+            for o in extra_objects_of(row)
+        ]
         result = {
             "applicable": row.applicable,
             "reason": row.reason,
@@ -458,6 +546,8 @@ def _task_details(session: Session, task: Task) -> dict[str, Any]:
             "slices": row.slices,
             "timings_ms": json.loads(row.timings_ms),
             "sr_sop_instance_uid": row.sr_sop_instance_uid,
+            "lesions": details.get("lesions", []),
+            "skipped": details.get("skipped", []),
         }
     return {
         "model": task.model,
@@ -465,6 +555,7 @@ def _task_details(session: Session, task: Task) -> dict[str, Any]:
         "attempts": task.processing_attempts,
         "result": result,
         "sr_sop_instance_uid": row.sr_sop_instance_uid if row is not None else None,
+        "report_objects": objects,
         "deliveries": [
             {
                 "destination": d.destination,

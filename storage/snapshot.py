@@ -29,7 +29,7 @@ from triagenode.storage.filestore import lock_is_held
 from triagenode.storage.states import DeliveryState, StudyState
 from triagenode.storage.timeutil import iso
 
-SCHEMA_VERSION = 3
+SCHEMA_VERSION = 4
 """The schema version this code reads and writes; ``storage/migrations.py`` ends at it (checked at import there)."""
 BUSY_TIMEOUT_MS = 30_000
 """How long a connection waits for another's write lock: the daemon's write bursts are short."""
