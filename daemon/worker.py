@@ -177,17 +177,18 @@ class Worker:
         started = time.perf_counter()
         stored = [self._keep(claim.study_uid, document) for document in analysis.reports]
         sr: tuple[str | None, str | None] = (stored[0].path, stored[0].sop_instance_uid) if stored else (None, None)
-        more = stored[1:]
+        more, sr_class = stored[1:], stored[0].sop_class_uid if stored else None
         if isinstance(outcome, NotApplicable):
             recorded = self.book.record_result(
                 claim, Outcome.not_applicable(manifest.name, manifest.version, outcome.reason), destinations, *sr,
-                extra_objects=more,
+                extra_objects=more, sr_sop_class_uid=sr_class,
             )
             log.info("study.not_applicable study_uid=%s model=%s reason=%r report=%s recorded=%s", claim.study_uid,
                      claim.model, outcome.reason, bool(stored), recorded)
             return
         outcome.timings_ms["report"] = round(analysis.report_ms + (time.perf_counter() - started) * 1000, 1)
-        recorded = self.book.record_result(claim, outcome.to_outcome(), destinations, *sr, extra_objects=more)
+        recorded = self.book.record_result(claim, outcome.to_outcome(), destinations, *sr, extra_objects=more,
+                                           sr_sop_class_uid=sr_class)
         log.info("study.result study_uid=%s model=%s finding=%s probability=%.4f lesions=%d reports=%d recorded=%s "
                  "timings_ms=%s", claim.study_uid, claim.model, outcome.finding, outcome.probability,
                  len(outcome.lesions), len(stored), recorded, outcome.timings_ms)

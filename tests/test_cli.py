@@ -268,7 +268,7 @@ def test_a_missing_model_is_a_configuration_error_for_serve_and_config_show(tmp_
     )
     expected = (
         f"triagenode: config error in {config}: inference.model: model package /nowhere/lung.tnm does not exist; "
-        "check the path (or use 'demo')"
+        "check the path (or use a built-in model: demo, mammo-demo)"
     )
     for command in (["serve"], ["config", "show"], ["config", "show", "--json"]):
         result = subprocess.run([TRIAGENODE, *command, "--config", str(config)], capture_output=True, text=True,
