@@ -37,6 +37,12 @@ A study the model cannot read (no suitable series) gets no report, unless
 the site sets ``report_not_applicable``: then an SR of the same shape says
 the finding is Indeterminate and gives the reason, so that a worklist rule
 waiting for a report for every study is not left waiting.
+
+**Detection models** (``manifest.task == "detection"``, a mammography lesion
+detector) get the documents ``mammo_sr`` names (:func:`reports_for`): a TID
+1500 with a study-level group and one planar ROI group per lesion
+(:mod:`inference.detection_report`, built with the helpers below), a
+Mammography CAD SR (TID 4000, :mod:`inference.mammo_cad_sr`), or both.
 """
 
 from __future__ import annotations
@@ -44,7 +50,7 @@ from __future__ import annotations
 import copy
 import hashlib
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import datetime
 from pathlib import Path
 from typing import Literal
@@ -60,7 +66,7 @@ from pydicom.sr.coding import Code
 from pydicom.uid import Comprehensive3DSRStorage, ComprehensiveSRStorage, ExplicitVRLittleEndian, generate_uid
 from pydicom.valuerep import DA, TM
 
-from triagenode.config.settings import InferenceSettings
+from triagenode.config.settings import InferenceSettings, MammoSr
 from triagenode.inference.model_package import CodedConcept, Manifest
 from triagenode.inference.outcomes import NotApplicable, StudyResult
 
@@ -178,12 +184,17 @@ def read_predecessor(path: Path) -> Predecessor | None:
         return None
 
 
-def report_series_uid(study_uid: str, model: str, version: str, route: str | None = None) -> str:
+def report_series_uid(
+    study_uid: str, model: str, version: str, route: str | None = None, kind: str | None = None
+) -> str:
     """The report series of a study for one model version (of one ``[[models]]`` entry, ``route``).
 
     Every report of theirs goes into one series; another entry, even of the same package, has its own.
+    ``kind`` names another form of document for the same result (``"mammography-cad"``), which a
+    PACS files in a series of its own.
     """
     sources = ["triagenode-sr-series", study_uid, model, version] + ([route] if route is not None else [])
+    sources += [kind] if kind is not None else []
     return str(generate_uid(entropy_srcs=sources))
 
 
@@ -233,7 +244,7 @@ def build_measurement_report(
     )
     _add_comment(group, _verdict(manifest, result))
     return _document(
-        manifest, group, evaluated_series, key, result.study_uid, options,
+        manifest, [group], evaluated_series, key, result.study_uid, options,
         f"AI triage: {manifest.finding.meaning.lower()} (not for diagnosis)",
     )
 
@@ -253,9 +264,47 @@ def build_not_applicable_report(
     group = _group(outcome.study_uid, manifest, _algorithm(manifest), codes.SCT.Indeterminate)
     _add_comment(group, f"Not assessed: {outcome.reason}")
     return _document(
-        manifest, group, study_headers, None, outcome.study_uid, options,
+        manifest, [group], study_headers, None, outcome.study_uid, options,
         f"AI triage: {manifest.finding.meaning.lower()} not assessed",
     )
+
+
+def reports_for(
+    outcome: StudyResult | NotApplicable,
+    manifest: Manifest,
+    inference: InferenceSettings,
+    node_ae_title: str,
+    predecessor: Predecessor | None = None,
+    route: str | None = None,
+    mammo_sr: MammoSr | None = None,
+) -> list[Dataset]:
+    """Every SR the node sends for an outcome, as the site configured it, the primary one first; [] for none.
+
+    A classifier's result: its one TID 1500. A detector's result: what ``mammo_sr`` (the
+    ``[[models]]`` entry's, else ``[inference] mammo_sr``) names: the TID 1500 (``tid1500``), the
+    Mammography CAD SR (``mammography-cad``), or both, the TID 1500 first (``both``). A study the
+    model cannot read: a report only when ``[inference] report_not_applicable`` asks for one.
+    ``predecessor``: the study's earlier report (see :func:`read_predecessor`), which the new one replaces.
+    ``route``: the ``[[models]]`` entry (see :attr:`DocumentOptions.route`).
+    """
+    options = DocumentOptions.for_site(inference, node_ae_title, predecessor, route)
+    if isinstance(outcome, StudyResult):
+        if manifest.task != "detection":
+            return [build_measurement_report(outcome, manifest, outcome.evidence, options)]
+        # Imported here: both modules build on this one's helpers.
+        from triagenode.inference.detection_report import build_detection_report
+        from triagenode.inference.mammo_cad_sr import build_mammography_cad_sr
+
+        form = mammo_sr or inference.mammo_sr
+        documents: list[Dataset] = []
+        if form in ("tid1500", "both"):
+            documents.append(build_detection_report(outcome, manifest, outcome.evidence, options))
+        if form in ("mammography-cad", "both"):
+            documents.append(build_mammography_cad_sr(outcome, manifest, outcome.evidence, options))
+        return documents
+    if inference.report_not_applicable and outcome.evidence:
+        return [build_not_applicable_report(outcome, manifest, outcome.evidence, options)]
+    return []
 
 
 def report_for(
@@ -265,18 +314,14 @@ def report_for(
     node_ae_title: str,
     predecessor: Predecessor | None = None,
     route: str | None = None,
-) -> hd.sr.Comprehensive3DSR | hd.sr.ComprehensiveSR | None:
-    """The SR the node sends for an outcome, as the site configured it; None when it sends none.
+    mammo_sr: MammoSr | None = None,
+) -> Dataset | None:
+    """The primary SR the node sends for an outcome (see :func:`reports_for`); None when it sends none.
 
-    ``predecessor``: the study's earlier report (see :func:`read_predecessor`), which the new one replaces.
-    ``route``: the ``[[models]]`` entry (see :attr:`DocumentOptions.route`).
+    For a detector that is the TID 1500, unless ``mammo_sr`` is ``mammography-cad``.
     """
-    options = DocumentOptions.for_site(inference, node_ae_title, predecessor, route)
-    if isinstance(outcome, StudyResult):
-        return build_measurement_report(outcome, manifest, outcome.evidence, options)
-    if inference.report_not_applicable and outcome.evidence:
-        return build_not_applicable_report(outcome, manifest, outcome.evidence, options)
-    return None
+    documents = reports_for(outcome, manifest, inference, node_ae_title, predecessor, route, mammo_sr)
+    return documents[0] if documents else None
 
 
 def convert_report(stored: Dataset, sr_class: SrClass, now: datetime | None = None) -> Dataset:
@@ -312,6 +357,7 @@ def convert_report(stored: Dataset, sr_class: SrClass, now: datetime | None = No
 
 
 def _algorithm(manifest: Manifest) -> hd.sr.AlgorithmIdentification:
+    """The model as TID 4019 names it (name, version, family AI)."""
     return hd.sr.AlgorithmIdentification(
         name=manifest.name, version=manifest.version, family=codes.cid7162.ArtificialIntelligence
     )
@@ -323,10 +369,14 @@ def _code(concept: CodedConcept) -> Code:
 
 def _finding_label(manifest: Manifest) -> str:
     """The finding with its site, as a radiologist names it: "Lung nodule"."""
-    finding = manifest.finding.meaning
-    if manifest.finding_site is None:
-        return finding
-    return f"{manifest.finding_site.meaning} {finding[:1].lower()}{finding[1:]}"
+    return _label(manifest.finding, manifest.finding_site)
+
+
+def _label(finding: CodedConcept, site: CodedConcept | None) -> str:
+    """A finding and its site in words: Nodule of the Lung -> "Lung nodule", Lesion of the Breast -> "Breast lesion"."""
+    if site is None:
+        return finding.meaning
+    return f"{site.meaning} {finding.meaning[:1].lower()}{finding.meaning[1:]}"
 
 
 def _verdict(manifest: Manifest, result: StudyResult) -> str:
@@ -336,15 +386,21 @@ def _verdict(manifest: Manifest, result: StudyResult) -> str:
     on either side of the threshold), in plain ASCII words ("at or above", "below"), so the sentence
     reads the same in any character set.
     """
-    probability, threshold = _number(result.probability), _number(result.threshold)
-    if probability == threshold and result.probability != result.threshold:
-        probability, threshold = repr(result.probability), repr(result.threshold)
+    probability, threshold = _against(result.probability, result.threshold)
     relation = "at or above" if result.finding else "below"
     return (
         f"{_finding_label(manifest)}: {'present' if result.finding else 'absent'} (model probability "
         f"{probability}, {relation} the operating threshold {threshold}; "
         f"model {manifest.name} {manifest.version}; not for diagnosis)"
     )
+
+
+def _against(value: float, threshold: float) -> tuple[str, str]:
+    """A number and the threshold it was read against, in words that never look equal when they are not."""
+    words = _number(value), _number(threshold)
+    if words[0] == words[1] and value != threshold:
+        return repr(value), repr(threshold)
+    return words
 
 
 def _number(value: float) -> str:
@@ -369,18 +425,25 @@ def _group(
     evaluation: Code,
     measurements: list[hd.sr.Measurement] | None = None,
     source_images: list[hd.sr.SourceImageForMeasurementGroup] | None = None,
+    finding: CodedConcept | None = None,
+    finding_site: CodedConcept | None = None,
 ) -> hd.sr.MeasurementsAndQualitativeEvaluations:
-    """The study's one measurement group (TID 1501): the finding evaluated as ``evaluation``."""
-    finding = _code(manifest.finding)
+    """The study's measurement group (TID 1501): the finding evaluated as ``evaluation``.
+
+    The finding and its site are the manifest's unless given (a detector's study-level group
+    reports "Lesion" of the "Breast" whatever its lesion classes are).
+    """
+    finding = finding or manifest.finding
+    site = finding_site or manifest.finding_site
     return hd.sr.MeasurementsAndQualitativeEvaluations(
         tracking_identifier=hd.sr.TrackingIdentifier(
-            identifier=f"AI triage: {manifest.finding.meaning.lower()}",
+            identifier=f"AI triage: {finding.meaning.lower()}",
             uid=hd.UID(str(generate_uid(entropy_srcs=["triagenode-tracking", study_uid, manifest.name]))),
         ),
-        finding_type=finding,
-        finding_sites=[hd.sr.FindingSite(_code(manifest.finding_site))] if manifest.finding_site else None,
+        finding_type=_code(finding),
+        finding_sites=[hd.sr.FindingSite(_code(site))] if site else None,
         algorithm_id=algorithm,
-        qualitative_evaluations=[hd.sr.QualitativeEvaluation(name=finding, value=evaluation)],
+        qualitative_evaluations=[hd.sr.QualitativeEvaluation(name=_code(finding), value=evaluation)],
         measurements=measurements,
         source_images=source_images,
     )
@@ -392,8 +455,11 @@ _UNSPECIFIED_REGION = {
     "PT": codes.LN.PETUnspecifiedBodyRegion,
     "CR": codes.LN.XRUnspecifiedBodyRegion,
     "DX": codes.LN.XRUnspecifiedBodyRegion,
+    "MG": codes.SCT.Mammography,
 }
-"""Procedure codes (CID 100) of modalities other than CT whose region the manifest does not say."""
+"""Procedure codes (CID 100) of modalities other than CT whose region the manifest does not say. CID 100
+(extensible) has no mammography code; MG gets SNOMED CT 71651007 "Mammography", the procedure (as CID
+10005 lists it), screening or diagnostic alike, unilateral or bilateral."""
 
 
 def _procedure(manifest: Manifest) -> Code:
@@ -474,6 +540,26 @@ def _references(predecessors: Iterable[Predecessor]) -> list[Dataset]:
     return items
 
 
+def _routed(description: str, route: str | None) -> str:
+    """A series description with the ``[[models]]`` entry's name after its prefix: "AI triage lung: ..."."""
+    if route is None or ":" not in description:
+        return description
+    prefix, rest = description.split(":", 1)
+    return f"{prefix} {route}:{rest}"
+
+
+def _options_for(options: DocumentOptions, sop_class_uid: str, same_class: bool) -> DocumentOptions:
+    """``options`` with the predecessor kept only when it is (``same_class``) or is not of ``sop_class_uid``.
+
+    A detector's two documents (TID 1500 and Mammography CAD SR) each replace only an earlier
+    document of their own form, never the other.
+    """
+    predecessor = options.predecessor
+    if predecessor is not None and (predecessor.sop_class_uid == sop_class_uid) != same_class:
+        return replace(options, predecessor=None)
+    return options
+
+
 def _seal(sr: Dataset, predecessor: Predecessor | None) -> None:
     """Give a finished SR its content UID, and its predecessor unless that is the very same document."""
     uid = content_uid(sr)
@@ -497,13 +583,16 @@ def _seal(sr: Dataset, predecessor: Predecessor | None) -> None:
 
 def _document(
     manifest: Manifest,
-    group: hd.sr.MeasurementsAndQualitativeEvaluations,
+    groups: Sequence[
+        hd.sr.MeasurementsAndQualitativeEvaluations | hd.sr.PlanarROIMeasurementsAndQualitativeEvaluations
+    ],
     evidence: Sequence[Dataset],
     referenced_images: list[Dataset] | None,
     study_uid: str,
     options: DocumentOptions,
     series_description: str,
 ) -> hd.sr.Comprehensive3DSR | hd.sr.ComprehensiveSR:
+    """The TID 1500 document around ``groups`` (the study's group first), sealed with its content UID."""
     node_ae_title = options.node_ae_title
     observer = hd.sr.ObservationContext(
         observer_device_context=hd.sr.ObserverContext(
@@ -519,7 +608,7 @@ def _document(
     content = hd.sr.MeasurementReport(
         observation_context=observer,
         procedure_reported=_procedure(manifest),
-        imaging_measurements=[group],
+        imaging_measurements=list(groups),
         title=codes.DCM.ImagingMeasurementReport,
         referenced_images=referenced_images,
     )
@@ -527,8 +616,7 @@ def _document(
         if item.ValueType == "CONTAINER":
             item.ContinuityOfContent = "SEPARATE"  # each item under its concept name, not run together as prose
     now = options.now or datetime.now()
-    if options.route is not None:
-        series_description = series_description.replace("AI triage:", f"AI triage {options.route}:", 1)
+    series_description = _routed(series_description, options.route)
     evidence = _evidence(evidence, _own_text(content, series_description, manifest.name, manifest.version))
     document = hd.sr.Comprehensive3DSR if options.sr_class == "comprehensive3d" else hd.sr.ComprehensiveSR
     sr = document(
