@@ -16,11 +16,11 @@ groups:
   marked (highest certainty 0.91, at or above the operating threshold 0.5;
   ...)"), or that no lesion reached the threshold.
 * **One planar ROI per lesion** (TID 1410), most certain first: the tracking
-  identifier ("lesion 1: mass, L CC") and a tracking UID drawn from the study,
+  identifier ("lesion 1: mammographic breast mass, L CC") and a tracking UID drawn from the study,
   model, image, type and box, so the same mark keeps its UID across re-runs
   and another mark gets another; the finding as the model package codes its
-  lesion classes (``detection.classes``: SNOMED CT 4147007 "Mass", 129769006
-  "Calcification Cluster", the latter as CID 6014/6054 have it); the finding
+  lesion classes (``detection.classes``: SNOMED CT 129788004 "Mammographic breast
+  mass", 129769006 "Calcification Cluster", as CID 6054 has them); the finding
   site, "Left breast"
   (SCT 80248007) or "Right breast" (SCT 73056007) from the image laterality
   ("Breast" when the image does not say); the region as a closed 5-point
@@ -215,14 +215,14 @@ def breast_side(lesion: Lesion, image: Dataset) -> CodedConcept:
 
 
 def lesion_label(number: int, lesion: Lesion, manifest: Manifest, image: Dataset) -> str:
-    """"lesion 1: mass, L CC": the tracking identifier, so a reader can name the mark and find its view."""
+    """"lesion 1: mammographic breast mass, L CC": the tracking identifier; a reader names the mark and its view."""
     where = " ".join(part for part in (laterality_of(lesion, image), view_of(lesion, image)) if part)
     kind = lesion_code(manifest, lesion).meaning.lower()
     return f"lesion {number}: {kind}" + (f", {where}" if where else "")
 
 
 def lesion_words(number: int, lesion: Lesion, manifest: Manifest, image: Dataset) -> str:
-    """"lesion 1: mass, L CC, certainty 0.91": the mark, its view and its certainty in one phrase."""
+    """"lesion 1: mammographic breast mass, L CC, certainty 0.91": the mark, its view and its certainty in one phrase."""
     return f"{lesion_label(number, lesion, manifest, image)}, certainty {_number(lesion.certainty)}"
 
 

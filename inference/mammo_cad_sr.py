@@ -47,8 +47,9 @@ PS3.16:
 
 **The finding's code.** TID 4006 takes the kind of finding from CID 6014,
 which codes a mass, as BI-RADS' older lexicon named it and as CAD vendors
-mark it, "Mammography breast density" (SCT 129793001); SNOMED CT's "Mass"
-(4147007), which the TID 1500 carries, is not in CID 6014. A workstation
+mark it, "Mammography breast density" (SCT 129793001); "Mammographic breast
+mass" (129788004, CID 6054), which the TID 1500 carries, and SNOMED CT's
+"Mass" (4147007) are not in CID 6014. A workstation
 chooses its mass mark by the CID 6014 code, so a mass goes as 129793001 here;
 "Calcification Cluster" (129769006) is in CID 6014 as it is. Another class
 code a model package gives passes through unchanged.

@@ -60,9 +60,10 @@ LESION = CodedConcept("52988006", "SCT", "Lesion")
 BREAST = CodedConcept("76752008", "SCT", "Breast")
 LEFT_BREAST = CodedConcept("80248007", "SCT", "Left breast")
 RIGHT_BREAST = CodedConcept("73056007", "SCT", "Right breast")
-MASS = CodedConcept("4147007", "SCT", "Mass")
+MASS = CodedConcept("129788004", "SCT", "Mammographic breast mass")
 CALCIFICATION_CLUSTER = CodedConcept("129769006", "SCT", "Calcification Cluster")
-"""The breast findings as DICOM's breast imaging CIDs (6014, 6010) code them in SNOMED CT."""
+"""The breast findings as DICOM's Breast Imaging Finding (CID 6054) codes them in SNOMED CT; the Mammography CAD SR
+maps them to its own single-image findings (CID 6014, :mod:`inference.mammo_cad_sr`)."""
 
 Task = Literal["classification", "detection"]
 TASKS: tuple[str, ...] = get_args(Task)

@@ -206,8 +206,8 @@ def test_the_rendered_reports_name_each_lesion_its_view_and_certainty(tmp_path: 
         "Lesion: Present (52101004, SCT)",
         "Finding Site = Breast (76752008, SCT)",
         "Threshold Value: 0.5 1",
-        'Tracking Identifier = "lesion 1: mass, L CC"',
-        "Finding: Mass (4147007, SCT)",
+        'Tracking Identifier = "lesion 1: mammographic breast mass, L CC"',
+        "Finding: Mammographic breast mass (129788004, SCT)",
         "Finding Site = Left breast (80248007, SCT)",
         "Certainty of Finding: 0.91 1",
         'Tracking Identifier = "lesion 2: calcification cluster, R MLO"',
@@ -219,7 +219,7 @@ def test_the_rendered_reports_name_each_lesion_its_view_and_certainty(tmp_path: 
         assert expected in report, f"{expected!r} not in the rendered TID 1500:\n{report}"
     mammo = rendered(saved(cad(result), tmp_path / "cad.dcm"))
     for expected in (
-        "Impression Description: lesion 1: mass, L CC, certainty 0.91",
+        "Impression Description: lesion 1: mammographic breast mass, L CC, certainty 0.91",
         "Single Image Finding: Mammography breast density (129793001, SCT)",
         "Certainty of Finding = 91.0 %",
         "Impression Description: lesion 2: calcification cluster, R MLO, certainty 0.62",
@@ -262,7 +262,7 @@ def test_highdicom_reads_one_region_per_lesion_back_to_the_same_pixels(tmp_path:
         assert source.RelationshipType == "SELECTED FROM"
         assert source.ReferencedSOPSequence[0].ReferencedSOPInstanceUID == lesion.sop_instance_uid
         assert source.ReferencedSOPSequence[0].ReferencedSOPClassUID == DIGITAL_MAMMOGRAPHY
-        where = "mass, L CC" if number == 1 else "calcification cluster, R MLO"
+        where = "mammographic breast mass, L CC" if number == 1 else "calcification cluster, R MLO"
         assert group.tracking_identifier == f"lesion {number}: {where}"
         assert group.finding_type.value == MANIFEST.detection.code_of(lesion.type).value  # type: ignore[union-attr]
         assert group.finding_sites[0].value.value == side.value
