@@ -222,7 +222,7 @@ def lesion_label(number: int, lesion: Lesion, manifest: Manifest, image: Dataset
 
 
 def lesion_words(number: int, lesion: Lesion, manifest: Manifest, image: Dataset) -> str:
-    """"lesion 1: mammographic breast mass, L CC, certainty 0.91": the mark, its view and its certainty in one phrase."""
+    """"lesion 1: mammographic breast mass, L CC, certainty 0.91": the mark, its view and its certainty."""
     return f"{lesion_label(number, lesion, manifest, image)}, certainty {_number(lesion.certainty)}"
 
 
