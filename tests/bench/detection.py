@@ -30,8 +30,8 @@ from pathlib import Path
 from pynetdicom import AE, evt
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
-from triagenode.inference.device import resolve_device
 from triagenode.inference.detection import detect_study
+from triagenode.inference.device import resolve_device
 from triagenode.inference.model_package import load_package
 from triagenode.inference.outcomes import StudyResult
 from triagenode.inference.phantom_mammo import FULL_FIELD_ROWS, write_mammo_study
