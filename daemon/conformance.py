@@ -21,7 +21,7 @@ from triagenode.daemon.contexts import (
     VERIFICATION_SOP_CLASS,
     VERIFICATION_TRANSFER_SYNTAXES,
 )
-from triagenode.daemon.delivery import REPORT_CONTEXTS, REPORT_TRANSFER_SYNTAXES
+from triagenode.daemon.delivery import OTHER_REPORT_CLASSES, REPORT_CONTEXTS, REPORT_TRANSFER_SYNTAXES
 from triagenode.daemon.receiver import MAX_PDU_SIZE, REQUEST_TIMEOUT_S
 from triagenode.daemon.statuses import WHEN_SENT, StoreStatus
 
@@ -47,6 +47,11 @@ def generated_tables() -> str:
     lines += ["", "### Storage SCU (reports): proposed presentation contexts", ""]
     lines += ["| SOP Class | UID | Role | Transfer Syntaxes |", "|---|---|---|---|"]
     lines += [f"| {UID(uid).name} | `{uid}` | SCU | {_syntaxes(REPORT_TRANSFER_SYNTAXES)} |" for uid in REPORT_CONTEXTS]
+    lines += [
+        f"| {UID(uid).name} | `{uid}` | SCU, proposed when such a report is sent | "
+        f"{_syntaxes(REPORT_TRANSFER_SYNTAXES)} |"
+        for uid in OTHER_REPORT_CLASSES
+    ]
     lines += ["", "### C-STORE response statuses of the Storage SCP", ""]
     lines += ["| Status | Name | Sent when |", "|---|---|---|"]
     for status in StoreStatus:

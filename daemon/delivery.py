@@ -36,7 +36,7 @@ from pathlib import Path
 
 from pydicom import Dataset, dcmread
 from pydicom.errors import InvalidDicomError
-from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
+from pydicom.uid import UID, ExplicitVRLittleEndian, ImplicitVRLittleEndian
 from pynetdicom import AE
 from pynetdicom.sop_class import Comprehensive3DSRStorage, ComprehensiveSRStorage
 from pynetdicom.status import STATUS_SUCCESS, STATUS_WARNING, code_to_category
@@ -51,6 +51,9 @@ log = logging.getLogger("triagenode.delivery")
 
 REPORT_CONTEXTS = (Comprehensive3DSRStorage, ComprehensiveSRStorage)
 """Proposed on every association; an object of another class (a Mammography CAD SR, a SEG) adds its own."""
+OTHER_REPORT_CLASSES = (UID("1.2.840.10008.5.1.4.1.1.88.50"),)
+"""Report classes a model may make besides the Comprehensive SRs (a detector's Mammography CAD SR, with
+``mammo_sr``); each is proposed on an association that sends one (the conformance statement lists them)."""
 REPORT_TRANSFER_SYNTAXES = (ExplicitVRLittleEndian, ImplicitVRLittleEndian)
 TIMEOUT_S = 30
 BATCH = 20
