@@ -1,0 +1,131 @@
+"""A detection model's runtime parts: which images it reads, how an image becomes its input, how a map becomes marks.
+
+Mammography studies come as four images of one series, four series of one
+image, or more views, sometimes with the detector's raw For Processing images
+beside them; the selection must read every For Presentation view and say why
+it skipped the others. The input and the decoding map pixels both ways: a
+lesion drawn into a map at a known place must come back as a box on the same
+image pixels.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+from pydicom import dcmread
+from pydicom.uid import generate_uid
+
+from triagenode.config.settings import ModelRoute
+from triagenode.inference.detection import decode_map, image_input, lesion_target, select_images
+from triagenode.inference.detection_training import MAMMO_INPUT
+from triagenode.inference.model_package import DetectionSpec, Manifest
+from triagenode.inference.outcomes import NotApplicable
+from triagenode.inference.phantom_mammo import DIGITAL_MAMMOGRAPHY_FOR_PROCESSING, write_mammo_study
+from triagenode.inference.routing import ModelRouter, summary_of
+from triagenode.inference.studies import dicom_files, read_study
+
+
+@pytest.fixture(scope="module")
+def four_views(tmp_path_factory: pytest.TempPathFactory) -> list[Path]:
+    study = write_mammo_study(tmp_path_factory.mktemp("views"), 3, 0, positive=True, rows=128)
+    assert study.directory is not None
+    return dicom_files(study.directory)
+
+
+def _rewrite(files: list[Path], out: Path, change) -> list[Path]:  # noqa: ANN001 - a callable on each data set
+    out.mkdir(exist_ok=True)
+    written = []
+    for index, path in enumerate(files):
+        ds = dcmread(path)
+        change(index, ds)
+        target = out / path.name
+        ds.save_as(target, enforce_file_format=True)
+        written.append(target)
+    return written
+
+
+def _for_processing(index: int, ds) -> None:  # noqa: ANN001 - a pydicom Dataset
+    ds.SOPClassUID = ds.file_meta.MediaStorageSOPClassUID = DIGITAL_MAMMOGRAPHY_FOR_PROCESSING
+    ds.PresentationIntentType = "FOR PROCESSING"
+
+
+def _uid(files: list[Path]) -> str:
+    return str(dcmread(files[0], stop_before_pixels=True).StudyInstanceUID)
+
+
+def test_four_images_of_one_series_are_read_as_four_views(four_views: list[Path]) -> None:
+    selection = select_images(read_study(_uid(four_views), four_views), MAMMO_INPUT)
+    assert not isinstance(selection, NotApplicable)
+    assert sorted(image.label for image in selection.images) == ["L CC", "L MLO", "R CC", "R MLO"]
+    assert selection.skipped == []
+
+
+def test_four_series_of_one_image_each_are_read_too(four_views: list[Path], tmp_path: Path) -> None:
+    series = {index: str(generate_uid()) for index in range(4)}
+    files = _rewrite(four_views, tmp_path, lambda index, ds: setattr(ds, "SeriesInstanceUID", series[index]))
+    selection = select_images(read_study(_uid(files), files), MAMMO_INPUT)
+    assert not isinstance(selection, NotApplicable)
+    assert len(selection.images) == 4 and len({image.series_uid for image in selection.images}) == 4
+
+
+def test_for_processing_images_are_skipped_each_with_its_reason(four_views: list[Path], tmp_path: Path) -> None:
+    def raw_left(index: int, ds) -> None:  # noqa: ANN001 - a pydicom Dataset
+        if ds.ImageLaterality == "L":
+            _for_processing(index, ds)
+
+    files = _rewrite(four_views, tmp_path, raw_left)
+    selection = select_images(read_study(_uid(files), files), MAMMO_INPUT)
+    assert not isinstance(selection, NotApplicable)
+    assert sorted(image.label for image in selection.images) == ["R CC", "R MLO"]
+    assert len(selection.skipped) == 2
+    assert all("For Processing" in reason and reason.startswith("L ") for reason in selection.skipped)
+
+    only_raw = _rewrite(four_views, tmp_path / "raw", _for_processing)
+    nothing = select_images(read_study(_uid(only_raw), only_raw), MAMMO_INPUT)
+    assert isinstance(nothing, NotApplicable)
+    assert "no MG image the model can read" in nothing.reason and "For Processing" in nothing.reason
+
+
+def test_routing_refuses_a_series_of_for_processing_images_with_that_reason(
+    four_views: list[Path], tmp_path: Path
+) -> None:
+    manifest = Manifest("detector", "1", "lesionfcn", task="detection", input=MAMMO_INPUT, detection=DetectionSpec())
+    router = ModelRouter([ModelRoute(name="mammo", package="x")], {"mammo": manifest})
+    (read,) = router(summary_of(read_study(_uid(four_views), four_views)))
+    assert read.matched, read.reason
+    files = _rewrite(four_views, tmp_path, _for_processing)
+    (refused,) = router(summary_of(read_study(_uid(files), files)))
+    assert not refused.matched and "For Processing images only" in refused.reason
+
+
+def test_the_input_keeps_the_aspect_and_a_drawn_lesion_decodes_to_its_box() -> None:
+    values = np.zeros((1000, 800), dtype=np.float32)
+    x, scale = image_input(values, MAMMO_INPUT)
+    assert scale == pytest.approx(512 / 1000)
+    assert x.shape == (1, 1, 512, 416)  # 800 * 0.512 = 409.6 -> 410, padded to a multiple of 8
+
+    spec = DetectionSpec()
+    box = (200.0, 320.0, 300.0, 400.0)  # image pixels: x0, y0, x1, y1
+    target = lesion_target([(0, box)], (512, 416), scale, spec.output_stride).numpy()
+    probabilities = np.zeros((3, *target.shape), dtype=np.float32)
+    probabilities[0] = 1.0
+    probabilities[1][target == 1] = 0.9  # a mass exactly where the target puts it
+    probabilities[0][target == 1] = 0.1
+    probabilities[2, 5, 5] = 0.4  # and a fainter calcification candidate elsewhere
+    marks = decode_map(probabilities, spec, scale, (1000, 800))
+    assert [(kind, round(certainty, 2)) for kind, _, certainty in marks] == [("mass", 0.9), ("calcification", 0.4)]
+    found = marks[0][1]
+    cell = spec.output_stride / scale  # one output cell, in image pixels
+    for got, want in zip(found, box, strict=True):
+        assert abs(got - want) <= cell, (found, box)
+
+
+def test_overlapping_candidates_of_two_classes_keep_the_more_certain() -> None:
+    spec = DetectionSpec()
+    probabilities = np.zeros((3, 40, 40), dtype=np.float32)
+    probabilities[1, 10:16, 10:16] = 0.6
+    probabilities[2, 11:15, 11:15] = 0.8
+    marks = decode_map(probabilities, spec, 0.5, (320, 320))
+    assert [(kind, round(c, 2)) for kind, _, c in marks] == [("calcification", 0.8)]
