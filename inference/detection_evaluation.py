@@ -31,11 +31,13 @@ from typing import Any
 import numpy as np
 import torch
 
+from triagenode.config.settings import InferenceSettings
 from triagenode.inference.detection import select_images, study_candidates
 from triagenode.inference.detection_training import lesions_file
 from triagenode.inference.evaluation import EvaluationError, format_table, metrics_report, write_plots
 from triagenode.inference.froc import HIT_RULE, Mark, TrueLesion, froc, froc_report, lesion_metrics, write_froc_plot
 from triagenode.inference.labelled import LabelledDataError, labelled_index
+from triagenode.inference.loader import SliceLoader
 from triagenode.inference.metrics import compute_metrics, threshold_for_sensitivity
 from triagenode.inference.model_package import ModelPackage, save_package
 from triagenode.inference.outcomes import NotApplicable
@@ -82,17 +84,19 @@ def evaluate_detector(
     truth: list[TrueLesion] = []
     scored: list[ScoredStudyImages] = []
     started = time.perf_counter()
-    for uid, labelled in labels.items():
-        selection = select_images(index[uid], manifest.input)
-        if isinstance(selection, NotApplicable):
-            raise LabelledDataError(f"study {uid}: {selection.reason}")
-        found = study_candidates(package, selection, device)
-        marks += [Mark(uid, c.sop_instance_uid, c.type, c.box, c.certainty) for c in found.candidates]
-        truth += [TrueLesion(uid, b.lesion, b.sop_instance_uid, b.type, b.box) for b in boxes.get(uid, [])]
-        images = [image.sop_instance_uid for image in selection.images]
-        score = found.candidates[0].certainty if found.candidates else 0.0
-        above = sum(1 for c in found.candidates if c.certainty >= manifest.threshold)
-        scored.append(ScoredStudyImages(uid, labelled.label, images, round(score, 6), above))
+    node = InferenceSettings()
+    with SliceLoader(node.decoders()) as loader:  # the node's own decoders, as a worker would have them
+        for uid, labelled in labels.items():
+            selection = select_images(index[uid], manifest.input)
+            if isinstance(selection, NotApplicable):
+                raise LabelledDataError(f"study {uid}: {selection.reason}")
+            found = study_candidates(package, selection, device, node.batch_size, loader)
+            marks += [Mark(uid, c.sop_instance_uid, c.type, c.box, c.certainty) for c in found.candidates]
+            truth += [TrueLesion(uid, b.lesion, b.sop_instance_uid, b.type, b.box) for b in boxes.get(uid, [])]
+            images = [image.sop_instance_uid for image in selection.images]
+            score = found.candidates[0].certainty if found.candidates else 0.0
+            above = sum(1 for c in found.candidates if c.certainty >= manifest.threshold)
+            scored.append(ScoredStudyImages(uid, labelled.label, images, round(score, 6), above))
     elapsed = time.perf_counter() - started
     image_uids = [uid for study in scored for uid in study.images]
     log(f"scored {len(scored)} studies ({len(image_uids)} images) in {elapsed:.1f} s, "

@@ -243,6 +243,11 @@ class SliceLoader:
             shm.close()
             shm.unlink()
 
+    def submit(self, function: Any, *args: Any) -> Future:
+        """Run ``function(*args)`` in a decoder (a module-level function: it is pickled to the process)."""
+        self.start()
+        return self._submit(function, *args)
+
     def _submit(self, *task: Any) -> Future:
         assert self._pool is not None, "start() first"
         return self._pool.submit(*task)

@@ -113,7 +113,7 @@ def score_study(
     time spent reading the study's headers counts in 'select' and 'total'.
     """
     if package.manifest.task == "detection":
-        return detect_study(package, study, device, batch_size)
+        return detect_study(package, study, device, batch_size, loader)
     started = time.perf_counter()
     series = select_series(study, package.manifest.input)
     if isinstance(series, NotApplicable):

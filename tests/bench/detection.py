@@ -30,8 +30,10 @@ from pathlib import Path
 from pynetdicom import AE, evt
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+from triagenode.config.settings import InferenceSettings
 from triagenode.inference.detection import detect_study
 from triagenode.inference.device import resolve_device
+from triagenode.inference.loader import SliceLoader
 from triagenode.inference.model_package import load_package
 from triagenode.inference.outcomes import StudyResult
 from triagenode.inference.phantom_mammo import FULL_FIELD_ROWS, write_mammo_study
@@ -55,10 +57,13 @@ def pipeline(studies: list[Path], model: str, device: str) -> None:
     totals: dict[str, float] = {}
     images = 0
     started = None
+    settings = InferenceSettings()
+    loader = SliceLoader(settings.decoders())  # as a worker of a node on this machine has them
+    print(f"decoder processes: {loader.processes} (0: a thread of the worker)")
     for index, folder in enumerate(studies):
         files = dicom_files(folder)
         headers = read_study(read_uid(files[0]), files)
-        result = detect_study(package, headers, torch_device, batch_size=4)
+        result = detect_study(package, headers, torch_device, settings.batch_size, loader)
         assert isinstance(result, StudyResult), result
         if index == 0:  # warm-up: first forward pass, allocator, oneDNN kernels
             started = time.perf_counter()
@@ -68,7 +73,8 @@ def pipeline(studies: list[Path], model: str, device: str) -> None:
             totals[stage] = totals.get(stage, 0.0) + ms
     assert started is not None
     elapsed = time.perf_counter() - started
-    stages = ", ".join(f"{stage} {ms / images:.0f}" for stage, ms in totals.items() if stage != "total")
+    loader.close()
+    stages = ", ".join(f"{stage} {ms / images:.1f}" for stage, ms in totals.items() if stage != "total")
     print(f"pipeline: {images} images in {elapsed:.2f} s: {images / elapsed:.2f} images/s "
           f"({images / 4 / elapsed * 60:.1f} four-view studies/min) on {torch_device}; ms per image: {stages}")
 
