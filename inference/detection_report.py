@@ -54,7 +54,6 @@ from triagenode.inference.model_package import (
 )
 from triagenode.inference.outcomes import Lesion, StudyResult
 from triagenode.inference.report import (
-    THRESHOLD_VALUE,
     DocumentOptions,
     _add_comment,
     _against,
@@ -65,6 +64,7 @@ from triagenode.inference.report import (
     _label,
     _number,
     _options_for,
+    study_measurements,
 )
 
 MAMMOGRAPHY_CAD_SR = "1.2.840.10008.5.1.4.1.1.88.50"
@@ -95,15 +95,7 @@ def build_detection_report(
         manifest,
         algorithm,
         codes.SCT.Present if result.finding else codes.SCT.Absent,
-        measurements=[
-            hd.sr.Measurement(
-                name=codes.DCM.CertaintyOfFinding,
-                value=result.probability,
-                unit=codes.UCUM.NoUnits,
-                algorithm_id=algorithm,
-            ),
-            hd.sr.Measurement(name=THRESHOLD_VALUE, value=result.threshold, unit=codes.UCUM.NoUnits),
-        ],
+        measurements=study_measurements(result, algorithm),
         source_images=[hd.sr.SourceImageForMeasurementGroup.from_source_image(key)],
         finding=LESION,
         finding_site=BREAST,

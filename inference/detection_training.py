@@ -24,7 +24,6 @@
 
 from __future__ import annotations
 
-import json
 import math
 import sys
 import time
@@ -60,11 +59,13 @@ from triagenode.inference.phantom_mammo import DIGITAL_MAMMOGRAPHY_FOR_PRESENTAT
 from triagenode.inference.training import (
     TrainingConfig,
     TrainingError,
+    keep_if_best,
     load_checkpoint,
     make_optimizer,
     save_checkpoint,
     seed_everything,
     stratified_split,
+    write_epoch_line,
 )
 
 MAMMO_INPUT = InputSpec(
@@ -324,13 +325,7 @@ def train_detector(config: TrainingConfig, log: Callable[[str], None] = print) -
             result, auc, _ = _validate(network, val_studies, detection, device)
             score = result.mean_sensitivity if result.mean_sensitivity is not None else 0.0
             elapsed = time.perf_counter() - started
-            improved = score > state["best_score"] + 1e-6
-            if improved:
-                state.update(best_score=score, best_epoch=epoch, stale=0)
-                state["best_weights"] = {k: v.detach().cpu().clone() for k, v in network.state_dict().items()}
-            else:
-                state["stale"] += 1
-            state["epoch"] = epoch
+            improved = keep_if_best(state, "best_score", score, epoch, network)
             record = {
                 "epoch": epoch,
                 "train_loss": round(float(np.mean(losses)), 5),
@@ -342,10 +337,7 @@ def train_detector(config: TrainingConfig, log: Callable[[str], None] = print) -
                 "crops_per_s": round(steps * config.batch_size / elapsed, 1),
                 "best_epoch": state["best_epoch"],
             }
-            log_handle.write(json.dumps(record) + "\n")
-            log_handle.flush()
-            if sys.stderr.isatty():
-                print("\r", end="", file=sys.stderr)
+            write_epoch_line(log_handle, record)
             log(
                 f"epoch {epoch}/{config.epochs}: loss {record['train_loss']:.4f}, validation mean FROC sensitivity "
                 f"{score:.3f}, AUC {'-' if auc is None else f'{auc:.3f}'}{' (best)' if improved else ''}, "

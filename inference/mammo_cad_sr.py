@@ -101,6 +101,7 @@ from triagenode.inference.report import (
     _own_text,
     _routed,
     _seal,
+    instance_references,
     report_series_uid,
 )
 
@@ -400,26 +401,10 @@ def _coded(item: Dataset) -> Code:
 
 def _evidence_sequence(images: Sequence[Dataset]) -> list[Dataset]:
     """Current Requested Procedure Evidence Sequence: every image read, by study > series > instance."""
-    studies: dict[str, dict[str, list[Dataset]]] = {}
-    for image in images:
-        studies.setdefault(str(image.StudyInstanceUID), {}).setdefault(str(image.SeriesInstanceUID), []).append(image)
-    items = []
-    for study_uid, by_series in studies.items():
-        study = Dataset()
-        study.StudyInstanceUID = study_uid
-        study.ReferencedSeriesSequence = []
-        for series_uid, members in by_series.items():
-            series = Dataset()
-            series.SeriesInstanceUID = series_uid
-            series.ReferencedSOPSequence = []
-            for image in members:
-                reference = Dataset()
-                reference.ReferencedSOPClassUID = image.SOPClassUID
-                reference.ReferencedSOPInstanceUID = image.SOPInstanceUID
-                series.ReferencedSOPSequence.append(reference)
-            study.ReferencedSeriesSequence.append(series)
-        items.append(study)
-    return items
+    return instance_references(
+        (str(i.StudyInstanceUID), str(i.SeriesInstanceUID), str(i.SOPClassUID), str(i.SOPInstanceUID))
+        for i in images
+    )
 
 
 __all__ = ["CAD_SERIES_NUMBER", "MAMMOGRAPHY_CAD_SR", "build_mammography_cad_sr", "single_image_finding"]

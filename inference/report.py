@@ -231,15 +231,7 @@ def build_measurement_report(
         manifest,
         algorithm,
         codes.SCT.Present if result.finding else codes.SCT.Absent,
-        measurements=[
-            hd.sr.Measurement(
-                name=codes.DCM.CertaintyOfFinding,
-                value=result.probability,
-                unit=codes.UCUM.NoUnits,
-                algorithm_id=algorithm,
-            ),
-            hd.sr.Measurement(name=THRESHOLD_VALUE, value=result.threshold, unit=codes.UCUM.NoUnits),
-        ],
+        measurements=study_measurements(result, algorithm),
         source_images=[hd.sr.SourceImageForMeasurementGroup.from_source_image(key[0])],
     )
     _add_comment(group, _verdict(manifest, result))
@@ -247,6 +239,18 @@ def build_measurement_report(
         manifest, [group], evaluated_series, key, result.study_uid, options,
         f"AI triage: {manifest.finding.meaning.lower()} (not for diagnosis)",
     )
+
+
+def study_measurements(result: StudyResult, algorithm: hd.sr.AlgorithmIdentification) -> list[hd.sr.Measurement]:
+    """The study group's numbers: the model's probability (a detector's highest certainty) as Certainty of
+    Finding, and the operating threshold it was read at, so a worklist rule can sort and explain."""
+    return [
+        hd.sr.Measurement(
+            name=codes.DCM.CertaintyOfFinding, value=result.probability, unit=codes.UCUM.NoUnits,
+            algorithm_id=algorithm,
+        ),
+        hd.sr.Measurement(name=THRESHOLD_VALUE, value=result.threshold, unit=codes.UCUM.NoUnits),
+    ]
 
 
 def build_not_applicable_report(
@@ -516,24 +520,32 @@ def _items(items: Iterable[Dataset]) -> Iterable[Dataset]:
 
 def _references(predecessors: Iterable[Predecessor]) -> list[Dataset]:
     """A Predecessor Documents Sequence (SOP Instance Reference Macro: study > series > instance)."""
-    studies: dict[str, dict[str, list[Predecessor]]] = {}
-    for p in predecessors:
-        series = studies.setdefault(p.study_uid, {}).setdefault(p.series_uid, [])
-        if all(p.sop_instance_uid != q.sop_instance_uid for q in series):
-            series.append(p)
+    return instance_references(
+        (p.study_uid, p.series_uid, p.sop_class_uid, p.sop_instance_uid) for p in predecessors
+    )
+
+
+def instance_references(instances: Iterable[tuple[str, str, str, str]]) -> list[Dataset]:
+    """The SOP Instance Reference Macro (study > series > instance) of (study, series, SOP class, SOP instance)
+    UIDs, each instance once, in the order given: predecessors, and a CAD SR's evidence."""
+    studies: dict[str, dict[str, list[tuple[str, str]]]] = {}
+    for study_uid, series_uid, sop_class_uid, sop_instance_uid in instances:
+        series = studies.setdefault(study_uid, {}).setdefault(series_uid, [])
+        if all(sop_instance_uid != known for _, known in series):
+            series.append((sop_class_uid, sop_instance_uid))
     items = []
     for study_uid, by_series in studies.items():
         study = Dataset()
         study.StudyInstanceUID = study_uid
         study.ReferencedSeriesSequence = []
-        for series_uid, documents in by_series.items():
+        for series_uid, members in by_series.items():
             series = Dataset()
             series.SeriesInstanceUID = series_uid
             series.ReferencedSOPSequence = []
-            for document in documents:
+            for sop_class_uid, sop_instance_uid in members:
                 reference = Dataset()
-                reference.ReferencedSOPClassUID = document.sop_class_uid
-                reference.ReferencedSOPInstanceUID = document.sop_instance_uid
+                reference.ReferencedSOPClassUID = sop_class_uid
+                reference.ReferencedSOPInstanceUID = sop_instance_uid
                 series.ReferencedSOPSequence.append(reference)
             study.ReferencedSeriesSequence.append(series)
         items.append(study)

@@ -23,7 +23,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, Protocol, TextIO
 
 import numpy as np
 import torch
@@ -248,6 +248,27 @@ def seed_everything(seed: int, device: torch.device) -> torch.Generator:
     return torch.Generator().manual_seed(seed)
 
 
+def keep_if_best(state: dict[str, Any], key: str, score: float | None, epoch: int, network: nn.Module) -> bool:
+    """End an epoch's bookkeeping: keep a copy of the weights when ``score`` beats ``state[key]``, else count a
+    stale epoch (early stopping); returns whether it improved. A None score (undefined) never improves."""
+    improved = score is not None and score > state[key] + 1e-6
+    if improved:
+        state.update({key: score, "best_epoch": epoch, "stale": 0})
+        state["best_weights"] = {k: v.detach().cpu().clone() for k, v in network.state_dict().items()}
+    else:
+        state["stale"] += 1
+    state["epoch"] = epoch
+    return improved
+
+
+def write_epoch_line(handle: TextIO, record: dict[str, Any]) -> None:
+    """One JSON line per epoch in the training log, flushed (a killed run keeps every finished epoch)."""
+    handle.write(json.dumps(record) + "\n")
+    handle.flush()
+    if sys.stderr.isatty():
+        print("\r", end="", file=sys.stderr)  # end the progress line
+
+
 def train(config: TrainingConfig, log: Callable[[str], None] = print) -> Manifest:
     """Train, keep the best epoch by validation AUC, write the model package; returns its manifest."""
     if config.optimizer not in ("adam", "sgd"):
@@ -331,13 +352,7 @@ def train(config: TrainingConfig, log: Callable[[str], None] = print) -> Manifes
             scheduler.step()
             auc, _ = _evaluate(network, val_studies, device)
             elapsed = time.perf_counter() - started
-            improved = auc is not None and auc > state["best_auc"] + 1e-6
-            if improved:
-                state.update(best_auc=auc, best_epoch=epoch, stale=0)
-                state["best_weights"] = {k: v.detach().cpu().clone() for k, v in network.state_dict().items()}
-            else:
-                state["stale"] += 1
-            state["epoch"] = epoch
+            improved = keep_if_best(state, "best_auc", auc, epoch, network)
             record = {
                 "epoch": epoch,
                 "train_loss": round(float(np.mean(losses)), 5),
@@ -347,10 +362,7 @@ def train(config: TrainingConfig, log: Callable[[str], None] = print) -> Manifes
                 "samples_per_s": round(sum(len(b) for b in batches) / elapsed, 1),
                 "best_epoch": state["best_epoch"],
             }
-            log_handle.write(json.dumps(record) + "\n")
-            log_handle.flush()
-            if sys.stderr.isatty():
-                print("\r", end="", file=sys.stderr)
+            write_epoch_line(log_handle, record)
             log(
                 f"epoch {epoch}/{config.epochs}: loss {record['train_loss']:.4f}, validation AUC "
                 f"{'-' if auc is None else f'{auc:.4f}'}{' (best)' if improved else ''}, {elapsed:.1f} s"
