@@ -277,7 +277,7 @@ def test_a_file_with_two_models_loads_and_shows(tmp_path: Path) -> None:
     assert [model["name"] for model in shown] == ["lung-nodule", "mammo-lesion"]
     assert shown[1] == {"name": "mammo-lesion", "package": "/var/lib/triagenode/models/mammo.tnm", "priority": 0,
                         "modalities": ["MG"], "body_parts": [], "series_description": "", "study_description": "",
-                        "calling_aets": ["MG1"], "destinations": [], "workers": 0}
+                        "calling_aets": ["MG1"], "destinations": [], "workers": 0, "mammo_sr": None}
     assert pickle.loads(pickle.dumps(settings)) == settings
     receive_only = load_settings(write(tmp_path, TWO_MODELS), environ={"TRIAGENODE_INFERENCE__WORKERS": "0"})
     assert receive_only.models[0].workers == 1, "a node that runs no model leaves its reservations unchecked"

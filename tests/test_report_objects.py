@@ -256,7 +256,7 @@ def test_a_refused_object_fails_the_attempt_naming_it_and_the_retry_sends_all_ag
 
 
 def test_a_destination_without_the_objects_class_is_told_which_one(bench: Callable[..., Bench], make_pacs) -> None:
-    pacs = make_pacs("A")  # Comprehensive (3D) SR only: no Mammography CAD SR
+    pacs = make_pacs("A", sr_classes=(Comprehensive3DSRStorage, ComprehensiveSRStorage))  # no Mammography CAD SR
     node = bench({"a": pacs.port})
     study_uid, _, [cad] = report_with_objects(node)
     deliver_once(node)
