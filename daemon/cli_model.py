@@ -120,6 +120,9 @@ def model_info(package: str, as_json: bool) -> None:
               help="Detection: side of the square crops trained on, in input pixels.")
 @click.option("--crops-per-epoch", default=1024, show_default=True, type=click.IntRange(1),
               help="Detection: crops drawn per epoch.")
+@click.option("--target-fp-per-image", default=0.02, show_default=True, type=click.FloatRange(0),
+              help="Detection: the operating threshold is the lowest with at most this many validation false "
+              "positives per image.")
 @click.option(
     "--out", required=True, type=click.Path(path_type=Path, dir_okay=False), help="The package to write (*.tnm)."
 )
@@ -161,6 +164,7 @@ def model_train(
     lesions_csv: Path | None,
     crop: int,
     crops_per_epoch: int,
+    target_fp_per_image: float,
     out: Path,
     epochs: int,
     batch_size: int,
@@ -210,6 +214,7 @@ def model_train(
         lesions=lesions_csv,
         crop=crop,
         crops_per_epoch=crops_per_epoch,
+        target_fp_per_image=target_fp_per_image,
         epochs=epochs,
         batch_size=batch_size,
         optimizer=optimizer,

@@ -80,6 +80,9 @@ class TrainingConfig:
     """Detection: side of the square crops trained on, in input pixels (a multiple of the output stride)."""
     crops_per_epoch: int = 1024
     """Detection: crops drawn per epoch."""
+    target_fp_per_image: float = 0.02
+    """Detection: the operating threshold allows this many validation false positives per image (0.08 per
+    four-view study); see ``inference.detection_training.operating_threshold``."""
 
 
 @dataclass
