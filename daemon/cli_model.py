@@ -88,13 +88,19 @@ def model_info(package: str, as_json: bool) -> None:
     click.echo(f"{manifest.name} {manifest.version} ({manifest.architecture}, created {manifest.created_at})")
     spec = manifest.input
     click.echo(
-        f"input:      {spec.modality}, {spec.normalisation} {list(spec.window)}, {spec.matrix}x{spec.matrix}, "
-        f"{spec.channels} channel(s), spacing {spec.pixel_spacing_mm or 'whole field of view'}"
+        f"input:      {spec.modality}, {spec.normalisation} {list(spec.window)}, "
+        + (f"each image scaled to {spec.matrix} on its longer side, " if manifest.task == "detection"
+           else f"{spec.matrix}x{spec.matrix}, ")
+        + f"{spec.channels} channel(s), spacing {spec.pixel_spacing_mm or 'whole field of view'}"
     )
     click.echo(
         f"finding:    {manifest.finding.meaning} ({manifest.finding.scheme} {manifest.finding.value}), "
         f"threshold {manifest.threshold}, aggregation {manifest.aggregation}"
     )
+    if manifest.detection is not None:
+        classes = ", ".join(f"{c.name} ({c.code.meaning}, {c.code.scheme} {c.code.value})"
+                            for c in manifest.detection.classes)
+        click.echo(f"task:       detection of {classes}; marks at or above the threshold, read image by image")
     click.echo(f"training:   {json.dumps(manifest.training)}")
     click.echo(f"evaluation: {json.dumps(manifest.evaluation) if manifest.evaluation else 'none recorded'}")
     click.echo(f"sha256:     {manifest.weights_sha256}")
