@@ -207,8 +207,8 @@ def model_train(
         from triagenode.inference.detection_training import MAMMO_INPUT, train_detector
 
         spec = replace(MAMMO_INPUT, matrix=matrix or MAMMO_INPUT.matrix)
-        if crop % 4:
-            fail(f"--crop {crop}: use a multiple of 4 (the detector's output stride)")
+        if crop % 8:
+            fail(f"--crop {crop}: use a multiple of 8 (the detector halves its input three times)")
     else:
         spec = InputSpec(matrix=matrix or 128, slice_context=slice_context)
     config = TrainingConfig(

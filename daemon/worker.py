@@ -168,10 +168,11 @@ class Worker:
         # A re-opened study's new report names the old one of the same model.
         previous = self.book.previous_report(claim.study_uid, claim.model)
         predecessor = read_predecessor(data_dir / previous.sr_path) if previous is not None else None
+        others = [read_predecessor(data_dir / path) for path in (previous.extra_paths if previous else ())]
         analysis = analyse_study(
             package, read_study(claim.study_uid, files), self.device, inference.batch_size, self.loader,
             inference, self.settings.node.ae_title, predecessor, route=claim.model if self.explicit else None,
-            mammo_sr=route.mammo_sr,
+            mammo_sr=route.mammo_sr, more_predecessors=[other for other in others if other is not None],
         )
         outcome, manifest = analysis.outcome, package.manifest
         started = time.perf_counter()

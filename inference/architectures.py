@@ -16,6 +16,7 @@ from collections.abc import Callable
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 
@@ -79,14 +80,13 @@ class LesionFCN(nn.Module):
         self.down8 = nn.Sequential(
             nn.MaxPool2d(2), _conv(2 * w, 4 * w), _conv(4 * w, 4 * w, dilation=2), _conv(4 * w, 4 * w, dilation=4)
         )  # 1/8, with a receptive field of about 60 input pixels
-        self.up = nn.Upsample(scale_factor=2, mode="bilinear", align_corners=False)
         self.fuse = _conv(6 * w, 2 * w)
         self.head = nn.Conv2d(2 * w, classes, 1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         quarter = self.down4(self.stem(x))
         eighth = self.down8(quarter)
-        up = self.up(eighth)[..., : quarter.shape[-2], : quarter.shape[-1]]
+        up = F.interpolate(eighth, size=quarter.shape[-2:], mode="bilinear", align_corners=False)  # any size
         return self.head(self.fuse(torch.cat([quarter, up], dim=1)))
 
 

@@ -8,16 +8,18 @@ an image the model does not read (a For Processing image, whose pixels are
 the detector's raw signal, not what a reader sees; a localiser) is skipped
 with its reason, which the result carries.
 
-Each image is scaled as a whole so that its longer side is the manifest's
-``matrix`` (aspect kept; the network is fully convolutional, so no square
-crop), normalised by the manifest's window (:func:`image_input`). The network
+Each image is scaled as a whole to the manifest's pixel spacing (or, without
+one, so that its longer side is its ``matrix``; aspect kept: the network is
+fully convolutional, so no square crop), MONOCHROME1 inverted and other bit
+depths brought to 12 bits, normalised by the manifest's window
+(:func:`image_input`). The network
 gives one probability map per lesion class at 1/``output_stride`` of the
 input (:mod:`inference.architectures`, ``LesionFCN``); :func:`decode_map`
 turns each connected region above the candidate threshold into one candidate:
 its certainty is the region's highest probability, its box the extent of the
 region's core (where the probability is at least half that), mapped back to
-the image's own pixels. Overlapping candidates of different classes keep the
-more certain. A study's candidates above the operating threshold are its
+the image's own pixels. Of candidates whose boxes overlap (one class or two),
+the more certain is kept. A study's candidates above the operating threshold are its
 marks; its suspicion is its highest certainty.
 
 The same functions serve the node's workers, ``triagenode infer``, training
@@ -131,23 +133,67 @@ def _skip_reason(header: Dataset, image: ViewImage, spec: InputSpec) -> str | No
     return None
 
 
-def input_scale(rows: int, columns: int, spec: InputSpec) -> float:
-    """Input pixels per image pixel: the longer side becomes ``spec.matrix``."""
-    return spec.matrix / max(rows, columns)
+WINDOW_BITS = 12
+"""A detector's window (``InputSpec.window``) is on a 12-bit scale: images of other bit depths are brought to it."""
 
 
-def image_input(values: np.ndarray | torch.Tensor, spec: InputSpec) -> tuple[torch.Tensor, float]:
-    """One image's modality values (rows, columns) as the network's input (1, 1, h, w), and its scale.
+def input_scale(rows: int, columns: int, spec: InputSpec, spacing_mm: float | None = None) -> float:
+    """Input pixels per image pixel.
 
-    Normalised by the manifest's window, scaled (antialiased) so that its longer side is
-    ``spec.matrix``, padded with 0 at the right and bottom to a multiple of
-    :data:`SIZE_MULTIPLE`: an input pixel (u, v) is image pixel (u / scale, v / scale).
+    With ``spec.pixel_spacing_mm`` and the image's own spacing, every input pixel covers the
+    same millimetres whatever the detector (18 x 24 or 24 x 30 cm, 0.05 to 0.1 mm pixels), the
+    longer side capped at twice ``spec.matrix``; otherwise (no spacing) the longer side
+    becomes ``spec.matrix``.
+    """
+    longest = max(rows, columns)
+    if spec.pixel_spacing_mm and spacing_mm:
+        return min(spacing_mm / spec.pixel_spacing_mm, 2 * spec.matrix / longest)
+    return spec.matrix / longest
+
+
+def image_spacing(header: Dataset) -> float | None:
+    """An image's pixel spacing in mm (Pixel Spacing, else Imager Pixel Spacing; the row spacing), or None."""
+    for keyword in ("PixelSpacing", "ImagerPixelSpacing"):
+        value = header.get(keyword)
+        if value:
+            try:
+                spacing = float(value[0])
+            except (TypeError, ValueError, IndexError):
+                continue
+            if spacing > 0:
+                return spacing
+    return None
+
+
+def presentation_values(header: Dataset, values: np.ndarray) -> np.ndarray:
+    """Stored values as a detector's window expects them: brighter is denser, on a 12-bit scale.
+
+    A MONOCHROME1 image (low values bright) is inverted; an image of another Bits Stored
+    (10, 14, 16) is brought to :data:`WINDOW_BITS`, so one window serves every vendor's images.
+    """
+    bits = int(header.get("BitsStored", WINDOW_BITS) or WINDOW_BITS)
+    if str(header.get("PhotometricInterpretation", "")).strip().upper() == "MONOCHROME1":
+        values = (2**bits - 1) - values
+    if bits != WINDOW_BITS:
+        values = values * (2**WINDOW_BITS / 2**bits)
+    return values.astype(np.float32, copy=False)
+
+
+def image_input(
+    values: np.ndarray | torch.Tensor, spec: InputSpec, spacing_mm: float | None = None
+) -> tuple[torch.Tensor, float]:
+    """One image's values (rows, columns; see :func:`presentation_values`) as the network's input (1, 1, h, w),
+    and its scale (input pixels per image pixel, :func:`input_scale`).
+
+    Normalised by the manifest's window, scaled (antialiased), padded with 0 at the right and
+    bottom to a multiple of :data:`SIZE_MULTIPLE`. Input pixel (u, v) is image pixel (u /
+    scale, v / scale), to within the rounding of the scaled size (under one image pixel).
     """
     x = torch.as_tensor(values, dtype=torch.float32)
     rows, columns = x.shape[-2:]
     low, high = spec.window
     x = ((x - low) / (high - low)).clamp_(0.0, 1.0).reshape(1, 1, rows, columns)
-    scale = input_scale(rows, columns, spec)
+    scale = input_scale(rows, columns, spec, spacing_mm)
     size = (max(1, round(rows * scale)), max(1, round(columns * scale)))
     if size != (rows, columns):
         x = F.interpolate(x, size=size, mode="bilinear", align_corners=False, antialias=scale < 1)
@@ -202,8 +248,9 @@ def decode_map(
     """One image's class probability maps (classes + 1, h, w) -> candidates (type, box, certainty), most certain first.
 
     See the module docstring: a connected region per candidate, its peak the
-    certainty, its core the box; overlapping candidates of different classes keep
-    the more certain one; at most ``spec.max_per_image``.
+    certainty, its core the box; of candidates whose boxes overlap (intersection over the
+    smaller box 0.3 or more, one class or two) the more certain is kept; at most
+    ``spec.max_per_image``.
     """
     from scipy import ndimage
 
@@ -283,9 +330,9 @@ class PreparedImage:
 def prepare_image(path: Path, spec: InputSpec) -> PreparedImage:
     """Read, decode and prepare one image: what a decoder process does for a detection model."""
     started = time.perf_counter()
-    _, values = read_image(path)
+    header, values = read_image(path)
     decoded = time.perf_counter()
-    x, scale = image_input(values, spec)
+    x, scale = image_input(presentation_values(header, values), spec, image_spacing(header))
     prepared = time.perf_counter()
     shape = (int(values.shape[0]), int(values.shape[1]))
     return PreparedImage(x.numpy(), scale, shape, (decoded - started) * 1000, (prepared - decoded) * 1000)
@@ -331,9 +378,9 @@ def study_candidates(
         mark = time.perf_counter()
         for image, probabilities, scale, shape in zip(chunk, maps, scales, shapes, strict=True):
             for kind, box, certainty in decode_map(probabilities, manifest.detection, scale, shape):
-                candidates.append(
-                    Lesion(image.sop_instance_uid, image.series_uid, kind, box, certainty, image.laterality,
-                           image.view)
+                candidates.append(  # six decimals, as stored and shown: the report's UID follows its content
+                    Lesion(image.sop_instance_uid, image.series_uid, kind, box, round(certainty, 6),
+                           image.laterality, image.view)
                 )
         timings["postprocess"] += (time.perf_counter() - mark) * 1000
     candidates.sort(key=lambda lesion: (-lesion.certainty, lesion.sop_instance_uid, lesion.box))
@@ -391,8 +438,10 @@ __all__ = [
     "decode_map",
     "detect_study",
     "image_input",
+    "image_spacing",
     "lesion_target",
     "prepare_image",
+    "presentation_values",
     "read_image",
     "select_images",
     "study_candidates",

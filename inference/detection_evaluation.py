@@ -33,7 +33,7 @@ import torch
 
 from triagenode.config.settings import InferenceSettings
 from triagenode.inference.detection import select_images, study_candidates
-from triagenode.inference.detection_training import lesions_file
+from triagenode.inference.detection_training import lesions_file, read_truth, study_truth
 from triagenode.inference.evaluation import EvaluationError, format_table, metrics_report, write_plots
 from triagenode.inference.froc import HIT_RULE, Mark, TrueLesion, froc, froc_report, lesion_metrics, write_froc_plot
 from triagenode.inference.labelled import LabelledDataError, labelled_index
@@ -41,8 +41,6 @@ from triagenode.inference.loader import SliceLoader
 from triagenode.inference.metrics import compute_metrics, threshold_for_sensitivity
 from triagenode.inference.model_package import ModelPackage, save_package
 from triagenode.inference.outcomes import NotApplicable
-from triagenode.inference.phantom import read_labels
-from triagenode.inference.phantom_mammo import read_lesions
 
 
 @dataclass
@@ -71,14 +69,20 @@ def evaluate_detector(
     """Score every labelled study through the node's path, compute FROC and the study, lesion and image measures."""
     device = device or torch.device("cpu")
     manifest = package.manifest
-    labels = read_labels(labels_csv)
+    boxes_csv = lesions_file(labels_csv, lesions_csv)
+    labels, boxes = read_truth(labels_csv, boxes_csv)
     if not labels:
         raise EvaluationError(f"{labels_csv} lists no studies")
-    boxes_csv = lesions_file(labels_csv, lesions_csv)
-    if not boxes_csv.exists():
-        raise EvaluationError(f"{boxes_csv} does not exist; give the lesion boxes with --lesions")
-    boxes = read_lesions(boxes_csv)
     index = labelled_index(data_dir, labels)
+    studies = []
+    for uid, labelled in labels.items():  # every check before any pixel is decoded
+        selection = select_images(index[uid], manifest.input)
+        if isinstance(selection, NotApplicable):
+            raise LabelledDataError(f"study {uid}: {selection.reason}")
+        detection = manifest.detection
+        assert detection is not None, "a detection model's manifest has a detection section"
+        truth_of_study = study_truth(uid, labelled.label, boxes.get(uid, []), selection, detection, boxes_csv)
+        studies.append((uid, labelled.label, selection, truth_of_study))
     package.network.to(device)
     marks: list[Mark] = []
     truth: list[TrueLesion] = []
@@ -86,26 +90,18 @@ def evaluate_detector(
     started = time.perf_counter()
     node = InferenceSettings()
     with SliceLoader(node.decoders()) as loader:  # the node's own decoders, as a worker would have them
-        for uid, labelled in labels.items():
-            selection = select_images(index[uid], manifest.input)
-            if isinstance(selection, NotApplicable):
-                raise LabelledDataError(f"study {uid}: {selection.reason}")
+        for uid, label, selection, truth_of_study in studies:
             found = study_candidates(package, selection, device, node.batch_size, loader)
             marks += [Mark(uid, c.sop_instance_uid, c.type, c.box, c.certainty) for c in found.candidates]
-            truth += [TrueLesion(uid, b.lesion, b.sop_instance_uid, b.type, b.box) for b in boxes.get(uid, [])]
+            truth += truth_of_study
             images = [image.sop_instance_uid for image in selection.images]
             score = found.candidates[0].certainty if found.candidates else 0.0
             above = sum(1 for c in found.candidates if c.certainty >= manifest.threshold)
-            scored.append(ScoredStudyImages(uid, labelled.label, images, round(score, 6), above))
+            scored.append(ScoredStudyImages(uid, label, images, round(score, 6), above))
     elapsed = time.perf_counter() - started
     image_uids = [uid for study in scored for uid in study.images]
     log(f"scored {len(scored)} studies ({len(image_uids)} images) in {elapsed:.1f} s, "
         f"{len(image_uids) / max(elapsed, 1e-9):.1f} images/s")
-    unknown = {lesion.sop_instance_uid for lesion in truth} - set(image_uids)
-    if unknown:
-        raise LabelledDataError(
-            f"{boxes_csv} has lesions on {len(unknown)} image(s) the model does not read, e.g. {sorted(unknown)[0]}"
-        )
 
     curve = froc(marks, truth, len(image_uids))
     per_lesion = lesion_metrics(marks, truth, image_uids, manifest.threshold)

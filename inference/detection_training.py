@@ -17,9 +17,9 @@
   schedule, a checkpoint after every epoch (``--resume``), a JSON line per epoch.
 * Each epoch ends with the validation studies through the same decoding as
   the node; the epoch with the best mean FROC sensitivity (0.25 to 4 false
-  positives per image) is kept. The operating threshold is the highest
-  certainty at which the validation studies reach the target sensitivity
-  (a study's score is its highest certainty, as in the node).
+  positives per image) is kept. The operating threshold is the lowest
+  certainty at which the validation images have at most ``--target-fp-per-image``
+  false positives (:func:`operating_threshold`).
 """
 
 from __future__ import annotations
@@ -39,12 +39,12 @@ from torch import nn
 
 from triagenode.inference.architectures import DETECTORS, build_network
 from triagenode.inference.detection import (
+    ImageSelection,
     batch_inputs,
     class_maps,
     decode_map,
-    image_input,
     lesion_target,
-    read_image,
+    prepare_image,
     select_images,
 )
 from triagenode.inference.device import resolve_device
@@ -54,8 +54,13 @@ from triagenode.inference.labelled import LabelledDataError, labelled_index
 from triagenode.inference.metrics import roc_auc
 from triagenode.inference.model_package import BREAST, LESION, DetectionSpec, Manifest, save_package
 from triagenode.inference.outcomes import NotApplicable
-from triagenode.inference.phantom import read_labels
-from triagenode.inference.phantom_mammo import DIGITAL_MAMMOGRAPHY_FOR_PRESENTATION, LESIONS_FILE, read_lesions
+from triagenode.inference.phantom import PhantomStudy, read_labels
+from triagenode.inference.phantom_mammo import (
+    DIGITAL_MAMMOGRAPHY_FOR_PRESENTATION,
+    LESIONS_FILE,
+    MammoLesion,
+    read_lesions,
+)
 from triagenode.inference.training import (
     TrainingConfig,
     TrainingError,
@@ -72,13 +77,15 @@ MAMMO_INPUT = InputSpec(
     modality="MG",
     normalisation="window",
     window=(0.0, 4095.0),
+    pixel_spacing_mm=0.455,
     matrix=512,
     min_slices=1,
     sop_classes=(DIGITAL_MAMMOGRAPHY_FOR_PRESENTATION,),
     excluded_image_types=("LOCALIZER",),
 )
-"""A mammography detector's input: For Presentation images, 12-bit values, the longer side scaled to 512
-(0.46 mm per pixel for a 24 x 30 cm detector): microcalcifications of 0.3 mm and more stay visible."""
+"""A mammography detector's input: For Presentation images, on a 12-bit scale, resampled to 0.455 mm per pixel
+(a 23 cm field is 512 pixels; the longer side at most 1024): microcalcifications of 0.3 mm and more stay
+visible, and every detector's images are seen at one scale."""
 LESION_WEIGHT = 5.0
 """Cross-entropy weight of the lesion classes against the background."""
 
@@ -90,7 +97,7 @@ class LabelledImage:
     study_uid: str
     sop_instance_uid: str
     inputs: torch.Tensor
-    """(1, h, w) float16: the node's input for the image."""
+    """(1, h, w) float32: the node's very input for the image (validation decodes what the node would)."""
     target: torch.Tensor
     """(h / stride, w / stride) long: each output cell's class."""
     scale: float
@@ -113,11 +120,8 @@ def lesions_file(labels: Path, lesions: Path | None) -> Path:
     return lesions if lesions is not None else labels.parent / LESIONS_FILE
 
 
-def load_labelled_images(
-    data_dir: Path, labels_csv: Path, lesions_csv: Path, spec: InputSpec, detection: DetectionSpec,
-    log: Callable[[str], None],
-) -> list[LabelledStudyImages]:
-    """Every labelled study's images, read and prepared as the node would; refuses lesions on images not read."""
+def read_truth(labels_csv: Path, lesions_csv: Path) -> tuple[dict[str, PhantomStudy], dict[str, list[MammoLesion]]]:
+    """The labels and the lesion boxes, refusing boxes of studies the labels do not list."""
     labels = read_labels(labels_csv)
     if not lesions_csv.exists():
         raise LabelledDataError(f"{lesions_csv} does not exist; give the lesion boxes with --lesions")
@@ -125,44 +129,68 @@ def load_labelled_images(
     unknown = [uid for uid in boxes if uid not in labels]
     if unknown:
         raise LabelledDataError(f"{lesions_csv} has lesions of study {unknown[0]}, which {labels_csv} does not list")
+    return labels, boxes
+
+
+def study_truth(
+    uid: str, label: int, boxes: Sequence[MammoLesion], selection: ImageSelection, detection: DetectionSpec,
+    lesions_csv: Path,
+) -> list[TrueLesion]:
+    """A study's true lesions, checked against the images the model reads, before any pixel is decoded.
+
+    Refuses a box on an image the model does not read (not in the study, or skipped: For
+    Processing, say), a type the model does not know, and a positive study without boxes (a
+    detector learns from the boxes, and FROC would count its lesions as none).
+    """
+    names = [c.name for c in detection.classes]
+    read = {image.sop_instance_uid for image in selection.images}
+    truth = [TrueLesion(uid, b.lesion, b.sop_instance_uid, b.type, b.box) for b in boxes]
+    for lesion in truth:
+        if lesion.sop_instance_uid not in read:
+            raise LabelledDataError(
+                f"{lesions_csv}: lesion {lesion.lesion} of study {uid} is on image {lesion.sop_instance_uid}, "
+                "which the model does not read (not in the study, or skipped: "
+                f"{'; '.join(selection.skipped) or 'no image skipped'})"
+            )
+        if lesion.type not in names:
+            raise LabelledDataError(f"{lesions_csv}: lesion type {lesion.type!r} is not one of {', '.join(names)}")
+    if label == 1 and not truth:
+        raise LabelledDataError(
+            f"study {uid} is labelled positive but {lesions_csv} gives none of its lesions; a detector "
+            "is trained and judged on the boxes"
+        )
+    return truth
+
+
+def load_labelled_images(
+    data_dir: Path, labels_csv: Path, lesions_csv: Path, spec: InputSpec, detection: DetectionSpec,
+    log: Callable[[str], None],
+) -> list[LabelledStudyImages]:
+    """Every labelled study's images, read and prepared as the node would; refuses lesions on images not read."""
+    labels, boxes = read_truth(labels_csv, lesions_csv)
     names = [c.name for c in detection.classes]
     index = labelled_index(data_dir, labels)
-    started = time.perf_counter()
-    out = []
-    for uid, truth in labels.items():
+    selections = {}
+    for uid, labelled in labels.items():  # every check before any pixel is decoded
         selection = select_images(index[uid], spec)
         if isinstance(selection, NotApplicable):
             raise LabelledDataError(f"study {uid}: {selection.reason}")
-        read = {image.sop_instance_uid: image for image in selection.images}
-        study_lesions = [
-            TrueLesion(uid, lesion.lesion, lesion.sop_instance_uid, lesion.type, lesion.box)
-            for lesion in boxes.get(uid, [])
-        ]
-        for lesion in study_lesions:
-            if lesion.sop_instance_uid not in read:
-                raise LabelledDataError(
-                    f"{lesions_csv}: lesion {lesion.lesion} of study {uid} is on image {lesion.sop_instance_uid}, "
-                    "which the model does not read (not in the study, or skipped: "
-                    f"{'; '.join(selection.skipped) or 'no image skipped'})"
-                )
-            if lesion.type not in names:
-                raise LabelledDataError(f"{lesions_csv}: lesion type {lesion.type!r} is not one of {', '.join(names)}")
-        if truth.label == 1 and not study_lesions:
-            raise LabelledDataError(
-                f"study {uid} is labelled positive but {lesions_csv} gives none of its lesions; a detector "
-                "learns from the boxes"
-            )
+        selections[uid] = (selection, study_truth(uid, labelled.label, boxes.get(uid, []), selection, detection,
+                                                  lesions_csv))
+    started = time.perf_counter()
+    out = []
+    for uid, (selection, truth) in selections.items():
         images = []
         for image in selection.images:
-            _, values = read_image(image.path)
-            x, scale = image_input(values, spec)
-            on_image = [(names.index(les.type), les.box) for les in study_lesions
+            prepared = prepare_image(image.path, spec)
+            scale = prepared.scale
+            x = torch.from_numpy(prepared.inputs)
+            on_image = [(names.index(les.type), les.box) for les in truth
                         if les.sop_instance_uid == image.sop_instance_uid]
             target = lesion_target(on_image, (x.shape[-2], x.shape[-1]), scale, detection.output_stride)
             centres = [(round((b[1] + b[3]) / 2 * scale), round((b[0] + b[2]) / 2 * scale)) for _, b in on_image]
-            images.append(LabelledImage(uid, image.sop_instance_uid, x[0].to(torch.float16), target, scale,
-                                        (int(values.shape[0]), int(values.shape[1])), centres))
-        out.append(LabelledStudyImages(uid, truth.label, images, study_lesions))
+            images.append(LabelledImage(uid, image.sop_instance_uid, x[0], target, scale, prepared.shape, centres))
+        out.append(LabelledStudyImages(uid, labels[uid].label, images, truth))
     count = sum(len(study.images) for study in out)
     log(f"read {len(out)} studies ({count} images) in {time.perf_counter() - started:.1f} s")
     return out
@@ -176,7 +204,7 @@ def _crop(
     The crop's corner is on the stride's grid, so input and target stay aligned;
     images smaller than the crop are padded (background).
     """
-    x, target = image.inputs.float(), image.target
+    x, target = image.inputs, image.target
     rows, columns = x.shape[-2:]
     pad_rows, pad_columns = max(0, size - rows), max(0, size - columns)
     if pad_rows or pad_columns:
@@ -214,8 +242,9 @@ def augment_pair(
     flip_y = torch.where(torch.rand(n, generator=generator) < 0.5, -1.0, 1.0)
     cos, sin = torch.cos(angle) / zoom, torch.sin(angle) / zoom
     zero = torch.zeros(n)
+    # diag(flip_x, flip_y) @ rotation / zoom: a flip and a rotation, never a shear (a round mass stays round).
     theta = torch.stack(
-        [torch.stack([cos * flip_x, -sin, zero], 1), torch.stack([sin * flip_y, cos * flip_y, zero], 1)], 1
+        [torch.stack([cos * flip_x, -sin * flip_x, zero], 1), torch.stack([sin * flip_y, cos * flip_y, zero], 1)], 1
     )
     x = F.grid_sample(x, F.affine_grid(theta, list(x.shape), align_corners=False), mode="bilinear",
                       padding_mode="zeros", align_corners=False)
@@ -239,7 +268,7 @@ def candidates_of(
         best = 0.0
         for start in range(0, len(study.images), 4):
             chunk = study.images[start : start + 4]
-            maps = class_maps(network, batch_inputs([image.inputs[None].float() for image in chunk]), device)
+            maps = class_maps(network, batch_inputs([image.inputs[None] for image in chunk]), device)
             for image, probabilities in zip(chunk, maps, strict=True):
                 images.append(image.sop_instance_uid)
                 for kind, box, certainty in decode_map(probabilities, detection, image.scale, image.shape):
@@ -270,7 +299,11 @@ def operating_threshold(result: Froc, target_fp_per_image: float, detection: Det
     """
     within = [threshold for threshold, fp, _ in result.curve if fp <= target_fp_per_image + 1e-9 and
               math.isfinite(threshold)]
-    return max(min(within), detection.candidate_threshold) if within else 0.5
+    if within:
+        return max(min(within), detection.candidate_threshold)
+    # Even the most certain validation mark is a false positive beyond the budget: just above it.
+    top = next((threshold for threshold, _, _ in result.curve if math.isfinite(threshold)), None)
+    return min(1.0, math.nextafter(top, math.inf)) if top is not None else 0.5
 
 
 def _sensitivity_at(result: Froc, threshold: float) -> float | None:

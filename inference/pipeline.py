@@ -74,6 +74,7 @@ def analyse_study(
     with_report: bool = True,
     route: str | None = None,
     mammo_sr: MammoSr | None = None,
+    more_predecessors: Sequence[Predecessor] = (),
 ) -> StudyAnalysis:
     """Run study -> result -> SR: the one path of the node's workers and ``triagenode infer``.
 
@@ -82,12 +83,13 @@ def analyse_study(
     replaces; ``with_report=False`` skips building the SR (``infer`` without
     ``--sr-out``), nothing else changes. ``route``: the ``[[models]]`` entry the
     report is for (None for the node's one model); ``mammo_sr``: the entry's detection report
-    (None: ``[inference] mammo_sr``).
+    (None: ``[inference] mammo_sr``); ``more_predecessors``: the earlier report's other documents.
     """
     outcome = score_study(package, study, device, batch_size, loader)
     started = time.perf_counter()
     documents = (
-        reports_for(outcome, package.manifest, inference_settings, node_ae_title, predecessor, route, mammo_sr)
+        reports_for(outcome, package.manifest, inference_settings, node_ae_title, predecessor, route, mammo_sr,
+                    more_predecessors)
         if with_report
         else []
     )

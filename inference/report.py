@@ -149,6 +149,9 @@ class DocumentOptions:
     """The ``[[models]]`` entry the report is for: its name makes the report series the entry's own (UID,
     description), so two entries on one study (even of one package) give two series. None for the node's
     one model (``[inference] model``), whose series stay what they were."""
+    more_predecessors: tuple[Predecessor, ...] = ()
+    """The earlier report's other documents (a detector's Mammography CAD SR beside its TID 1500): each new
+    document replaces the earlier one of its own class (:func:`_options_for`)."""
 
     @classmethod
     def for_site(
@@ -157,6 +160,7 @@ class DocumentOptions:
         node_ae_title: str,
         predecessor: Predecessor | None = None,
         route: str | None = None,
+        more_predecessors: Sequence[Predecessor] = (),
     ) -> DocumentOptions:
         """The options ``[inference]`` sets: the SR class and the content qualification."""
         return cls(
@@ -165,6 +169,7 @@ class DocumentOptions:
             product=inference.content_qualification == "PRODUCT",
             predecessor=predecessor,
             route=route,
+            more_predecessors=tuple(more_predecessors),
         )
 
 
@@ -281,6 +286,7 @@ def reports_for(
     predecessor: Predecessor | None = None,
     route: str | None = None,
     mammo_sr: MammoSr | None = None,
+    more_predecessors: Sequence[Predecessor] = (),
 ) -> list[Dataset]:
     """Every SR the node sends for an outcome, as the site configured it, the primary one first; [] for none.
 
@@ -288,10 +294,11 @@ def reports_for(
     ``[[models]]`` entry's, else ``[inference] mammo_sr``) names: the TID 1500 (``tid1500``), the
     Mammography CAD SR (``mammography-cad``), or both, the TID 1500 first (``both``). A study the
     model cannot read: a report only when ``[inference] report_not_applicable`` asks for one.
-    ``predecessor``: the study's earlier report (see :func:`read_predecessor`), which the new one replaces.
+    ``predecessor``: the study's earlier report (see :func:`read_predecessor`), which the new one replaces;
+    ``more_predecessors``: that report's other documents (each new document replaces the one of its class).
     ``route``: the ``[[models]]`` entry (see :attr:`DocumentOptions.route`).
     """
-    options = DocumentOptions.for_site(inference, node_ae_title, predecessor, route)
+    options = DocumentOptions.for_site(inference, node_ae_title, predecessor, route, more_predecessors)
     if isinstance(outcome, StudyResult):
         if manifest.task != "detection":
             return [build_measurement_report(outcome, manifest, outcome.evidence, options)]
@@ -561,15 +568,15 @@ def _routed(description: str, route: str | None) -> str:
 
 
 def _options_for(options: DocumentOptions, sop_class_uid: str, same_class: bool) -> DocumentOptions:
-    """``options`` with the predecessor kept only when it is (``same_class``) or is not of ``sop_class_uid``.
+    """``options`` whose predecessor is the earlier document that is (``same_class``) or is not of
+    ``sop_class_uid``, among the earlier report's documents; None when there is none such.
 
     A detector's two documents (TID 1500 and Mammography CAD SR) each replace only an earlier
     document of their own form, never the other.
     """
-    predecessor = options.predecessor
-    if predecessor is not None and (predecessor.sop_class_uid == sop_class_uid) != same_class:
-        return replace(options, predecessor=None)
-    return options
+    earlier = [p for p in (options.predecessor, *options.more_predecessors) if p is not None]
+    chosen = next((p for p in earlier if (p.sop_class_uid == sop_class_uid) == same_class), None)
+    return replace(options, predecessor=chosen, more_predecessors=())
 
 
 def _seal(sr: Dataset, predecessor: Predecessor | None) -> None:

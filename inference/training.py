@@ -31,7 +31,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from triagenode.config.settings import InferenceSettings
-from triagenode.inference.architectures import build_network
+from triagenode.inference.architectures import CLASSIFIERS, build_network
 from triagenode.inference.device import resolve_device
 from triagenode.inference.labelled import LabelledDataError, labelled_series, slice_labels
 from triagenode.inference.loader import SliceLoader
@@ -276,6 +276,9 @@ def train(config: TrainingConfig, log: Callable[[str], None] = print) -> Manifes
     """Train, keep the best epoch by validation AUC, write the model package; returns its manifest."""
     if config.optimizer not in ("adam", "sgd"):
         raise TrainingError(f"--optimizer {config.optimizer!r}: use adam or sgd")
+    if config.arch not in CLASSIFIERS:
+        raise TrainingError(f"--arch {config.arch!r} is a detector; train it with --task detection, or classify "
+                            f"with one of {', '.join(CLASSIFIERS)}")
     device = resolve_device(config.device)
     generator = seed_everything(config.seed, device)
 

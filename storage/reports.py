@@ -463,15 +463,16 @@ class ReportBook:
         with self._read() as session:
             row = session.execute(
                 select(ResultRecord.sr_path, ResultRecord.sr_sop_instance_uid, ResultRecord.model,
-                       ResultRecord.model_version, ResultRecord.created_at)
+                       ResultRecord.model_version, ResultRecord.created_at, ResultRecord.extra_objects)
                 .join(Task, Task.id == ResultRecord.task_id)
                 .join(Study, Study.id == Task.study_id)
                 .where(Study.study_uid == study_uid, Task.model == model)
             ).one_or_none()
         if row is None or row.sr_path is None or row.sr_sop_instance_uid is None:
             return None
+        extra = tuple(ReportObject.from_dict(item).path for item in json.loads(row.extra_objects or "[]"))
         return PreviousReport(study_uid, row.sr_path, row.sr_sop_instance_uid, row.model, row.model_version,
-                              row.created_at)
+                              row.created_at, extra)
 
 
 def _one_task(session: Session, study_uid: str, model: str | None) -> Task:
@@ -582,3 +583,5 @@ class PreviousReport:
     model: str
     model_version: str
     created_at: datetime
+    extra_paths: tuple[str, ...] = ()
+    """The report's other documents (relative to data_dir): each new document replaces the one of its class."""

@@ -18,7 +18,7 @@ from pydicom import dcmread
 from pydicom.uid import generate_uid
 
 from triagenode.config.settings import ModelRoute
-from triagenode.inference.detection import decode_map, image_input, lesion_target, select_images
+from triagenode.inference.detection import decode_map, image_input, lesion_target, presentation_values, select_images
 from triagenode.inference.detection_training import MAMMO_INPUT
 from triagenode.inference.model_package import DetectionSpec, Manifest
 from triagenode.inference.outcomes import NotApplicable
@@ -129,3 +129,55 @@ def test_overlapping_candidates_of_two_classes_keep_the_more_certain() -> None:
     probabilities[2, 11:15, 11:15] = 0.8
     marks = decode_map(probabilities, spec, 0.5, (320, 320))
     assert [(kind, round(c, 2)) for kind, _, c in marks] == [("calcification", 0.8)]
+
+
+def test_monochrome1_is_inverted_and_other_bit_depths_come_to_the_window_s_scale() -> None:
+    from pydicom import Dataset
+
+    values = np.array([[0.0, 1023.0]], dtype=np.float32)
+    header = Dataset()
+    header.BitsStored, header.PhotometricInterpretation = 10, "MONOCHROME1"
+    # 10 bits, low values bright: 0 is the densest -> the top of a 12-bit scale.
+    assert presentation_values(header, values).tolist() == [[4092.0, 0.0]]
+    header.PhotometricInterpretation, header.BitsStored = "MONOCHROME2", 14
+    assert presentation_values(header, np.array([[16380.0]], dtype=np.float32)).tolist() == [[4095.0]]
+
+
+def test_images_of_two_detectors_are_seen_at_one_scale() -> None:
+    # A 24 x 30 cm detector at 0.07 mm and an 18 x 24 cm one at 0.1 mm: the same mm per input pixel.
+    big, small = np.zeros((4096, 3328), dtype=np.float32), np.zeros((2400, 1800), dtype=np.float32)
+    x_big, scale_big = image_input(big, MAMMO_INPUT, 0.07)
+    x_small, scale_small = image_input(small, MAMMO_INPUT, 0.1)
+    assert 0.07 / scale_big == pytest.approx(0.455) and 0.1 / scale_small == pytest.approx(0.455)
+    assert x_big.shape[-2] == 632 and x_small.shape[-2] == 528  # 286.7 mm and 240 mm at 0.455 mm, padded to 8
+    _, unknown = image_input(small, MAMMO_INPUT)  # no spacing in the header: the longer side is the matrix
+    assert unknown == pytest.approx(512 / 2400)
+
+
+def test_a_training_crop_and_its_augmentation_keep_the_lesion_on_its_target_cells() -> None:
+    import torch
+
+    from triagenode.inference.detection_training import LabelledImage, _crop, augment_pair
+
+    spec = DetectionSpec()
+    inputs = torch.zeros((1, 256, 256))
+    yy, xx = torch.meshgrid(torch.arange(256.0), torch.arange(256.0), indexing="ij")
+    inputs[0][((yy - 100.5) ** 2 + (xx - 60.5) ** 2) <= 20**2] = 1.0  # a disc of radius 20 input pixels
+    box = (40.5, 80.5, 80.5, 120.5)  # its box in image pixels, at scale 1
+    target = lesion_target([(0, box)], (256, 256), 1.0, spec.output_stride)
+    image = LabelledImage("s", "i", inputs, target, 1.0, (256, 256), [(100, 60)])
+    generator = torch.Generator().manual_seed(3)
+    for _ in range(8):
+        x, t = _crop(image, 128, spec.output_stride, True, generator)
+        x, t = augment_pair(x[None], t[None], generator)
+        cells = t[0] == 1
+        assert cells.any()
+        # Every target cell of the lesion lies on the (bright) disc in the augmented image.
+        pooled = torch.nn.functional.avg_pool2d(x[:, :1], spec.output_stride)[0, 0]
+        assert float(pooled[cells].mean()) > 0.6, "the augmented target moved off its lesion"
+        # A flip and a rotation, never a shear: the disc stays round (its second moments equal in every direction).
+        disc = (x[0, 0] > 0.5).nonzero().float()
+        inside = len(disc) and disc.min() > 0 and disc.max() < 127
+        if inside:
+            axes = torch.linalg.eigvalsh(torch.cov(disc.T)).sqrt()
+            assert float(axes.max() / axes.min()) < 1.1, f"the disc became an ellipse {axes.tolist()}"

@@ -396,6 +396,13 @@ def test_each_document_names_only_a_predecessor_of_its_own_form() -> None:
     assert rerun.SOPInstanceUID == newer_cad.SOPInstanceUID
     assert named_predecessors(rerun) == [old_cad.sop_instance_uid], "a re-run keeps the history, never itself"
 
+    # mammo_sr = "both": the worker hands over the earlier TID 1500 and the earlier CAD SR beside it;
+    # each new document names the one of its own form.
+    report, cad_sr = reports_for(second, MANIFEST, InferenceSettings(mammo_sr="both"), NODE, old_report,
+                                 more_predecessors=[old_cad])
+    assert named_predecessors(report) == [old_report.sop_instance_uid]
+    assert named_predecessors(cad_sr) == [old_cad.sop_instance_uid]
+
 
 def test_reports_for_gives_the_documents_mammo_sr_names() -> None:
     headers = mammograms()

@@ -174,3 +174,41 @@ def test_a_detector_trains_and_evaluates_through_the_cli_in_seconds(tmp_path: Pa
     assert {"auc", "auc_ci95", "accuracy", "sensitivity", "specificity", "ppv", "f1"} <= set(metrics["study"])
     assert {"recall", "precision", "f1"} <= set(metrics["lesion"])
     assert (tmp_path / "eval" / "froc.png").read_bytes()[:4] == b"\x89PNG"
+
+
+@pytest.mark.slow
+def test_bad_detection_data_is_refused_with_one_line_before_any_work(tmp_path: Path) -> None:
+    data = tmp_path / "phantoms"
+    write_mammo_phantoms(data, 2, positive_fraction=0.5, seed=8, rows=128)
+    labels = data / "labels.csv"
+
+    def refused(*args: str) -> str:
+        done = subprocess.run([TRIAGENODE, *args, "--device", "cpu"], capture_output=True, text=True, timeout=120)
+        assert done.returncode != 0 and "Traceback" not in done.stderr, done.stderr
+        return done.stderr.strip().splitlines()[-1]
+
+    train = ("model", "train", "--task", "detection", "--data", str(data), "--labels", str(labels),
+             "--out", str(tmp_path / "m.tnm"))
+    assert "use a multiple of 8" in refused(*train, "--crop", "36")
+    assert "is a detector; train it with --task detection" in refused(
+        "model", "train", "--data", str(data), "--labels", str(labels), "--arch", "lesionfcn",
+        "--out", str(tmp_path / "c.tnm"))
+    evaluate = ("model", "evaluate", "--model", "mammo-demo", "--data", str(data), "--labels", str(labels))
+
+    original = (data / "lesions.csv").read_text()
+    rows = original.splitlines()
+    moved = [rows[0], rows[1].replace(rows[1].split(",")[2], "1.2.3.4.5", 1), *rows[2:]]
+    (data / "lesions.csv").write_text("\n".join(moved) + "\n")
+    for command in (train, evaluate):
+        assert "1.2.3.4.5, which the model does not read" in refused(*command)
+
+    (data / "lesions.csv").unlink()
+    for command in (train, evaluate):
+        assert "lesions.csv does not exist; give the lesion boxes with --lesions" in refused(*command)
+
+    (data / "lesions.csv").write_text(original)
+    more = tmp_path / "more.csv"
+    more.write_text(labels.read_text() + "1.2.826.0.1.3680043.8.498.1,0\n")
+    for command in (train, evaluate):
+        widened = [str(more) if part == str(labels) else part for part in command]
+        assert "1 labelled studies are not under" in refused(*widened, "--lesions", str(data / "lesions.csv"))
