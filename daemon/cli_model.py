@@ -89,9 +89,9 @@ def model_info(package: str, as_json: bool) -> None:
     spec = manifest.input
     click.echo(
         f"input:      {spec.modality}, {spec.normalisation} {list(spec.window)}, "
-        + (f"each image scaled to {spec.matrix} on its longer side, " if manifest.task == "detection"
-           else f"{spec.matrix}x{spec.matrix}, ")
-        + f"{spec.channels} channel(s), spacing {spec.pixel_spacing_mm or 'whole field of view'}"
+        + (_detection_input(spec.matrix, spec.pixel_spacing_mm) if manifest.task == "detection"
+           else f"{spec.matrix}x{spec.matrix}, {spec.channels} channel(s), "
+           f"spacing {spec.pixel_spacing_mm or 'whole field of view'}")
     )
     click.echo(
         f"finding:    {manifest.finding.meaning} ({manifest.finding.scheme} {manifest.finding.value}), "
@@ -105,6 +105,13 @@ def model_info(package: str, as_json: bool) -> None:
     click.echo(f"evaluation: {json.dumps(manifest.evaluation) if manifest.evaluation else 'none recorded'}")
     click.echo(f"sha256:     {manifest.weights_sha256}")
     click.echo(f"intended use: {manifest.intended_use or '-'}")
+
+
+def _detection_input(matrix: int, spacing_mm: float | None) -> str:
+    """How a detector sees each image, in words (``model info``)."""
+    if spacing_mm:
+        return f"each image resampled to {spacing_mm:g} mm per pixel (its longer side at most {2 * matrix})"
+    return f"each image scaled to {matrix} pixels on its longer side"
 
 
 @model.command("train")
