@@ -92,7 +92,8 @@ def test_a_four_view_study_gets_an_sr_whose_marks_lie_on_its_true_lesions(
         xs, ys = points[:, 0], points[:, 1]
         box = (float(xs.min()), float(ys.min()), float(xs.max()), float(ys.max()))
         assert box == pytest.approx(tuple(lesion["box"]), abs=0.05)
-        image = region.ReferencedSOPSequence[0].ReferencedSOPInstanceUID
+        [source] = region.ContentSequence  # SELECTED FROM the image the box is on
+        image = source.ReferencedSOPSequence[0].ReferencedSOPInstanceUID
         assert image == lesion["sop_instance_uid"]
         assert any(uid == image and hits(box, true_box) for uid, true_box in truth)
 
@@ -114,10 +115,13 @@ def test_a_study_of_for_processing_images_only_is_not_read_with_that_reason(
         ds.PresentationIntentType = "FOR PROCESSING"
         raw.append(ds)
     assert send(node.port, raw, contexts=MG_CONTEXTS) == [0] * 4
-    shown = node.wait_for_state(study_uid, "reported", timeout=60)
-    assert not shown["tasks"], shown
-    last = shown["events"][-1]["reason"]
-    assert "no model applies" in last and "For Processing" in last, last
+    node.wait_for_state(study_uid, "reported", timeout=60)
+    shown = node.cli_json("queue", "show", study_uid)
+    result = shown["result"]
+    assert result["applicable"] is False and result["lesions"] == [], result
+    assert result["reason"].startswith("no MG image the model can read"), result["reason"]
+    assert result["reason"].count("For Processing (raw detector data), not read") == 4, result["reason"]
+    assert shown["report_objects"] == [], "no report for a study the model did not read (report_not_applicable off)"
 
 
 @pytest.mark.slow
