@@ -210,12 +210,12 @@ def model_train(
     from triagenode.inference.training import TrainingConfig, TrainingError, train
 
     detection = task == "detection"
+    if detection and crop % 8:  # before torch is imported: a typo is told at once
+        fail(f"--crop {crop}: use a multiple of 8 (the detector halves its input three times)")
     if detection:
         from triagenode.inference.detection_training import MAMMO_INPUT, train_detector
 
         spec = replace(MAMMO_INPUT, matrix=matrix or MAMMO_INPUT.matrix)
-        if crop % 8:
-            fail(f"--crop {crop}: use a multiple of 8 (the detector halves its input three times)")
     else:
         spec = InputSpec(matrix=matrix or 128, slice_context=slice_context)
     config = TrainingConfig(

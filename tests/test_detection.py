@@ -181,3 +181,50 @@ def test_a_training_crop_and_its_augmentation_keep_the_lesion_on_its_target_cell
         if inside:
             axes = torch.linalg.eigvalsh(torch.cov(disc.T)).sqrt()
             assert float(axes.max() / axes.min()) < 1.1, f"the disc became an ellipse {axes.tolist()}"
+
+
+def test_bad_detection_data_is_refused_before_any_pixel_is_decoded(tmp_path: Path) -> None:
+    from triagenode.inference.detection_evaluation import evaluate_detector
+    from triagenode.inference.detection_training import load_labelled_images
+    from triagenode.inference.labelled import LabelledDataError
+    from triagenode.inference.model_package import load_package
+    from triagenode.inference.phantom_mammo import write_mammo_phantoms
+    from triagenode.inference.training import TrainingConfig, TrainingError, train
+
+    data = tmp_path / "phantoms"
+    write_mammo_phantoms(data, 2, positive_fraction=0.5, seed=8, rows=128)
+    labels, lesions = data / "labels.csv", data / "lesions.csv"
+    package = load_package("mammo-demo")
+
+    def train_refuses(labels_csv: Path = labels) -> str:
+        with pytest.raises(LabelledDataError) as refused:
+            load_labelled_images(data, labels_csv, lesions, MAMMO_INPUT, DetectionSpec(), lambda line: None)
+        return str(refused.value)
+
+    def evaluation_refuses(labels_csv: Path = labels) -> str:
+        with pytest.raises(LabelledDataError) as refused:
+            evaluate_detector(package, data, labels_csv, None, log=lambda line: None, lesions_csv=lesions)
+        return str(refused.value)
+
+    original = lesions.read_text()
+    rows = original.splitlines()
+    lesions.write_text("\n".join([rows[0], rows[1].replace(rows[1].split(",")[2], "1.2.3.4.5", 1), *rows[2:]]))
+    for refuses in (train_refuses, evaluation_refuses):
+        assert "is on image 1.2.3.4.5, which the model does not read" in refuses()
+
+    lesions.write_text(rows[0] + "\n")  # the positive study's boxes gone
+    for refuses in (train_refuses, evaluation_refuses):
+        assert "is labelled positive but" in refuses() and "gives none of its lesions" in refuses()
+
+    lesions.write_text(original)
+    more = tmp_path / "more.csv"
+    more.write_text(labels.read_text() + "1.2.826.0.1.3680043.8.498.1,0\n")
+    for refuses in (train_refuses, evaluation_refuses):
+        assert "1 labelled studies are not under" in refuses(more)
+
+    lesions.unlink()
+    for refuses in (train_refuses, evaluation_refuses):
+        assert "lesions.csv does not exist" in refuses()
+
+    with pytest.raises(TrainingError, match="is a detector; train it with --task detection"):
+        train(TrainingConfig(data_dir=data, labels=labels, out=tmp_path / "c.tnm", arch="lesionfcn"))
