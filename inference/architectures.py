@@ -8,6 +8,8 @@ softmax; the Keras example at 128x128); ResNet-18 and DenseNet-121 are
 MONAI's, the standard implementations sites train with. Detectors: the
 lesion FCN (:class:`LesionFCN`) maps a whole image to a per-class lesion map
 at a quarter of its resolution (:mod:`inference.detection` reads the map).
+Segmenters: the recurrent U-Net (:class:`RecurrentUNet`) outlines lesions slice
+by slice with a bidirectional ConvGRU across the slices.
 """
 
 from __future__ import annotations
@@ -90,6 +92,91 @@ class LesionFCN(nn.Module):
         return self.head(self.fuse(torch.cat([quarter, up], dim=1)))
 
 
+class ConvGRUCell(nn.Module):
+    """A convolutional GRU cell: the gates and the candidate state are 3x3 convolutions of input and state."""
+
+    def __init__(self, channels: int, hidden: int) -> None:
+        super().__init__()
+        self.hidden = hidden
+        self.gates = nn.Conv2d(channels + hidden, 2 * hidden, 3, padding=1)
+        self.candidate = nn.Conv2d(channels + hidden, hidden, 3, padding=1)
+
+    def forward(self, x: torch.Tensor, state: torch.Tensor) -> torch.Tensor:
+        update, reset = torch.sigmoid(self.gates(torch.cat([x, state], dim=1))).chunk(2, dim=1)
+        candidate = torch.tanh(self.candidate(torch.cat([x, reset * state], dim=1)))
+        return (1 - update) * state + update * candidate
+
+
+class BidirectionalConvGRU(nn.Module):
+    """A ConvGRU run along the slice axis both ways: each slice's output has seen every slice before and after it.
+
+    Input and output are (batch, slices, channels, height, width); the output has ``2 * hidden``
+    channels, the forward pass's state and the backward pass's, side by side.
+    """
+
+    def __init__(self, channels: int, hidden: int) -> None:
+        super().__init__()
+        self.forward_cell = ConvGRUCell(channels, hidden)
+        self.backward_cell = ConvGRUCell(channels, hidden)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        batch, slices, _, height, width = x.shape
+        outputs: list[list[torch.Tensor]] = [[], []]
+        for direction, cell in enumerate((self.forward_cell, self.backward_cell)):
+            state = x.new_zeros((batch, cell.hidden, height, width))
+            order = range(slices) if direction == 0 else range(slices - 1, -1, -1)
+            for index in order:
+                state = cell(x[:, index], state)
+                outputs[direction].append(state)
+        backward = outputs[1][::-1]
+        return torch.stack([torch.cat([f, b], dim=1) for f, b in zip(outputs[0], backward, strict=True)], dim=1)
+
+
+class RecurrentUNet(nn.Module):
+    """A 2D U-Net on each slice with a bidirectional ConvGRU across the slices at its bottleneck.
+
+    The seed's recipe for segmentation, a CNN with a recurrent layer: the encoder and decoder
+    see one slice at a time (the contrasts as channels), the recurrent layer carries what the
+    neighbouring slices show, so a lesion that is faint on this slice but clear on the next is
+    still outlined here. Input (batch, slices, channels, height, width) with height and width
+    multiples of 8; output (batch, slices, classes, height, width) logits, class 0 the background.
+    """
+
+    def __init__(self, in_channels: int = 3, classes: int = 2, width: int = 16) -> None:
+        super().__init__()
+        w = width
+        self.encoders = nn.ModuleList([
+            nn.Sequential(_conv(in_channels, w), _conv(w, w)),
+            nn.Sequential(nn.MaxPool2d(2), _conv(w, 2 * w), _conv(2 * w, 2 * w)),
+            nn.Sequential(nn.MaxPool2d(2), _conv(2 * w, 4 * w), _conv(4 * w, 4 * w)),
+            nn.Sequential(nn.MaxPool2d(2), _conv(4 * w, 8 * w)),
+        ])
+        self.recurrent = BidirectionalConvGRU(8 * w, 4 * w)
+        self.decoders = nn.ModuleList([
+            _conv(8 * w + 4 * w, 4 * w),
+            _conv(4 * w + 2 * w, 2 * w),
+            _conv(2 * w + w, w),
+        ])
+        self.head = nn.Conv2d(w, classes, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        batch, slices = x.shape[:2]
+        y = x.flatten(0, 1)  # every slice through the 2D encoder at once
+        skips = []
+        for encoder in self.encoders:
+            y = encoder(y)
+            skips.append(y)
+        bottom = self.recurrent(y.unflatten(0, (batch, slices))).flatten(0, 1)
+        for decoder, skip in zip(self.decoders, reversed(skips[:-1]), strict=True):
+            bottom = F.interpolate(bottom, size=skip.shape[-2:], mode="bilinear", align_corners=False)
+            bottom = decoder(torch.cat([bottom, skip], dim=1))
+        return self.head(bottom).unflatten(0, (batch, slices))
+
+
+def _recurrentunet(in_channels: int, classes: int, **params: Any) -> nn.Module:
+    return RecurrentUNet(in_channels, classes, **params)
+
+
 def _lesionfcn(in_channels: int, classes: int, **params: Any) -> nn.Module:
     return LesionFCN(in_channels, classes, **params)
 
@@ -123,9 +210,11 @@ ARCHITECTURES: dict[str, Callable[..., nn.Module]] = {
     "resnet18": _resnet18,
     "densenet121": _densenet121,
     "lesionfcn": _lesionfcn,
+    "recurrentunet": _recurrentunet,
 }
 CLASSIFIERS = ("simplecnn", "resnet18", "densenet121")
 DETECTORS = ("lesionfcn",)
+SEGMENTERS = ("recurrentunet",)
 """Which networks serve which task (``model train --task``)."""
 
 
