@@ -10,8 +10,12 @@ model is validated on the very series it later reads in production.
 
 from __future__ import annotations
 
+import re
 from dataclasses import asdict, dataclass
-from typing import Any, Literal, get_args
+from typing import TYPE_CHECKING, Any, Literal, get_args
+
+if TYPE_CHECKING:
+    from pydicom import Dataset
 
 Normalisation = Literal["window", "zscore"]
 Denoise = Literal["none", "median", "gaussian"]
@@ -78,5 +82,55 @@ class InputSpec:
         values = dict(data)
         for key in ("window", "sop_classes", "excluded_image_types", "series_preference"):
             if key in values:
+                values[key] = tuple(values[key])
+        return cls(**values)
+
+
+@dataclass(frozen=True)
+class ContrastRule:
+    """How a segmentation model recognises one of the contrasts it needs, from a series' headers.
+
+    Every condition given must hold: the Series Description pattern (searched, case-insensitive)
+    and the ranges of the sequence parameters in ms (``None``: either bound open). A rule with
+    no condition matches nothing, so a manifest never takes a random series for a contrast.
+    """
+
+    name: str
+    series_description: str = ""
+    echo_time_ms: tuple[float | None, float | None] | None = None
+    repetition_time_ms: tuple[float | None, float | None] | None = None
+    inversion_time_ms: tuple[float | None, float | None] | None = None
+
+    def refusal(self, header: Dataset) -> str | None:
+        """Why a series (its first header) is not this contrast, or None when it is."""
+        conditions = 0
+        if self.series_description:
+            conditions += 1
+            description = str(header.get("SeriesDescription", "") or "")
+            if not re.search(self.series_description, description, re.IGNORECASE):
+                return f"description {description!r} does not match {self.series_description!r}"
+        for keyword, bounds in (("EchoTime", self.echo_time_ms), ("RepetitionTime", self.repetition_time_ms),
+                                ("InversionTime", self.inversion_time_ms)):
+            if bounds is None:
+                continue
+            conditions += 1
+            value = header.get(keyword)
+            if value in (None, ""):
+                return f"no {keyword}"
+            low, high = bounds
+            if (low is not None and float(value) < low) or (high is not None and float(value) > high):
+                return f"{keyword} {float(value):g} ms is outside {low if low is not None else '-'}" \
+                       f"-{high if high is not None else ''} ms"
+        return None if conditions else "the rule has no condition"
+
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> ContrastRule:
+        values = dict(data)
+        for key in ("echo_time_ms", "repetition_time_ms", "inversion_time_ms"):
+            if values.get(key) is not None:
                 values[key] = tuple(values[key])
         return cls(**values)

@@ -18,7 +18,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal, get_args
 
-from triagenode.inference.input_spec import InputSpec
+from triagenode.inference.input_spec import ContrastRule, InputSpec
 
 if TYPE_CHECKING:
     from torch import nn
@@ -65,7 +65,7 @@ CALCIFICATION_CLUSTER = CodedConcept("129769006", "SCT", "Calcification Cluster"
 """The breast findings as DICOM's Breast Imaging Finding (CID 6054) codes them in SNOMED CT; the Mammography CAD SR
 maps them to its own single-image findings (CID 6014, :mod:`inference.mammo_cad_sr`)."""
 
-Task = Literal["classification", "detection"]
+Task = Literal["classification", "detection", "segmentation"]
 TASKS: tuple[str, ...] = get_args(Task)
 
 
@@ -115,6 +115,43 @@ class DetectionSpec:
         raise KeyError(name)
 
 
+BRAIN_CONTRASTS: tuple[ContrastRule, ...] = (
+    ContrastRule("FLAIR", series_description=r"flair", inversion_time_ms=(1200.0, None)),
+    ContrastRule("T2", series_description=r"t2(?!.*flair)", echo_time_ms=(60.0, None)),
+    ContrastRule("T1", series_description=r"t1", echo_time_ms=(None, 30.0)),
+)
+"""How a brain segmenter finds its contrasts (the first, FLAIR, is the grid it outlines on): FLAIR by its long
+inversion time, T2 by its long echo time, T1 by its short one, each with a description that names it."""
+
+
+@dataclass(frozen=True)
+class SegmentationSpec:
+    """What a segmentation model reads and outlines (see :mod:`inference.segmentation`)."""
+
+    contrasts: tuple[ContrastRule, ...] = BRAIN_CONTRASTS
+    """The series it needs, as channels in this order; the first is the reference grid (and the SEG's)."""
+    classes: tuple[LesionClass, ...] = (LesionClass("lesion", LESION),)
+    """One segment per class: output channel i + 1 is class i."""
+    volume_threshold_ml: float = 1.0
+    """The triage result: a lesion present when its volume reaches this."""
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "contrasts": [rule.to_dict() for rule in self.contrasts],
+            "classes": [{"name": c.name, "code": asdict(c.code)} for c in self.classes],
+            "volume_threshold_ml": self.volume_threshold_ml,
+        }
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> SegmentationSpec:
+        values = dict(data)
+        if "contrasts" in values:
+            values["contrasts"] = tuple(ContrastRule.from_dict(rule) for rule in values["contrasts"])
+        if "classes" in values:
+            values["classes"] = tuple(LesionClass(c["name"], CodedConcept(**c["code"])) for c in values["classes"])
+        return cls(**values)
+
+
 @dataclass
 class Manifest:
     """What a model package declares about itself."""
@@ -141,17 +178,22 @@ class Manifest:
     format_version: int = FORMAT_VERSION
     detection: DetectionSpec | None = None
     """For a detection model: its lesion classes and how its output map is read (None for a classifier)."""
+    segmentation: SegmentationSpec | None = None
+    """For a segmentation model: its contrasts, its classes, its volume threshold."""
 
     def __post_init__(self) -> None:
         if self.task not in TASKS:
             raise ValueError(f"unknown task {self.task!r}; this node runs {', '.join(TASKS)}")
         if self.task == "detection" and self.detection is None:
             raise ValueError("a detection model's manifest needs its 'detection' section (lesion classes)")
+        if self.task == "segmentation" and self.segmentation is None:
+            raise ValueError("a segmentation model's manifest needs its 'segmentation' section (contrasts, classes)")
 
     def to_dict(self) -> dict[str, Any]:
         data = asdict(self)
         data["input"] = self.input.to_dict()
         data["detection"] = self.detection.to_dict() if self.detection is not None else None
+        data["segmentation"] = self.segmentation.to_dict() if self.segmentation is not None else None
         return data
 
     @classmethod
@@ -163,6 +205,8 @@ class Manifest:
             values["finding_site"] = CodedConcept(**values["finding_site"])
         if values.get("detection"):
             values["detection"] = DetectionSpec.from_dict(values["detection"])
+        if values.get("segmentation"):
+            values["segmentation"] = SegmentationSpec.from_dict(values["segmentation"])
         return cls(**values)
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field, fields
 from typing import Any
 
+import numpy as np
 from pydicom import Dataset
 
 from triagenode.storage.reports import Outcome
@@ -65,6 +66,35 @@ class Lesion:
                    str(data.get("view", "")))
 
 
+@dataclass(frozen=True)
+class Segment:
+    """One class a segmentation model outlined in a study: its volume, for the worklist and the report."""
+
+    label: str
+    """The class's name in the manifest ("lesion")."""
+    volume_ml: float
+    voxels: int
+    certainty: float
+    """The mean probability over the segment's voxels (0 when it is empty)."""
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"label": self.label, "volume_ml": round(self.volume_ml, 3), "voxels": self.voxels,
+                "certainty": round(self.certainty, 6)}
+
+
+@dataclass
+class SegmentationMask:
+    """What a segmentation model outlined, on the reference series' grid: the DICOM SEG's content."""
+
+    labels: np.ndarray
+    """(slices, rows, columns) uint8: 0 background, i + 1 the manifest's class i; slices in the order of
+    ``source_headers``."""
+    probabilities: np.ndarray
+    """(classes, slices, rows, columns) float32: each class's probability (a FRACTIONAL SEG may carry them)."""
+    source_headers: list[Dataset]
+    """The reference series' headers in slice order (ascending along the normal): the SEG's source images."""
+
+
 @dataclass
 class NotApplicable:
     """The study has nothing this model can read; the reason is shown and stored."""
@@ -99,10 +129,17 @@ class StudyResult:
     number of images read."""
     skipped: list[str] = field(default_factory=list)
     """Images of the study the model did not read, each with its reason (For Processing, say)."""
+    segments: list[Segment] = field(default_factory=list)
+    """A segmentation model's classes with their volumes (empty for other models); ``probability`` is then
+    the triage certainty and ``finding`` whether the lesion volume reaches the manifest's threshold."""
+    mask: SegmentationMask | None = field(default=None, repr=False)
+    """A segmentation model's mask, for its DICOM SEG; not part of the stored result."""
 
     def to_dict(self) -> dict[str, Any]:
-        data = {f.name: getattr(self, f.name) for f in fields(self) if f.name not in ("evidence", "lesions")}
+        data = {f.name: getattr(self, f.name) for f in fields(self)
+                if f.name not in ("evidence", "lesions", "segments", "mask")}
         data["lesions"] = [lesion.to_dict() for lesion in self.lesions]
+        data["segments"] = [segment.to_dict() for segment in self.segments]
         return data
 
     def to_outcome(self) -> Outcome:
@@ -110,7 +147,8 @@ class StudyResult:
         values = {f.name: getattr(self, f.name) for f in fields(Outcome) if hasattr(self, f.name)}
         values["lesions"] = tuple(lesion.to_dict() for lesion in self.lesions)
         values["skipped"] = tuple(self.skipped)
+        values["segments"] = tuple(segment.to_dict() for segment in self.segments)
         return Outcome(**values)
 
 
-__all__ = ["LESION_TYPES", "Lesion", "NotApplicable", "StudyResult"]
+__all__ = ["LESION_TYPES", "Lesion", "NotApplicable", "Segment", "SegmentationMask", "StudyResult"]

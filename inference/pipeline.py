@@ -34,6 +34,7 @@ from triagenode.inference.model_package import ModelPackage
 from triagenode.inference.outcomes import NotApplicable, StudyResult
 from triagenode.inference.preprocessing import SeriesGeometryError, SeriesLayout, layout_series
 from triagenode.inference.report import Predecessor, reports_for
+from triagenode.inference.segmentation import segment_study
 from triagenode.inference.studies import (
     SeriesCandidate,
     StudyHeaders,
@@ -116,6 +117,8 @@ def score_study(
     """
     if package.manifest.task == "detection":
         return detect_study(package, study, device, batch_size, loader)
+    if package.manifest.task == "segmentation":
+        return segment_study(package, study, device)
     started = time.perf_counter()
     series = select_series(study, package.manifest.input)
     if isinstance(series, NotApplicable):

@@ -17,7 +17,7 @@ FLAIR it was acquired with (:func:`resample_onto`).
 
 from __future__ import annotations
 
-import re
+import time
 from dataclasses import dataclass
 
 import numpy as np
@@ -25,47 +25,11 @@ import torch
 import torch.nn.functional as F
 from pydicom import Dataset
 
-from triagenode.inference.outcomes import NotApplicable
-from triagenode.inference.preprocessing import SeriesGeometryError, layout_series, slice_normal
+from triagenode.inference.input_spec import ContrastRule
+from triagenode.inference.model_package import ModelPackage
+from triagenode.inference.outcomes import NotApplicable, Segment, SegmentationMask, StudyResult
+from triagenode.inference.preprocessing import SeriesGeometryError, layout_series, read_series, slice_normal
 from triagenode.inference.studies import SeriesCandidate, StudyHeaders
-
-
-@dataclass(frozen=True)
-class ContrastRule:
-    """How a segmentation model recognises one of the contrasts it needs, from a series' headers.
-
-    Every condition given must hold: the Series Description pattern (searched, case-insensitive)
-    and the ranges of the sequence parameters in ms (``None``: either bound open). A rule with
-    no condition matches nothing, so a manifest never takes a random series for a contrast.
-    """
-
-    name: str
-    series_description: str = ""
-    echo_time_ms: tuple[float | None, float | None] | None = None
-    repetition_time_ms: tuple[float | None, float | None] | None = None
-    inversion_time_ms: tuple[float | None, float | None] | None = None
-
-    def refusal(self, header: Dataset) -> str | None:
-        """Why a series (its first header) is not this contrast, or None when it is."""
-        conditions = 0
-        if self.series_description:
-            conditions += 1
-            description = str(header.get("SeriesDescription", "") or "")
-            if not re.search(self.series_description, description, re.IGNORECASE):
-                return f"description {description!r} does not match {self.series_description!r}"
-        for keyword, bounds in (("EchoTime", self.echo_time_ms), ("RepetitionTime", self.repetition_time_ms),
-                                ("InversionTime", self.inversion_time_ms)):
-            if bounds is None:
-                continue
-            conditions += 1
-            value = header.get(keyword)
-            if value in (None, ""):
-                return f"no {keyword}"
-            low, high = bounds
-            if (low is not None and float(value) < low) or (high is not None and float(value) > high):
-                return f"{keyword} {float(value):g} ms is outside {low if low is not None else '-'}" \
-                       f"-{high if high is not None else ''} ms"
-        return None if conditions else "the rule has no condition"
 
 
 def select_contrasts(
@@ -167,4 +131,138 @@ def voxel_volume_ml(grid: Grid) -> float:
                  * np.linalg.norm(grid.column_step)) / 1000.0
 
 
-__all__ = ["ContrastRule", "Grid", "SeriesGeometryError", "resample_onto", "select_contrasts", "voxel_volume_ml"]
+@dataclass
+class StudyVolume:
+    """A study's contrasts as one multi-channel volume on the reference grid: the segmenter's input."""
+
+    values: np.ndarray
+    """(channels, slices, rows, columns) float32, each channel z-scored over the head (values above 0)."""
+    grid: Grid
+    reference_headers: list[Dataset]
+    """The reference series' headers in slice order: the SEG's source images."""
+    series_uids: dict[str, str]
+    """Contrast -> the Series Instance UID read for it."""
+
+
+def study_volume(selected: dict[str, SeriesCandidate]) -> StudyVolume:
+    """Read every selected series, resample each onto the first one's grid, z-score each channel.
+
+    Z-scores over the head (voxels above zero on that contrast), not the whole field of view, so that
+    air does not decide a contrast's scale; scanners' arbitrary intensity units then cancel out.
+    """
+    reference = next(iter(selected.values()))
+    layout = layout_series(reference.headers)
+    grid = Grid.of(reference.headers)
+    channels = []
+    for series in selected.values():
+        volume = read_series([series.files[i] for i in layout_series(series.headers).order])
+        values = resample_onto(volume.values, Grid.of(series.headers), grid)
+        head = values > 0
+        mean = float(values[head].mean()) if head.any() else 0.0
+        std = float(values[head].std()) if head.any() else 1.0
+        channels.append(((values - mean) / max(std, 1e-6)).astype(np.float32))
+    return StudyVolume(
+        np.stack(channels), grid, [reference.headers[i] for i in layout.order],
+        {name: series.series_uid for name, series in selected.items()},
+    )
+
+
+def network_input(volume: StudyVolume, matrix: int) -> torch.Tensor:
+    """(1, slices, channels, matrix, matrix'): in-plane scaled so that the longer side is ``matrix``, padded to 8."""
+    x = torch.from_numpy(volume.values).permute(1, 0, 2, 3)  # (slices, channels, rows, columns)
+    rows, columns = x.shape[-2:]
+    scale = matrix / max(rows, columns)
+    size = (max(8, round(rows * scale)), max(8, round(columns * scale)))
+    if size != (rows, columns):
+        x = F.interpolate(x, size=size, mode="bilinear", align_corners=False, antialias=scale < 1)
+    x = F.pad(x, (0, (-size[1]) % 8, 0, (-size[0]) % 8))
+    return x[None].contiguous()
+
+
+@torch.inference_mode()
+def segment_volume(
+    network: torch.nn.Module, volume: StudyVolume, matrix: int, device: torch.device
+) -> np.ndarray:
+    """Each class's probability on the reference grid, (classes + 1, slices, rows, columns), background first."""
+    network.eval()
+    x = network_input(volume, matrix).to(device)
+    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+        logits = network(x).float()[0]  # (slices, classes + 1, h, w)
+    rows, columns = volume.values.shape[-2:]
+    scale = matrix / max(rows, columns)
+    height, width = max(8, round(rows * scale)), max(8, round(columns * scale))
+    logits = F.interpolate(logits[..., :height, :width], size=(rows, columns), mode="bilinear", align_corners=False)
+    return torch.softmax(logits, dim=1).permute(1, 0, 2, 3).cpu().numpy()
+
+
+def segment_study(
+    package: ModelPackage, study: StudyHeaders, device: torch.device | str = "cpu"
+) -> StudyResult | NotApplicable:
+    """A segmentation model's result: its segments with their volumes, the mask for the SEG, the triage verdict.
+
+    A voxel belongs to the most probable class. The study's ``probability`` is the highest lesion
+    probability of any voxel (how sure the model is that there is something at all); its
+    ``finding`` is whether the outlined volume reaches the manifest's ``volume_threshold_ml``.
+    """
+    started = time.perf_counter()
+    manifest = package.manifest
+    spec = manifest.segmentation
+    assert spec is not None, "a segmentation model's manifest has a segmentation section"
+    selected = select_contrasts(study, manifest.input.modality, spec.contrasts)
+    if isinstance(selected, NotApplicable):
+        return selected
+    try:
+        volume = study_volume(selected)
+    except SeriesGeometryError as exc:
+        raise SeriesGeometryError(f"{exc} (reading the {manifest.input.modality} contrasts)") from None
+    read = time.perf_counter()
+    device = torch.device(device)
+    probabilities = segment_volume(package.network, volume, manifest.input.matrix, device)
+    modelled = time.perf_counter()
+    labels = probabilities.argmax(axis=0).astype(np.uint8)
+    voxel_ml = voxel_volume_ml(volume.grid)
+    segments = []
+    for index, lesion_class in enumerate(spec.classes, start=1):
+        inside = labels == index
+        voxels = int(inside.sum())
+        certainty = float(probabilities[index][inside].mean()) if voxels else 0.0
+        segments.append(Segment(lesion_class.name, voxels * voxel_ml, voxels, certainty))
+    total_ml = sum(segment.volume_ml for segment in segments)
+    suspicion = float(probabilities[1:].max()) if probabilities.shape[0] > 1 else 0.0
+    key = volume.reference_headers[int(np.argmax((labels > 0).sum(axis=(1, 2))))]
+    timings = {
+        "select": study.read_ms,
+        "read": (read - started) * 1000,
+        "model": (modelled - read) * 1000,
+        "total": (time.perf_counter() - started) * 1000 + study.read_ms,
+    }
+    return StudyResult(
+        study_uid=study.study_uid,
+        series_uid=next(iter(volume.series_uids.values())),
+        finding=total_ml >= spec.volume_threshold_ml,
+        probability=round(suspicion, 6),
+        threshold=manifest.threshold,
+        model=manifest.name,
+        model_version=manifest.version,
+        key_instance_uid=str(key.SOPInstanceUID),
+        slices=len(volume.reference_headers),
+        timings_ms={k: round(v, 1) for k, v in timings.items()},
+        evidence=volume.reference_headers,
+        segments=segments,
+        mask=SegmentationMask(labels, probabilities[1:].astype(np.float32), volume.reference_headers),
+    )
+
+
+__all__ = [
+    "ContrastRule",
+    "Grid",
+    "SeriesGeometryError",
+    "StudyVolume",
+    "network_input",
+    "resample_onto",
+    "segment_study",
+    "segment_volume",
+    "select_contrasts",
+    "study_volume",
+    "voxel_volume_ml",
+]

@@ -200,7 +200,8 @@ class ResultRecord(Base):
     """The primary report's SOP Class UID; None for results recorded before schema 4 (a Comprehensive (3D) SR)."""
     created_at: Mapped[datetime]
     details: Mapped[str | None]
-    """JSON ``{"lesions": [...], "skipped": [...]}`` of a detection model; None when it has neither (a classifier)."""
+    """JSON ``{"lesions": [...], "skipped": [...], "segments": [...]}`` of a detection or segmentation model; None
+    when it has none of them (a classifier)."""
     extra_objects: Mapped[str | None]
     """JSON list of ``{path, sop_instance_uid, sop_class_uid}``: the task's report objects besides ``sr_path``
     (a Mammography CAD SR next to a TID 1500 SR, a SEG), sent after it on the same association; None when none."""

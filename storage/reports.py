@@ -179,6 +179,8 @@ class Outcome:
     """A detection model's marks (``inference.outcomes.Lesion.to_dict``): image, type, box, certainty."""
     skipped: tuple[str, ...] = ()
     """Images the model did not read, each with its reason."""
+    segments: tuple[Mapping[str, Any], ...] = ()
+    """A segmentation model's classes (``inference.outcomes.Segment.to_dict``): label, volume_ml, voxels, certainty."""
 
     @property
     def applicable(self) -> bool:
@@ -199,10 +201,13 @@ class Outcome:
         return f"finding {verdict}, probability {self.probability:.3f}{marked} ({self.model} {self.model_version})"
 
     def details_json(self) -> str | None:
-        """``task_results.details``: the lesions and skipped images as JSON; None when there are neither."""
-        if not self.lesions and not self.skipped:
+        """``task_results.details``: the lesions, skipped images and segments as JSON; None when there are none."""
+        if not self.lesions and not self.skipped and not self.segments:
             return None
-        return json.dumps({"lesions": [dict(lesion) for lesion in self.lesions], "skipped": list(self.skipped)})
+        details: dict[str, Any] = {"lesions": [dict(lesion) for lesion in self.lesions], "skipped": list(self.skipped)}
+        if self.segments:
+            details["segments"] = [dict(segment) for segment in self.segments]
+        return json.dumps(details)
 
 
 class ReportBook:
@@ -549,6 +554,7 @@ def _task_details(session: Session, task: Task) -> dict[str, Any]:
             "sr_sop_instance_uid": row.sr_sop_instance_uid,
             "lesions": details.get("lesions", []),
             "skipped": details.get("skipped", []),
+            "segments": details.get("segments", []),
         }
     return {
         "model": task.model,

@@ -112,3 +112,42 @@ def test_a_tilted_series_is_resampled_by_its_orientation() -> None:
     inside = ((indices >= 0) & (indices <= np.array(source.shape) - 1)).all(-1)
     assert inside.sum() > 1000
     np.testing.assert_allclose(moved[inside], field(target.points())[inside], atol=1e-3)
+
+
+def test_a_brain_study_is_segmented_on_its_flair_grid_and_a_missing_contrast_is_named(tmp_path) -> None:  # noqa: ANN001
+    import shutil
+
+    import torch
+
+    from triagenode.inference.architectures import build_network
+    from triagenode.inference.input_spec import InputSpec
+    from triagenode.inference.model_package import LESION, Manifest, ModelPackage, SegmentationSpec
+    from triagenode.inference.phantom_brain import write_brain_study
+    from triagenode.inference.pipeline import score_study
+    from triagenode.inference.studies import dicom_files, read_study
+
+    study = write_brain_study(tmp_path, 4, 0, positive=True, slices=16, matrix=64)
+    assert study.directory is not None
+    torch.manual_seed(0)
+    manifest = Manifest("brain-test", "0", "recurrentunet", task="segmentation", finding=LESION,
+                        input=InputSpec(modality="MR", matrix=64, min_slices=8), segmentation=SegmentationSpec(),
+                        architecture_params={"width": 4})
+    package = ModelPackage(manifest, build_network("recurrentunet", 3, 2, {"width": 4}).eval())
+    images = [path for path in dicom_files(study.directory) if "truth" not in path.parts]
+    result = score_study(package, read_study(study.study_uid, images))
+    assert not isinstance(result, NotApplicable), result
+    assert result.mask is not None and result.mask.labels.shape == (16, 64, 64)
+    flair = result.mask.source_headers
+    assert {str(ds.SeriesInstanceUID) for ds in flair} == {study.series_uids["FLAIR"]}
+    positions = [float(ds.ImagePositionPatient[2]) for ds in flair]
+    assert positions == sorted(positions)
+    [segment] = result.segments
+    voxel_ml = (230 / 64) ** 2 * 5.0 / 1000  # a 230 mm field of view over 64 pixels, 5 mm slices
+    assert segment.voxels == int((result.mask.labels == 1).sum())
+    assert segment.volume_ml == pytest.approx(segment.voxels * voxel_ml, rel=1e-3)
+    assert result.finding == (segment.volume_ml >= 1.0)
+
+    shutil.rmtree(study.directory / "T2")
+    without = [path for path in dicom_files(study.directory) if "truth" not in path.parts]
+    missing = score_study(package, read_study(study.study_uid, without))
+    assert isinstance(missing, NotApplicable) and missing.reason.startswith("no T2 series"), missing
