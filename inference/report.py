@@ -292,7 +292,9 @@ def reports_for(
 
     A classifier's result: its one TID 1500. A detector's result: what ``mammo_sr`` (the
     ``[[models]]`` entry's, else ``[inference] mammo_sr``) names: the TID 1500 (``tid1500``), the
-    Mammography CAD SR (``mammography-cad``), or both, the TID 1500 first (``both``). A study the
+    Mammography CAD SR (``mammography-cad``), or both, the TID 1500 first (``both``). A segmenter's
+    result: its DICOM Segmentation and the TID 1500 that measures it, the SEG first
+    (:mod:`inference.segmentation_report`). A study the
     model cannot read: a report only when ``[inference] report_not_applicable`` asks for one.
     ``predecessor``: the study's earlier report (see :func:`read_predecessor`), which the new one replaces;
     ``more_predecessors``: that report's other documents (each new document replaces the one of its class).
@@ -300,6 +302,16 @@ def reports_for(
     """
     options = DocumentOptions.for_site(inference, node_ae_title, predecessor, route, more_predecessors)
     if isinstance(outcome, StudyResult):
+        if manifest.task == "segmentation":
+            # Imported here: it builds on this module's helpers. The SEG first: the SR references it.
+            from triagenode.inference.segmentation_report import (
+                SEGMENTATION_STORAGE,
+                build_segmentation,
+                build_volumetric_report,
+            )
+
+            seg = build_segmentation(outcome, manifest, _options_for(options, SEGMENTATION_STORAGE, same_class=True))
+            return [seg, build_volumetric_report(outcome, manifest, seg, options)]
         if manifest.task != "detection":
             return [build_measurement_report(outcome, manifest, outcome.evidence, options)]
         # Imported here: both modules build on this one's helpers.
