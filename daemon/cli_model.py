@@ -23,20 +23,23 @@ if TYPE_CHECKING:
 @click.command()
 @click.argument("out_dir", type=click.Path(path_type=Path, file_okay=False))
 @click.option(
-    "--kind", type=click.Choice(["ct", "mammo"]), default="ct", show_default=True,
-    help="ct: chest CT with lung nodules; mammo: four-view screening mammograms with masses and calcifications.",
+    "--kind", type=click.Choice(["ct", "mammo", "brain-mri"]), default="ct", show_default=True,
+    help="ct: chest CT with lung nodules; mammo: four-view screening mammograms with masses and calcifications; "
+    "brain-mri: T1, T2 and FLAIR with tumours or white-matter lesions, the truth as a DICOM SEG.",
 )
 @click.option("--studies", default=10, show_default=True, type=click.IntRange(1), help="How many studies.")
 @click.option("--positive-fraction", default=0.5, show_default=True, type=click.FloatRange(0, 1))
 @click.option("--seed", default=0, show_default=True, type=int, help="Same seed, same studies (pixels and UIDs).")
-@click.option("--slices", default=64, show_default=True, type=click.IntRange(8, 2000), help="CT slices per study.")
+@click.option("--slices", type=click.IntRange(8, 2000),
+              help="Slices per series [default: 64 for ct, 28 for brain-mri (at least 16)].")
 @click.option(
     "--matrix", type=click.IntRange(64, 4096),
     help="CT: rows and columns (default 256, at most 1024); mammo: rows, the columns keep the detector's aspect "
     "(default 3328: the full field at 0.07 mm).",
 )
 def phantom(
-    out_dir: Path, kind: str, studies: int, positive_fraction: float, seed: int, slices: int, matrix: int | None
+    out_dir: Path, kind: str, studies: int, positive_fraction: float, seed: int, slices: int | None,
+    matrix: int | None,
 ) -> None:
     """Write synthetic studies (real DICOM, one folder each) and their labels.
 
@@ -49,7 +52,15 @@ def phantom(
     """
     from triagenode.inference.phantom import LABELS_FILE
 
-    if kind == "mammo":
+    if kind == "brain-mri":
+        from triagenode.inference.phantom_brain import write_brain_phantoms
+
+        if slices is not None and slices < 16:
+            fail(f"--slices {slices}: a brain MRI phantom has at least 16 slices")
+        labels = [s.label for s in write_brain_phantoms(out_dir, studies, positive_fraction, seed, slices or 28,
+                                                        matrix or 256)]
+        files = f"{out_dir / LABELS_FILE} (and each study's truth/seg.dcm)"
+    elif kind == "mammo":
         from triagenode.inference.phantom_mammo import FULL_FIELD_ROWS, LESIONS_FILE, write_mammo_phantoms
 
         labels = [s.label for s in write_mammo_phantoms(out_dir, studies, positive_fraction, seed,
@@ -60,7 +71,8 @@ def phantom(
 
         if matrix is not None and matrix > 1024:
             fail(f"--matrix {matrix}: a CT phantom has at most 1024 rows and columns")
-        labels = [s.label for s in write_phantoms(out_dir, studies, positive_fraction, seed, slices, matrix or 256)]
+        labels = [s.label for s in write_phantoms(out_dir, studies, positive_fraction, seed, slices or 64,
+                                                  matrix or 256)]
         files = str(out_dir / LABELS_FILE)
     click.echo(f"wrote {plural(len(labels), 'study', 'studies')} ({sum(labels)} positive) and {files}")
 
@@ -118,8 +130,10 @@ def _detection_input(matrix: int, spacing_mm: float | None) -> str:
 @click.option("--data", "data_dir", required=True, type=click.Path(path_type=Path, exists=True, file_okay=False))
 @click.option("--labels", "labels_csv", required=True, type=click.Path(path_type=Path, exists=True, dir_okay=False))
 @click.option(
-    "--task", type=click.Choice(["classification", "detection"]), default="classification", show_default=True,
-    help="classification: one probability per study (CT); detection: lesions marked per image (mammography).",
+    "--task", type=click.Choice(["classification", "detection", "segmentation"]), default="classification",
+    show_default=True,
+    help="classification: one probability per study (CT); detection: lesions marked per image (mammography); "
+    "segmentation: lesions outlined per voxel (brain MRI).",
 )
 @click.option(
     "--arch", type=click.Choice(["simplecnn", "resnet18", "densenet121", "lesionfcn"]),
@@ -212,17 +226,22 @@ def model_train(
     detection = task == "detection"
     if detection and crop % 8:  # before torch is imported: a typo is told at once
         fail(f"--crop {crop}: use a multiple of 8 (the detector halves its input three times)")
+    segmentation = task == "segmentation"
     if detection:
         from triagenode.inference.detection_training import MAMMO_INPUT, train_detector
 
         spec = replace(MAMMO_INPUT, matrix=matrix or MAMMO_INPUT.matrix)
+    elif segmentation:
+        from triagenode.inference.segmentation_training import BRAIN_INPUT, train_segmenter
+
+        spec = replace(BRAIN_INPUT, matrix=matrix or BRAIN_INPUT.matrix)
     else:
         spec = InputSpec(matrix=matrix or 128, slice_context=slice_context)
     config = TrainingConfig(
         data_dir=data_dir,
         labels=labels_csv,
         out=out,
-        arch=arch or ("lesionfcn" if detection else "simplecnn"),
+        arch=arch or ("lesionfcn" if detection else "recurrentunet" if segmentation else "simplecnn"),
         input=spec,
         lesions=lesions_csv,
         crop=crop,
@@ -236,14 +255,16 @@ def model_train(
         seed=seed,
         device=device,
         patience=patience,
-        name=name or ("mammo-lesion-detection" if detection else "lung-nodule-triage"),
+        name=name or ("mammo-lesion-detection" if detection else "brain-lesion-segmentation" if segmentation
+                      else "lung-nodule-triage"),
         version=model_version,
         intended_use=intended_use,
         resume=resume,
         slices_per_epoch=slices_per_epoch,
     )
     try:
-        (train_detector if detection else train)(config, log=lambda line: click.echo(line, err=True))
+        trainer = train_detector if detection else train_segmenter if segmentation else train
+        trainer(config, log=lambda line: click.echo(line, err=True))
     except (TrainingError, DeviceError, LabelledDataError, ValueError) as exc:
         fail(str(exc))
 

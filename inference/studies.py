@@ -49,9 +49,13 @@ SELECTION_TAGS = (
     "Laterality",
     "ViewPosition",
     "PresentationIntentType",
+    "SeriesDescription",
+    "EchoTime",
+    "RepetitionTime",
+    "InversionTime",
 )
-"""Every element selection (:func:`select_series`, a detection model's ``select_images``) and layout
-(``layout_series``) read.
+"""Every element selection (:func:`select_series`, a detection model's ``select_images``, a segmentation
+model's ``select_contrasts``) and layout (``layout_series``) read.
 
 Reading only these keeps the lifecycle's index of thousands of studies small;
 the node reads whole headers because the report copies patient and study from
