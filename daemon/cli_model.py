@@ -136,8 +136,9 @@ def _detection_input(matrix: int, spacing_mm: float | None) -> str:
     "segmentation: lesions outlined per voxel (brain MRI).",
 )
 @click.option(
-    "--arch", type=click.Choice(["simplecnn", "resnet18", "densenet121", "lesionfcn"]),
-    help="The network [default: simplecnn for classification, lesionfcn for detection].",
+    "--arch", type=click.Choice(["simplecnn", "resnet18", "densenet121", "lesionfcn", "recurrentunet"]),
+    help="The network [default: simplecnn for classification, lesionfcn for detection, recurrentunet for "
+    "segmentation].",
 )
 @click.option(
     "--lesions", "lesions_csv", type=click.Path(path_type=Path, exists=True, dir_okay=False),
@@ -310,7 +311,12 @@ def model_evaluate(
     log = (lambda line: click.echo(line, err=True)) if as_json else click.echo
     try:
         loaded = load_package(package)
-        if loaded.manifest.task == "detection":
+        if loaded.manifest.task == "segmentation":
+            from triagenode.inference.segmentation_evaluation import evaluate_segmenter
+
+            report = evaluate_segmenter(loaded, data_dir, labels_csv, out_dir, target_sensitivity,
+                                        resolve_device(device), record, log)
+        elif loaded.manifest.task == "detection":
             from triagenode.inference.detection_evaluation import evaluate_detector
 
             report = evaluate_detector(loaded, data_dir, labels_csv, out_dir, target_sensitivity,

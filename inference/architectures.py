@@ -142,9 +142,9 @@ class RecurrentUNet(nn.Module):
     multiples of 8; output (batch, slices, classes, height, width) logits, class 0 the background.
     """
 
-    def __init__(self, in_channels: int = 3, classes: int = 2, width: int = 16) -> None:
+    def __init__(self, in_channels: int = 3, classes: int = 2, width: int = 8) -> None:
         super().__init__()
-        w = width
+        w = width  # 8: a training step of 16 slices of 128 x 128 takes 0.4 s on two CPU cores (16: 1 s)
         self.encoders = nn.ModuleList([
             nn.Sequential(_conv(in_channels, w), _conv(w, w)),
             nn.Sequential(nn.MaxPool2d(2), _conv(w, 2 * w), _conv(2 * w, 2 * w)),

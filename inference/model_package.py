@@ -189,6 +189,11 @@ class Manifest:
         if self.task == "segmentation" and self.segmentation is None:
             raise ValueError("a segmentation model's manifest needs its 'segmentation' section (contrasts, classes)")
 
+    @property
+    def in_channels(self) -> int:
+        """The network's input channels: a segmenter's contrasts, else the input spec's (2.5D) channels."""
+        return len(self.segmentation.contrasts) if self.segmentation is not None else self.input.channels
+
     def to_dict(self) -> dict[str, Any]:
         data = asdict(self)
         data["input"] = self.input.to_dict()
@@ -261,7 +266,7 @@ def load_package(path: Path | str) -> ModelPackage:
         )
     try:
         network = build_network(
-            manifest.architecture, manifest.input.channels, len(manifest.labels), manifest.architecture_params
+            manifest.architecture, manifest.in_channels, len(manifest.labels), manifest.architecture_params
         )
         state = torch.load(io.BytesIO(weights), map_location="cpu", weights_only=True)
         network.load_state_dict(state)

@@ -85,7 +85,7 @@ def truth_on(seg: Dataset, reference_headers: Sequence[Dataset]) -> np.ndarray:
     return pixels > 0
 
 
-def _ground_truth(study: StudyHeaders, reference_headers: Sequence[Dataset]) -> np.ndarray:
+def ground_truth(study: StudyHeaders, reference_headers: Sequence[Dataset]) -> np.ndarray:
     """The study's ground truth from its SEG series (the first whose frames reference the reference images)."""
     from pydicom import dcmread
 
@@ -124,7 +124,7 @@ def load_volumes(
     out = []
     for uid, selected in chosen.items():
         volume = study_volume(selected)
-        truth = _ground_truth(index[uid], volume.reference_headers)
+        truth = ground_truth(index[uid], volume.reference_headers)
         x = network_input(volume, spec.matrix)[0]
         h, w = x.shape[-2:]
         rows, columns = truth.shape[-2:]
@@ -196,7 +196,8 @@ def train_segmenter(config: TrainingConfig, log: Callable[[str], None] = print) 
     training, validation = [volumes[i] for i in train_idx], [volumes[i] for i in val_idx]
     log(f"{len(training)} training and {len(validation)} validation studies; slabs of {SLAB} slices; device {device}")
     classes = len(segmentation.classes) + 1
-    network = build_network(config.arch, len(segmentation.contrasts), classes, config.arch_params).to(device)
+    params = {"width": 8, **config.arch_params}  # written into the manifest: a later default never changes it
+    network = build_network(config.arch, len(segmentation.contrasts), classes, params).to(device)
     optimizer, scheduler = make_optimizer(config, network)
     weights = torch.tensor([1.0] + [LESION_WEIGHT] * (classes - 1), device=device)
     checkpoint_path = config.out.with_suffix(".ckpt")
@@ -259,7 +260,7 @@ def train_segmenter(config: TrainingConfig, log: Callable[[str], None] = print) 
         name=config.name,
         version=config.version,
         architecture=config.arch,
-        architecture_params=config.arch_params,
+        architecture_params=params,
         task="segmentation",
         input=spec,
         labels=["background", *(c.name for c in segmentation.classes)],

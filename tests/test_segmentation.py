@@ -151,3 +151,33 @@ def test_a_brain_study_is_segmented_on_its_flair_grid_and_a_missing_contrast_is_
     without = [path for path in dicom_files(study.directory) if "truth" not in path.parts]
     missing = score_study(package, read_study(study.study_uid, without))
     assert isinstance(missing, NotApplicable) and missing.reason.startswith("no T2 series"), missing
+
+
+def test_evaluation_measures_the_node_s_masks_against_the_truth_seg(tmp_path) -> None:  # noqa: ANN001
+    import json
+
+    import torch
+
+    from triagenode.inference.architectures import build_network
+    from triagenode.inference.input_spec import InputSpec
+    from triagenode.inference.model_package import LESION, Manifest, SegmentationSpec, load_package, save_package
+    from triagenode.inference.phantom_brain import write_brain_phantoms
+    from triagenode.inference.segmentation_evaluation import evaluate_segmenter
+
+    data = tmp_path / "brains"
+    write_brain_phantoms(data, 2, positive_fraction=0.5, seed=6, slices=16, matrix=64)
+    torch.manual_seed(0)
+    manifest = Manifest("brain-test", "0", "recurrentunet", task="segmentation", finding=LESION,
+                        input=InputSpec(modality="MR", normalisation="zscore", matrix=64, min_slices=8),
+                        segmentation=SegmentationSpec(), architecture_params={"width": 4})
+    save_package(tmp_path / "brain.tnm", manifest, build_network("recurrentunet", 3, 2, {"width": 4}))
+    report = evaluate_segmenter(load_package(tmp_path / "brain.tnm"), data, data / "labels.csv", tmp_path / "eval",
+                                log=lambda line: None)
+    written = json.loads((tmp_path / "eval" / "metrics.json").read_text())
+    assert written["task"] == "segmentation" and len(written["studies_scored"]) == 2
+    assert {"dice_mean", "dice_ci95", "dice_mean_large", "hausdorff95_median_mm", "lesion_recall",
+            "lesion_precision", "volume_error_ml_mean_abs", "voxel_accuracy", "voxel_recall"} <= set(report["summary"])
+    assert {"sensitivity", "specificity", "auc"} <= set(report["triage"])
+    truth_ml = sorted(study["truth_ml"] for study in written["studies_scored"])
+    assert truth_ml[0] == 0 and truth_ml[1] > 0  # the negative and the positive, from their SEGs
+    assert (tmp_path / "eval" / "overlay_1.png").read_bytes()[:4] == b"\x89PNG"
