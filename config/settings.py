@@ -152,7 +152,7 @@ class StudySettings(_Section):
 class InferenceSettings(_Section):
     """``[inference]``: which model runs, where, and what report it writes."""
 
-    model: Annotated[str, _required("name a model package path, or a built-in model: 'demo', 'mammo-demo'")] = "demo"
+    model: Annotated[str, _required("name a model package path, or a built-in model: 'demo', 'mammo-demo', 'brain-demo'")] = "demo"
     """A built-in model ('demo': lung nodules on CT; 'mammo-demo': lesions on mammograms) or the path of a
     model package (*.tnm)."""
     device: str = "auto"
@@ -231,7 +231,7 @@ class ModelRoute(_Section):
 
     name: ModelName
     """Unique; shown everywhere, and part of the model's task, series and SR UIDs and file names."""
-    package: Annotated[str, _required("name a model package path, or a built-in model: 'demo', 'mammo-demo'")]
+    package: Annotated[str, _required("name a model package path, or a built-in model: 'demo', 'mammo-demo', 'brain-demo'")]
     """A built-in model ('demo', 'mammo-demo') or the path of a model package (*.tnm); two routes may share one."""
     priority: int = 0
     """Higher runs first (after urgent studies); equal priorities go by the time the study became complete."""

@@ -419,6 +419,14 @@ def infer(
                 click.echo(f"{entry['study_uid']}{model}: {entry['status']}: {entry['reason']}{written}")
                 continue
             verdict = "PRESENT" if entry["finding"] else "absent"
+            if entry.get("task") == "segmentation":
+                outlined = ", ".join(f"{s['label']} {s['volume_ml']:.2f} ml" for s in entry["segments"]) or "nothing"
+                click.echo(
+                    f"{entry['study_uid']}{model}: {entry['finding_meaning']} {verdict} ({outlined} outlined, "
+                    f"highest probability {entry['probability']:.3f}), {plural(entry['slices'], 'slice')}, "
+                    f"{entry['timings_ms']['total']:.0f} ms{written}"
+                )
+                continue
             if entry.get("task") == "detection":
                 click.echo(
                     f"{entry['study_uid']}{model}: {entry['finding_meaning']} {verdict}, highest certainty "
@@ -476,7 +484,9 @@ def _infer_entry(
 
 
 def _document_kind(document: Any) -> str:
-    """A file-name word for a report document's kind: 'mammo-cad' for a Mammography CAD SR, else 'sr'."""
+    """A file-name word for a report document's kind: 'mammo-cad', 'seg' or 'sr'."""
     from triagenode.inference.mammo_cad_sr import MAMMOGRAPHY_CAD_SR
+    from triagenode.inference.segmentation_report import SEGMENTATION_STORAGE
 
-    return "mammo-cad" if str(document.SOPClassUID) == MAMMOGRAPHY_CAD_SR else "sr"
+    kinds = {MAMMOGRAPHY_CAD_SR: "mammo-cad", SEGMENTATION_STORAGE: "seg"}
+    return kinds.get(str(document.SOPClassUID), "sr")

@@ -180,6 +180,9 @@ def print_result(result: dict[str, Any] | None, objects: Sequence[dict[str, Any]
         click.echo(f"{'lesions:':15}{len(lesions)} marked")
         for number, lesion in enumerate(lesions, 1):
             click.echo(f"  lesion {number}: {lesion_line(lesion)}")
+    for segment in result.get("segments") or []:
+        click.echo(f"{'segment:':15}{segment['label']}: {segment['volume_ml']:.2f} ml ({segment['voxels']} voxels, "
+                   f"mean probability {segment['certainty']:.3f})")
     if skipped:
         click.echo(f"{'not read:':15}{len(skipped)} image(s)")
         for reason in skipped:
@@ -189,7 +192,7 @@ def print_result(result: dict[str, Any] | None, objects: Sequence[dict[str, Any]
         click.echo(f"{'timings:':15}" + ", ".join(f"{stage} {ms:.0f} ms" for stage, ms in timings.items()))
     primary = next((o for o in objects if o["primary"]), None)
     kind = f" ({class_name(primary['sop_class_uid'])})" if primary and primary["sop_class_uid"] else ""
-    click.echo(f"{'report (SR):':15}{result['sr_sop_instance_uid'] or '- (none for this study)'}{kind}")
+    click.echo(f"{'report:':15}{result['sr_sop_instance_uid'] or '- (none for this study)'}{kind}")
     for extra in (o for o in objects if not o["primary"]):
         click.echo(f"{'  and:':15}{extra['sop_instance_uid']} ({class_name(extra['sop_class_uid'])})")
 

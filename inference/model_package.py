@@ -31,7 +31,9 @@ DEMO_MODEL = Path(__file__).parent / "demo" / "demo.tnm"
 """The built-in demo model (``model = "demo"``): lung-nodule triage on chest CT."""
 MAMMO_DEMO_MODEL = Path(__file__).parent / "demo" / "mammo-demo.tnm"
 """The built-in demo detector (``model = "mammo-demo"``): masses and calcification clusters on mammograms."""
-BUILTIN_MODELS: dict[str, Path] = {"demo": DEMO_MODEL, "mammo-demo": MAMMO_DEMO_MODEL}
+BRAIN_DEMO_MODEL = Path(__file__).parent / "demo" / "brain-demo.tnm"
+"""The built-in demo segmenter (``model = "brain-demo"``): brain lesions on T1, T2 and FLAIR."""
+BUILTIN_MODELS: dict[str, Path] = {"demo": DEMO_MODEL, "mammo-demo": MAMMO_DEMO_MODEL, "brain-demo": BRAIN_DEMO_MODEL}
 """Names that work wherever a package path does (``--model``, ``package =``, ``[inference] model``)."""
 
 

@@ -8,21 +8,28 @@ import time
 
 from pydicom import Dataset
 from pynetdicom import AE, evt
-from pynetdicom.sop_class import Comprehensive3DSRStorage, ComprehensiveSRStorage, MammographyCADSRStorage
+from pynetdicom.sop_class import (
+    Comprehensive3DSRStorage,
+    ComprehensiveSRStorage,
+    MammographyCADSRStorage,
+    SegmentationStorage,
+)
 
 
 class RecordingPacs:
     """A destination (pynetdicom Storage SCP) that keeps every dataset it receives, with its arrival time.
 
     ``sr_classes`` are the SR classes it accepts (an archive that refuses 3D SR accepts only
-    Comprehensive SR); by default the two Comprehensive classes and Mammography CAD SR.
+    Comprehensive SR); by default the two Comprehensive classes, Mammography CAD SR and Segmentation.
     """
 
     def __init__(
         self,
         port: int,
         ae_title: str = "PACS",
-        sr_classes: tuple[str, ...] = (Comprehensive3DSRStorage, ComprehensiveSRStorage, MammographyCADSRStorage),
+        sr_classes: tuple[str, ...] = (
+            Comprehensive3DSRStorage, ComprehensiveSRStorage, MammographyCADSRStorage, SegmentationStorage
+        ),
     ) -> None:
         self.port, self.ae_title, self.sr_classes = port, ae_title, sr_classes
         self.received: list[Dataset] = []

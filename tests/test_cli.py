@@ -212,7 +212,7 @@ def test_resend_show_ls_and_status_with_two_destinations(make_node, make_pacs, t
                  "key slice:     1.2.3.4", "timings:       decode 12 ms, model 30 ms, total 45 ms"):
         assert line in text, (line, text)
     sr_uid = node.cli_json("queue", "show", study_uid)["result"]["sr_sop_instance_uid"]
-    assert f"report (SR):   {sr_uid}" in text
+    assert f"report:        {sr_uid}" in text
     assert any(row.split()[:3] == ["a", "sent", "1"] for row in text.splitlines()), text
 
     status = node.cli_json("status")
@@ -268,7 +268,7 @@ def test_a_missing_model_is_a_configuration_error_for_serve_and_config_show(tmp_
     )
     expected = (
         f"triagenode: config error in {config}: inference.model: model package /nowhere/lung.tnm does not exist; "
-        "check the path (or use a built-in model: demo, mammo-demo)"
+        "check the path (or use a built-in model: demo, mammo-demo, brain-demo)"
     )
     for command in (["serve"], ["config", "show"], ["config", "show", "--json"]):
         result = subprocess.run([TRIAGENODE, *command, "--config", str(config)], capture_output=True, text=True,

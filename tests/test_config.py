@@ -139,7 +139,7 @@ def test_serve_refuses_a_missing_model_with_one_line(tmp_path: Path) -> None:
     assert result.returncode == 2, "a configuration error"
     assert result.stderr.strip() == (
         f"triagenode: config error in {path}: inference.model: model package /nowhere/lung.tnm does not exist; "
-        "check the path (or use a built-in model: demo, mammo-demo)"
+        "check the path (or use a built-in model: demo, mammo-demo, brain-demo)"
     )
 
 

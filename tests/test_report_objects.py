@@ -195,7 +195,7 @@ def test_lesions_skipped_images_and_report_objects_are_stored_and_shown(bench: C
         "  lesion 2: calcification, R MLO, box 10.0 20.0 14.5 26.0, certainty 0.610 (image 1.2.826.0.1.3680043.10.7.2)",
         "not read:      1 image(s)",
         f"  {SKIPPED[0]}",
-        f"report (SR):   {primary.sop_instance_uid} (Comprehensive 3D SR)",
+        f"report:        {primary.sop_instance_uid} (Comprehensive 3D SR)",
         f"  and:         {cad.sop_instance_uid} (Mammography CAD SR)",
     ):
         assert line in printed.splitlines(), (line, printed)

@@ -169,7 +169,7 @@ def test_from_settings_refuses_an_unreadable_package_with_one_line(tmp_path: Pat
         ModelRouter.from_settings(load_settings(path, environ={}), environ={})
     assert str(raised.value) == (
         f"config error in {path}: models[1].package: model package /nowhere/x.tnm does not exist; "
-        "check the path (or use a built-in model: demo, mammo-demo)"
+        "check the path (or use a built-in model: demo, mammo-demo, brain-demo)"
     )
     environ = {"TRIAGENODE_INFERENCE__MODEL": str(tmp_path / "gone.tnm")}
     with pytest.raises(ConfigError, match=r"^config error in environment variable TRIAGENODE_INFERENCE__MODEL: "
