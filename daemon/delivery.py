@@ -51,9 +51,10 @@ log = logging.getLogger("triagenode.delivery")
 
 REPORT_CONTEXTS = (Comprehensive3DSRStorage, ComprehensiveSRStorage)
 """Proposed on every association; an object of another class (a Mammography CAD SR, a SEG) adds its own."""
-OTHER_REPORT_CLASSES = (UID("1.2.840.10008.5.1.4.1.1.88.50"),)
+OTHER_REPORT_CLASSES = (UID("1.2.840.10008.5.1.4.1.1.88.50"), UID("1.2.840.10008.5.1.4.1.1.66.4"))
 """Report classes a model may make besides the Comprehensive SRs (a detector's Mammography CAD SR, with
-``mammo_sr``); each is proposed on an association that sends one (the conformance statement lists them)."""
+``mammo_sr``; a segmenter's DICOM SEG); each is proposed on an association that sends one (the conformance
+statement lists them)."""
 REPORT_TRANSFER_SYNTAXES = (ExplicitVRLittleEndian, ImplicitVRLittleEndian)
 TIMEOUT_S = 30
 BATCH = 20
