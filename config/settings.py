@@ -98,6 +98,7 @@ def _pattern(value: str) -> str:
 
 
 _MODEL_NAME = re.compile(r"[A-Za-z0-9._-]{1,64}")
+_NAME_A_MODEL = "name a model package path, or a built-in model: 'demo', 'mammo-demo', 'brain-demo'"
 
 AeTitle = Annotated[str, AfterValidator(_ae_title)]
 Port = Annotated[int, AfterValidator(_port)]
@@ -152,9 +153,9 @@ class StudySettings(_Section):
 class InferenceSettings(_Section):
     """``[inference]``: which model runs, where, and what report it writes."""
 
-    model: Annotated[str, _required("name a model package path, or a built-in model: 'demo', 'mammo-demo', 'brain-demo'")] = "demo"
-    """A built-in model ('demo': lung nodules on CT; 'mammo-demo': lesions on mammograms) or the path of a
-    model package (*.tnm)."""
+    model: Annotated[str, _required(_NAME_A_MODEL)] = "demo"
+    """A built-in model ('demo': lung nodules on CT; 'mammo-demo': lesions on mammograms; 'brain-demo': lesions
+    on brain MRI) or the path of a model package (*.tnm)."""
     device: str = "auto"
     """auto (a GPU when there is one), cpu, cuda or cuda:N."""
     workers: int = Field(1, ge=0)
@@ -231,7 +232,7 @@ class ModelRoute(_Section):
 
     name: ModelName
     """Unique; shown everywhere, and part of the model's task, series and SR UIDs and file names."""
-    package: Annotated[str, _required("name a model package path, or a built-in model: 'demo', 'mammo-demo', 'brain-demo'")]
+    package: Annotated[str, _required(_NAME_A_MODEL)]
     """A built-in model ('demo', 'mammo-demo') or the path of a model package (*.tnm); two routes may share one."""
     priority: int = 0
     """Higher runs first (after urgent studies); equal priorities go by the time the study became complete."""
