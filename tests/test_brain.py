@@ -67,10 +67,9 @@ def test_three_contrasts_in_a_seg_and_its_sr_out_overlapping_the_truth(make_node
     assert mask.sum() == segment["voxels"]
 
     sr = hd.sr.Comprehensive3DSR.from_dataset(received[SR_CLASS])
-    [group] = sr.content.get_volumetric_roi_measurement_groups()
-    referenced = group.referenced_segment
-    assert referenced is not None
-    assert referenced.ReferencedSOPSequence[0].ReferencedSOPInstanceUID == received[SEG_CLASS].SOPInstanceUID
+    seg_uid = str(received[SEG_CLASS].SOPInstanceUID)
+    [group] = sr.content.get_volumetric_roi_measurement_groups(referenced_sop_instance_uid=seg_uid)
+    assert group.referenced_segment is not None and group.referenced_segment.referenced_segment_numbers == [1]
     volume = next(m for m in group.get_measurements() if m.name.value == "118565006")
     assert volume.value == pytest.approx(segment["volume_ml"], rel=1e-3)
 
