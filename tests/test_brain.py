@@ -10,6 +10,9 @@ Orthanc must accept both documents into the study.
 
 from __future__ import annotations
 
+import json
+import re
+import subprocess
 from pathlib import Path
 
 import highdicom as hd
@@ -20,7 +23,7 @@ from pydicom.uid import ExplicitVRLittleEndian, MRImageStorage
 from triagenode.inference.phantom_brain import BrainStudy, truth_mask, write_brain_study
 from triagenode.inference.studies import dicom_files
 
-from nodes import NODE_AE, free_port, send, wait_until
+from nodes import NODE_AE, TRIAGENODE, free_port, send, wait_until
 
 SEG_CLASS, SR_CLASS = "1.2.840.10008.5.1.4.1.1.66.4", "1.2.840.10008.5.1.4.1.1.88.34"
 MR = [(MRImageStorage, [ExplicitVRLittleEndian])]
@@ -91,3 +94,48 @@ def test_a_private_orthanc_accepts_the_seg_and_the_sr_into_the_study(make_node, 
     modalities = sorted(orthanc.rest(f"/series/{series}")["MainDicomTags"].get("Modality", "")
                         for series in orthanc.rest(f"/studies/{study_id}")["Series"])
     assert modalities == ["SEG", "SR"], f"the node's two documents, each once, in the study: {modalities}"
+
+
+@pytest.mark.slow
+def test_infer_prints_the_segments_and_writes_the_seg_and_the_sr(positive: BrainStudy, tmp_path: Path) -> None:
+    assert positive.directory is not None
+    folder = tmp_path / "images"
+    for path in images_of(positive):  # the study as a site would hand it over: its images, no truth
+        target = folder / path.relative_to(positive.directory)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        target.write_bytes(path.read_bytes())
+    run = subprocess.run(
+        [TRIAGENODE, "infer", str(folder), "--model", "brain-demo", "--device", "cpu",
+         "--sr-out", str(tmp_path / "out")],
+        capture_output=True, text=True, timeout=300,
+    )
+    assert run.returncode == 0, run.stderr
+    assert re.search(r": lesion PRESENT \(lesion \d+\.\d\d ml outlined, highest probability", run.stdout), run.stdout
+    written = sorted(path.name for path in (tmp_path / "out").iterdir())
+    assert written == [f"{positive.study_uid}.dcm", f"{positive.study_uid}.sr.dcm"], written
+    assert str(dcmread(tmp_path / "out" / f"{positive.study_uid}.dcm").SOPClassUID) == SEG_CLASS
+
+
+@pytest.mark.slow
+def test_a_segmenter_trains_and_evaluates_through_the_cli(tmp_path: Path) -> None:
+    data = tmp_path / "brains"
+
+    def cli(*args: str) -> subprocess.CompletedProcess[str]:
+        done = subprocess.run([TRIAGENODE, *args], capture_output=True, text=True, timeout=300)
+        assert done.returncode == 0, f"triagenode {' '.join(args)}: {done.stderr}"
+        return done
+
+    cli("phantom", str(data), "--kind", "brain-mri", "--studies", "4", "--slices", "16", "--matrix", "64",
+        "--seed", "5")
+    package = tmp_path / "segmenter.tnm"
+    cli("model", "train", "--task", "segmentation", "--data", str(data), "--labels", str(data / "labels.csv"),
+        "--matrix", "64", "--crops-per-epoch", "4", "--batch-size", "2", "--epochs", "1", "--val-fraction", "0.5",
+        "--device", "cpu", "--out", str(package))
+    manifest = json.loads(cli("model", "info", str(package), "--json").stdout)
+    assert manifest["task"] == "segmentation"
+    assert [rule["name"] for rule in manifest["segmentation"]["contrasts"]] == ["FLAIR", "T2", "T1"]
+    cli("model", "evaluate", "--model", str(package), "--data", str(data), "--labels", str(data / "labels.csv"),
+        "--device", "cpu", "--out", str(tmp_path / "eval"))
+    metrics = json.loads((tmp_path / "eval" / "metrics.json").read_text())
+    assert {"dice_mean", "dice_ci95", "hausdorff95_median_mm"} <= set(metrics["summary"])
+    assert {"sensitivity", "specificity", "auc"} <= set(metrics["triage"])
