@@ -20,11 +20,9 @@ so each candidate and each study score is what the node would report. Then:
 
 from __future__ import annotations
 
-import json
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -34,12 +32,20 @@ import torch
 from triagenode.config.settings import InferenceSettings
 from triagenode.inference.detection import select_images, study_candidates
 from triagenode.inference.detection_training import lesions_file, read_truth, study_truth
-from triagenode.inference.evaluation import EvaluationError, format_table, metrics_report, write_plots
+from triagenode.inference.evaluation import (
+    EvaluationError,
+    format_table,
+    metrics_report,
+    provenance,
+    record_evaluation,
+    write_metrics,
+    write_plots,
+)
 from triagenode.inference.froc import HIT_RULE, Mark, TrueLesion, froc, froc_report, lesion_metrics, write_froc_plot
 from triagenode.inference.labelled import LabelledDataError, labelled_index
 from triagenode.inference.loader import SliceLoader
 from triagenode.inference.metrics import compute_metrics, threshold_for_sensitivity
-from triagenode.inference.model_package import ModelPackage, save_package
+from triagenode.inference.model_package import ModelPackage
 from triagenode.inference.outcomes import NotApplicable
 
 
@@ -115,22 +121,18 @@ def evaluate_detector(
         "froc": froc_report(curve),
         "study": metrics_report(per_study, target_sensitivity, at_target),
         "lesion": asdict(per_lesion),
-        "model": {"name": manifest.name, "version": manifest.version},
-        "data": str(data_dir),
-        "evaluated_at": datetime.now(UTC).isoformat(timespec="seconds"),
+        **provenance(package, data_dir),
     }
     log(_froc_table(report))
     log("per study (score = the highest certainty):")
     log(format_table(per_study, target_sensitivity, at_target))
     if out_dir is not None:
-        out_dir.mkdir(parents=True, exist_ok=True)
-        per_study_rows = [asdict(s) for s in scored]
-        (out_dir / "metrics.json").write_text(json.dumps({**report, "studies_scored": per_study_rows}, indent=2))
-        written = [write_froc_plot(out_dir / "froc.png", curve, f"FROC, {manifest.name} {manifest.version}")]
+        written = [write_metrics(out_dir, report, [asdict(s) for s in scored])]
+        written += [write_froc_plot(out_dir / "froc.png", curve, f"FROC, {manifest.name} {manifest.version}")]
         written += write_plots(out_dir, study_labels, study_scores, per_study)
-        log(f"wrote {out_dir / 'metrics.json'}, " + ", ".join(str(p) for p in written))
-    if record and package.path is not None:
-        package.manifest.evaluation = {
+        log("wrote " + ", ".join(str(p) for p in written))
+    if record:
+        record_evaluation(package, {
             "studies": per_study.studies,
             "positives": per_study.positives,
             "images": curve.images,
@@ -146,9 +148,7 @@ def evaluate_detector(
             "lesion_precision": per_lesion.precision,
             "data": data_dir.name,
             "evaluated_at": report["evaluated_at"],
-        }
-        save_package(package.path, package.manifest, package.network.to("cpu"))
-        log(f"recorded the evaluation in {package.path}")
+        }, log)
     return report
 
 

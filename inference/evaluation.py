@@ -165,6 +165,32 @@ def write_plots(out_dir: Path, labels: np.ndarray, scores: np.ndarray, metrics: 
     return written
 
 
+def provenance(package: ModelPackage, data_dir: Path) -> dict[str, Any]:
+    """What every ``metrics.json`` says of itself: the model, the data, when."""
+    return {
+        "model": {"name": package.manifest.name, "version": package.manifest.version},
+        "data": str(data_dir),
+        "evaluated_at": datetime.now(UTC).isoformat(timespec="seconds"),
+    }
+
+
+def write_metrics(out_dir: Path, report: dict[str, Any], per_study: list[dict[str, Any]]) -> Path:
+    """``metrics.json``: the report and every study's own figures (``studies_scored``)."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    path = out_dir / "metrics.json"
+    path.write_text(json.dumps({**report, "studies_scored": per_study}, indent=2))
+    return path
+
+
+def record_evaluation(package: ModelPackage, summary: dict[str, Any], log: Callable[[str], None]) -> None:
+    """Store an evaluation's summary in the package's manifest (``--record``); the weights stay as they are."""
+    if package.path is None:
+        return
+    package.manifest.evaluation = summary
+    save_package(package.path, package.manifest, package.network.to("cpu"))
+    log(f"recorded the evaluation in {package.path}")
+
+
 def evaluate(
     package: ModelPackage,
     data_dir: Path,
@@ -181,18 +207,13 @@ def evaluate(
     scores = np.array([s.probability for s in scored], dtype=float)
     metrics = compute_metrics(labels, scores, package.manifest.threshold)
     at_target = threshold_for_sensitivity(labels, scores, target_sensitivity)
-    report = metrics_report(metrics, target_sensitivity, at_target)
-    report["model"] = {"name": package.manifest.name, "version": package.manifest.version}
-    report["data"] = str(data_dir)
-    report["evaluated_at"] = datetime.now(UTC).isoformat(timespec="seconds")
+    report = {**metrics_report(metrics, target_sensitivity, at_target), **provenance(package, data_dir)}
     log(format_table(metrics, target_sensitivity, at_target))
     if out_dir is not None:
-        out_dir.mkdir(parents=True, exist_ok=True)
-        per_study = [asdict(s) for s in scored]
-        (out_dir / "metrics.json").write_text(json.dumps({**report, "studies_scored": per_study}, indent=2))
-        written = write_plots(out_dir, labels, scores, metrics)
-        log(f"wrote {out_dir / 'metrics.json'}, " + ", ".join(str(p) for p in written))
-    if record and package.path is not None:
+        written = [write_metrics(out_dir, report, [asdict(s) for s in scored])]
+        written += write_plots(out_dir, labels, scores, metrics)
+        log("wrote " + ", ".join(str(p) for p in written))
+    if record:
         summary = {
             key: report[key]
             for key in ("studies", "positives", "threshold", "accuracy", "sensitivity", "specificity", "ppv", "npv")
@@ -204,7 +225,5 @@ def evaluate(
             data=data_dir.name,
             evaluated_at=report["evaluated_at"],
         )
-        package.manifest.evaluation = summary
-        save_package(package.path, package.manifest, package.network.to("cpu"))
-        log(f"recorded the evaluation in {package.path}")
+        record_evaluation(package, summary, log)
     return report

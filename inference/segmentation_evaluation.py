@@ -21,21 +21,27 @@ the study's ground-truth SEG (:func:`inference.segmentation_training.truth_on`):
 
 from __future__ import annotations
 
-import json
 import time
 from collections.abc import Callable
 from dataclasses import asdict
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
-from triagenode.inference.evaluation import EvaluationError, format_table, metrics_report, write_plots
+from triagenode.inference.evaluation import (
+    EvaluationError,
+    format_table,
+    metrics_report,
+    provenance,
+    record_evaluation,
+    write_metrics,
+    write_plots,
+)
 from triagenode.inference.labelled import LabelledDataError, labelled_index
 from triagenode.inference.metrics import compute_metrics, threshold_for_sensitivity
-from triagenode.inference.model_package import ModelPackage, save_package
+from triagenode.inference.model_package import ModelPackage
 from triagenode.inference.outcomes import NotApplicable, StudyResult
 from triagenode.inference.phantom_brain import read_brain_labels
 from triagenode.inference.segmentation import Grid, segment_study, select_contrasts
@@ -97,22 +103,18 @@ def evaluate_segmenter(
         "summary": asdict(summary),
         "triage": {**metrics_report(triage, target_sensitivity, at_target), "score": "outlined lesion volume in ml",
                    "threshold_ml": spec.volume_threshold_ml},
-        "model": {"name": manifest.name, "version": manifest.version},
-        "data": str(data_dir),
-        "evaluated_at": datetime.now(UTC).isoformat(timespec="seconds"),
+        **provenance(package, data_dir),
     }
     log(_table(summary))
     log("triage (lesion volume at or above the threshold, in ml):")
     log(format_table(triage, target_sensitivity, at_target))
     if out_dir is not None:
-        out_dir.mkdir(parents=True, exist_ok=True)
-        rows = [asdict(study) for study in studies]
-        (out_dir / "metrics.json").write_text(json.dumps({**report, "studies_scored": rows}, indent=2))
-        written = write_plots(out_dir, study_labels, volumes, triage)
+        written = [write_metrics(out_dir, report, [asdict(study) for study in studies])]
+        written += write_plots(out_dir, study_labels, volumes, triage)
         written += write_overlays(out_dir, results, truths)
-        log(f"wrote {out_dir / 'metrics.json'}, " + ", ".join(str(p) for p in written))
-    if record and package.path is not None:
-        package.manifest.evaluation = {
+        log("wrote " + ", ".join(str(p) for p in written))
+    if record:
+        record_evaluation(package, {
             "studies": summary.studies,
             "dice_mean": summary.dice_mean,
             "dice_ci95": summary.dice_ci95,
@@ -125,9 +127,7 @@ def evaluate_segmenter(
             "triage_auc": triage.auc,
             "data": data_dir.name,
             "evaluated_at": report["evaluated_at"],
-        }
-        save_package(package.path, package.manifest, package.network.to("cpu"))
-        log(f"recorded the evaluation in {package.path}")
+        }, log)
     return report
 
 
