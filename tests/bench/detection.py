@@ -35,8 +35,6 @@ from triagenode.inference.phantom_mammo import FULL_FIELD_ROWS, write_mammo_stud
 from triagenode.inference.studies import dicom_files, read_study
 
 
-
-
 def pipeline(studies: list[Path], model: str, device: str) -> None:
     package = load_package(model)
     torch_device = resolve_device(device)
