@@ -41,13 +41,17 @@ __all__ = [
     "IMPLICIT_MODEL",
     "SECTIONS",
     "TABLE_ARRAYS",
+    "AuditSettings",
     "DeliverySettings",
     "Destination",
     "InferenceSettings",
     "ModelRoute",
     "NodeSettings",
+    "Peer",
     "Settings",
+    "StorageSettings",
     "StudySettings",
+    "TlsSettings",
 ]
 
 
@@ -121,16 +125,48 @@ class _Section(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid", strict=True, defer_build=True)
 
 
+def _listening_port(value: int) -> int:
+    if value != 0:
+        check_port("", value)
+    return value
+
+
+def _host_pattern(value: str) -> str:
+    """An address, a network (CIDR) or a host name, checked now so that a typo stops the start."""
+    import ipaddress
+
+    text = value.strip()
+    if not text:
+        raise SettingError("", "a host must not be empty; give an address, a network such as 10.1.2.0/24, or a name")
+    try:
+        ipaddress.ip_network(text, strict=False)
+    except ValueError:
+        if "/" in text or not re.fullmatch(r"[A-Za-z0-9]([A-Za-z0-9.-]{0,252})", text):
+            raise SettingError("", f"{value!r} is neither an address, a network (10.1.2.0/24) nor a host name") from None
+    return text
+
+
+ListeningPort = Annotated[int, AfterValidator(_listening_port)]
+"""A port to listen on, or 0 for none (``[node] port = 0``: TLS only; ``[tls] port = 0``: no TLS)."""
+HostPattern = Annotated[str, AfterValidator(_host_pattern)]
+OptionalPath = Annotated[Path | None, Field(strict=False), BeforeValidator(_not_empty)]
+"""A file, or None when not set."""
+
+
 class NodeSettings(_Section):
     """``[node]``: the node's own DICOM identity, network and storage."""
 
     ae_title: AeTitle = "TRIAGENODE"
     host: Annotated[str, _required("host must not be empty; use 0.0.0.0 to listen on every address")] = "0.0.0.0"
-    port: Port = 11112
+    port: ListeningPort = 11112
+    """The plain-TCP DICOM port; 0 accepts DICOM over TLS only (``[tls] port``)."""
     data_dir: Directory = SYSTEM_DATA_DIR
     allowed_calling_aets: tuple[AeTitle, ...] = Field((), strict=False)
     """Calling AE titles allowed to associate; empty accepts any peer."""
     max_associations: int = Field(10, ge=1)
+    max_associations_per_peer: int = Field(5, ge=1)
+    """Associations one calling AE title may hold at once (a ``[[peers]]`` entry may set its own), so that a
+    sender that opens connections in a loop cannot take every one of ``max_associations``."""
     min_free_disk_mb: int = Field(2048, ge=0)
     """Below this much free space on ``data_dir`` C-STOREs are refused with 0xA700."""
     network_timeout_s: int = Field(60, ge=1)
@@ -141,6 +177,85 @@ class NodeSettings(_Section):
     @property
     def database_path(self) -> Path:
         return self.data_dir / "triagenode.db"
+
+
+class TlsSettings(_Section):
+    """``[tls]``: DICOM over TLS (PS3.15 B.12, the BCP 195 profiles) on a port of its own."""
+
+    port: ListeningPort = 0
+    """The DICOM TLS port (2762 is the registered one); 0: no TLS."""
+    certificate: OptionalPath = None
+    """The node's certificate (PEM), with any intermediate certificates after it."""
+    private_key: OptionalPath = None
+    """The certificate's private key (PEM, unencrypted), readable by the service user alone."""
+    ca_certificates: OptionalPath = None
+    """The trust anchors (PEM) that peers' certificates must chain to."""
+    require_client_certificate: bool = True
+    """Mutual TLS: a peer without a certificate signed by ``ca_certificates`` is refused at the handshake."""
+    minimum_version: Literal["1.2", "1.3"] = "1.2"
+    expiry_warning_days: int = Field(30, ge=0)
+    """From this many days before the certificate expires, a warning is logged each day."""
+
+    @property
+    def enabled(self) -> bool:
+        return self.port != 0
+
+    @model_validator(mode="after")
+    def _files_given(self) -> TlsSettings:
+        if not self.enabled:
+            return self
+        for key in ("certificate", "private_key"):
+            if getattr(self, key) is None:
+                raise SettingError(key, "is required when [tls] port is set; see the README's DICOM TLS section")
+        if self.require_client_certificate and self.ca_certificates is None:
+            raise SettingError(
+                "ca_certificates",
+                "is required with require_client_certificate = true (the CA that signs the peers' certificates)",
+            )
+        return self
+
+
+class Peer(_Section):
+    """One ``[[peers]]`` entry: a calling AE title bound to the addresses it may associate from."""
+
+    ae_title: AeTitle
+    hosts: tuple[HostPattern, ...] = Field(strict=False, min_length=1)
+    """Addresses, networks (CIDR) or host names (resolved when the peer associates)."""
+    max_associations: int | None = Field(None, ge=1)
+    """This peer's associations at once; ``[node] max_associations_per_peer`` when not set."""
+    require_tls: bool = False
+    """Refuse this AE title on the plain-TCP port."""
+
+
+class AuditSettings(_Section):
+    """``[audit]``: the DICOM audit trail (PS3.15 A.5, IHE ATNA)."""
+
+    enabled: bool = True
+    """Audit messages go to ``data_dir/audit/`` (one file a day, appended, never rewritten)."""
+    syslog: str = ""
+    """``host:port`` of an audit record repository; empty: the files only."""
+    syslog_protocol: Literal["tls", "udp"] = "tls"
+    """tls (RFC 5425, what ATNA asks) or udp (RFC 5426)."""
+    syslog_ca_certificates: OptionalPath = None
+    """Trust anchors for the repository's certificate; ``[tls] ca_certificates`` when not set. The node's
+    ``[tls]`` certificate, when there is one, authenticates the node to it."""
+
+    @field_validator("syslog")
+    @classmethod
+    def _host_port(cls, value: str) -> str:
+        if value and not re.fullmatch(r"[^\s:]+:\d{1,5}|\[[0-9A-Fa-f:.]+\]:\d{1,5}", value):
+            raise SettingError("", f"{value!r}: use host:port, e.g. arr.example.org:6514")
+        if value:
+            check_port("", int(value.rsplit(":", 1)[1]))
+        return value
+
+
+class StorageSettings(_Section):
+    """``[storage]``: how long a study's files stay on the node."""
+
+    keep_days: float = Field(0.0, ge=0, strict=False)
+    """Days after a study reached a final state (reported and sent, failed, cancelled) before its files and
+    rows are removed; 0 keeps everything (the disk then fills: watch it)."""
 
 
 class StudySettings(_Section):
@@ -220,6 +335,14 @@ class Destination(_Section):
     ae_title: AeTitle
     host: Annotated[str, _required("host must not be empty")]
     port: Port
+    tls: bool = False
+    """Send over DICOM TLS, verifying the destination's certificate and host name."""
+    ca_certificates: OptionalPath = None
+    """Trust anchors for the destination's certificate; ``[tls] ca_certificates``, else the system's, when not set."""
+    certificate: OptionalPath = None
+    """Client certificate for mutual TLS; ``[tls] certificate`` when not set."""
+    private_key: OptionalPath = None
+    """Its private key; ``[tls] private_key`` when not set."""
 
 
 class ModelRoute(_Section):
@@ -259,10 +382,15 @@ class Settings(_Section):
     """All settings of one node, as ``serve`` and the CLI use them."""
 
     node: NodeSettings = Field(default_factory=NodeSettings)
+    tls: TlsSettings = Field(default_factory=TlsSettings)
     study: StudySettings = Field(default_factory=StudySettings)
     inference: InferenceSettings = Field(default_factory=InferenceSettings)
     delivery: DeliverySettings = Field(default_factory=DeliverySettings)
+    storage: StorageSettings = Field(default_factory=StorageSettings)
+    audit: AuditSettings = Field(default_factory=AuditSettings)
     destinations: tuple[Destination, ...] = Field((), strict=False)  # lax: TOML gives an array
+    peers: tuple[Peer, ...] = Field((), strict=False)
+    """Calling AE titles bound to addresses; an AE title not listed here falls under ``allowed_calling_aets``."""
     models: tuple[ModelRoute, ...] = Field((), strict=False)
     """The models the node serves; when there are none, ``[inference] model`` is the one (:meth:`routes`)."""
     source: str = "embedded defaults"
@@ -272,6 +400,7 @@ class Settings(_Section):
     def _consistent(self) -> Settings:
         _names_once("destinations", self.destinations)
         _names_once("models", self.models)
+        self._check_listening()
         configured = [destination.name for destination in self.destinations]
         for index, route in enumerate(self.models):
             unknown = [name for name in route.destinations if name not in configured]
@@ -281,6 +410,25 @@ class Settings(_Section):
                 raise SettingError(f"models[{index}].destinations", message)
         self._check_reserved_workers()
         return self
+
+    def _check_listening(self) -> None:
+        """A node that listens nowhere, or twice on one port, is a typo, not a configuration."""
+        if self.node.port == 0 and not self.tls.enabled:
+            raise SettingError("node.port", "0 (TLS only) needs [tls] port; set a port here or configure [tls]")
+        if self.tls.enabled and self.tls.port == self.node.port:
+            raise SettingError("tls.port", f"{self.tls.port} is also [node] port; DICOM TLS needs a port of its own")
+        seen: set[str] = set()
+        for index, peer in enumerate(self.peers):
+            if peer.ae_title.strip() in seen:
+                raise SettingError(f"peers[{index}].ae_title", f"{peer.ae_title!r} is listed twice; merge its hosts")
+            seen.add(peer.ae_title.strip())
+            if peer.require_tls and not self.tls.enabled:
+                raise SettingError(f"peers[{index}].require_tls", "needs [tls] port: the node has no TLS port")
+
+    def peer(self, ae_title: str) -> Peer | None:
+        """The ``[[peers]]`` entry of a calling AE title, or None."""
+        wanted = ae_title.strip()
+        return next((peer for peer in self.peers if peer.ae_title.strip() == wanted), None)
 
     def _check_reserved_workers(self) -> None:
         """Reserved workers come out of ``[inference] workers``; the models that reserve none need one left over.
@@ -333,14 +481,18 @@ def _names_once(section: str, entries: tuple[Destination, ...] | tuple[ModelRout
 
 SECTIONS: dict[str, type[_Section]] = {
     "node": NodeSettings,
+    "tls": TlsSettings,
     "study": StudySettings,
     "inference": InferenceSettings,
     "delivery": DeliverySettings,
+    "storage": StorageSettings,
+    "audit": AuditSettings,
     "destinations": Destination,
     "models": ModelRoute,
+    "peers": Peer,
 }
 """The TOML file's top-level keys and the model of each table (``destinations``, ``models``: of each entry)."""
 
-TABLE_ARRAYS: dict[str, str] = {"destinations": "destination", "models": "model"}
+TABLE_ARRAYS: dict[str, str] = {"destinations": "destination", "models": "model", "peers": "peer"}
 """The sections that are arrays of tables (``[[destinations]]``), overridden index-wise from the
 environment, and what messages call one entry."""
