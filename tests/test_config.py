@@ -97,7 +97,9 @@ def test_the_environment_can_add_a_destination_after_the_files(tmp_path: Path) -
     result = run("config", "show", "--json", "--config", str(path), env=env)
     assert result.returncode == 0, result.stderr
     assert json.loads(result.stdout)["destinations"][1] == {"name": "archive", "ae_title": "ARCHIVE",
-                                                            "host": "10.0.0.9", "port": 104}
+                                                            "host": "10.0.0.9", "port": 104, "tls": False,
+                                                            "ca_certificates": None, "certificate": None,
+                                                            "private_key": None}
     env.pop("TRIAGENODE_DESTINATIONS__1__HOST")
     result = run("config", "show", "--config", str(path), env=env)
     assert result.returncode == 2 and "also needs TRIAGENODE_DESTINATIONS__1__HOST" in result.stderr
@@ -108,9 +110,12 @@ def test_the_environment_can_add_a_destination_after_the_files(tmp_path: Path) -
 
 def test_a_bad_environment_value_names_the_variable(tmp_path: Path) -> None:
     path = write(tmp_path, "")
+    result = run("config", "show", "--config", str(path), env={"TRIAGENODE_NODE__PORT": "70000"})
+    assert result.returncode == 2
+    assert "environment variable TRIAGENODE_NODE__PORT: node.port: port 70000 is out of range" in result.stderr
     result = run("config", "show", "--config", str(path), env={"TRIAGENODE_NODE__PORT": "0"})
     assert result.returncode == 2
-    assert "environment variable TRIAGENODE_NODE__PORT: node.port: port 0 is out of range" in result.stderr
+    assert "TRIAGENODE_NODE__PORT: node.port: 0 (TLS only) needs [tls] port" in result.stderr
     result = run("config", "show", "--config", str(path), env={"TRIAGENODE_NODE__PROT": "1"})
     assert result.returncode == 2 and "TRIAGENODE_NODE__PROT: unknown key node.prot" in result.stderr
 
@@ -221,7 +226,10 @@ def test_settings_are_frozen_and_travel_to_worker_processes(tmp_path: Path) -> N
     assert pickle.loads(pickle.dumps(settings)) == settings, "spawned workers get them pickled"
     with pytest.raises(ValueError):
         settings.node.port = 1  # type: ignore[misc]
-    assert settings_as_dict(settings)["destinations"] == [{"name": "a", "ae_title": "A", "host": "h", "port": 1}]
+    shown = settings_as_dict(settings)["destinations"]
+    assert [{key: entry[key] for key in ("name", "ae_title", "host", "port", "tls")} for entry in shown] == [
+        {"name": "a", "ae_title": "A", "host": "h", "port": 1, "tls": False}
+    ]
 
 
 def test_importing_the_package_does_not_import_pydantic() -> None:
