@@ -56,8 +56,9 @@ class NodeProcess:
     """A ``triagenode serve`` process with its own config, data directory and port.
 
     Keyword arguments are ``[node]`` keys, except ``stable_seconds`` (``[study]``),
-    ``inference`` and ``delivery`` (dicts for those sections; ``workers`` is 0
-    unless given) and ``destinations`` (a list of ``[[destinations]]`` dicts).
+    ``inference``, ``delivery``, ``tls``, ``audit`` and ``storage`` (dicts for those
+    sections; ``workers`` is 0 unless given), and ``destinations`` and ``peers``
+    (lists of ``[[destinations]]`` and ``[[peers]]`` dicts).
     """
 
     def __init__(self, root: Path, **node_settings: Any) -> None:
@@ -72,6 +73,9 @@ class NodeProcess:
         inference = {"workers": 0, **node_settings.pop("inference", {})}
         destinations = node_settings.pop("destinations", [])
         delivery = node_settings.pop("delivery", {})
+        sections = {name: node_settings.pop(name) for name in ("tls", "audit", "storage") if name in node_settings}
+        peers = node_settings.pop("peers", [])
+        self.tls_port = int(sections.get("tls", {}).get("port", 0)) or None
         node = {
             "ae_title": NODE_AE,
             "host": "127.0.0.1",
@@ -86,8 +90,12 @@ class NodeProcess:
         lines += ["", "[inference]"] + [f"{key} = {json.dumps(value)}" for key, value in inference.items()]
         if delivery:
             lines += ["", "[delivery]"] + [f"{key} = {json.dumps(value)}" for key, value in delivery.items()]
+        for name, values in sections.items():
+            lines += ["", f"[{name}]"] + [f"{key} = {json.dumps(value)}" for key, value in values.items()]
         for destination in destinations:
             lines += ["", "[[destinations]]"] + [f"{key} = {json.dumps(value)}" for key, value in destination.items()]
+        for peer in peers:
+            lines += ["", "[[peers]]"] + [f"{key} = {json.dumps(value)}" for key, value in peer.items()]
         self.config_path.write_text("\n".join(lines) + "\n")
         self.process: subprocess.Popen[bytes] | None = None
         self._overview: QueueOverview | None = None
