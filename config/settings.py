@@ -142,7 +142,8 @@ def _host_pattern(value: str) -> str:
         ipaddress.ip_network(text, strict=False)
     except ValueError:
         if "/" in text or not re.fullmatch(r"[A-Za-z0-9]([A-Za-z0-9.-]{0,252})", text):
-            raise SettingError("", f"{value!r} is neither an address, a network (10.1.2.0/24) nor a host name") from None
+            message = f"{value!r} is neither an address, a network (10.1.2.0/24) nor a host name"
+            raise SettingError("", message) from None
     return text
 
 

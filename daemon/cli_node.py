@@ -42,8 +42,9 @@ def serve(config_path: Path | None, log_level: str) -> None:
 
     from triagenode.daemon.logs import configure_logging
     from triagenode.daemon.service import serve as run
+    from triagenode.daemon.tls import TlsSetupError
     from triagenode.inference.model_package import ModelPackageError
-    from triagenode.storage.filestore import DataDirInUseError
+    from triagenode.storage.filestore import DataDirInUseError, UnsafeDataDirError
     from triagenode.storage.migrations import SchemaTooNewError
 
     settings = settings_to_serve(config_path)
@@ -56,12 +57,13 @@ def serve(config_path: Path | None, log_level: str) -> None:
         run(settings)
     except ModelPackageError as exc:  # a package that exists but is broken: the configuration names it
         fail(f"config error in {settings.source}: inference.model: {exc}", EXIT_USAGE)
-    except (DataDirInUseError, SchemaTooNewError) as exc:
+    except (DataDirInUseError, SchemaTooNewError, TlsSetupError, UnsafeDataDirError) as exc:
         fail(str(exc))
     except OSError as exc:
+        ports = [str(port) for port in (settings.node.port, settings.tls.port) if port]
         fail(
-            f"cannot start on {settings.node.host}:{settings.node.port} with data_dir {settings.node.data_dir}: "
-            f"{exc.strerror or exc}; is another node running, or is [node].port or data_dir wrong?"
+            f"cannot start on {settings.node.host}:{'/'.join(ports)} with data_dir {settings.node.data_dir}: "
+            f"{exc.strerror or exc}; is another node running, or is [node] port, [tls] port or data_dir wrong?"
         )
 
 
@@ -109,6 +111,7 @@ def status(config_path: Path | None, as_json: bool) -> None:
         "destinations": destinations,
         "tasks": snapshot.tasks,
         "paused_models": sorted(snapshot.paused),
+        "tls": tls_status(settings),
     }
     if as_json:
         print_json(data)
@@ -123,6 +126,14 @@ def status(config_path: Path | None, as_json: bool) -> None:
             click.echo(f"receiver:  NOT running{seen}")
         low = " (BELOW the floor: C-STOREs are refused)" if free < data["disk"]["min_free_bytes"] else ""
         click.echo(f"disk free: {human_bytes(free)} in {settings.node.data_dir}{low}")
+        tls = data["tls"]
+        if tls is not None:
+            if "error" in tls:
+                click.echo(f"tls:       port {tls['port']}, certificate UNREADABLE: {tls['error']}")
+            else:
+                soon = " (RENEW IT SOON)" if tls["days_left"] <= settings.tls.expiry_warning_days else ""
+                click.echo(f"tls:       port {tls['port']}, {tls['subject']}, expires {tls['not_after'][:10]} "
+                           f"(in {tls['days_left']:.0f} days){soon}")
         if oldest:
             click.echo(f"oldest waiting: {oldest['study_uid']} (queued {human_duration(oldest['waiting_s'])} ago)")
         click.echo("studies:   " + "  ".join(f"{state} {count}" for state, count in counts.items()))
@@ -138,6 +149,27 @@ def status(config_path: Path | None, as_json: bool) -> None:
             )
     if not receiver.running:
         sys.exit(EXIT_NO)
+
+
+def tls_status(settings: Settings) -> dict[str, Any] | None:
+    """The TLS port and the node's certificate (subject, issuer, expiry), or None without ``[tls]``."""
+    if not settings.tls.enabled or settings.tls.certificate is None:
+        return None
+    from triagenode.daemon.tls import TlsSetupError, read_certificate
+
+    try:
+        info = read_certificate(settings.tls.certificate)
+    except TlsSetupError as exc:
+        return {"port": settings.tls.port, "error": str(exc)}
+    return {
+        "port": settings.tls.port,
+        "subject": info.subject,
+        "issuer": info.issuer,
+        "not_after": info.not_after.isoformat(),
+        "days_left": round(info.days_left(), 1),
+        "sha256": info.sha256,
+        "mutual": settings.tls.require_client_certificate,
+    }
 
 
 def destination_rows(settings: Settings, known: Mapping[str, DestinationCounts]) -> list[dict[str, Any]]:

@@ -24,6 +24,7 @@ from triagenode.daemon.contexts import (
 from triagenode.daemon.delivery import OTHER_REPORT_CLASSES, REPORT_CONTEXTS, REPORT_TRANSFER_SYNTAXES
 from triagenode.daemon.receiver import MAX_PDU_SIZE, REQUEST_TIMEOUT_S
 from triagenode.daemon.statuses import WHEN_SENT, StoreStatus
+from triagenode.daemon.tls import BCP195_CIPHERS, HANDSHAKE_TIMEOUT_S
 
 START = "<!-- generated:start (python -m triagenode.daemon.conformance --write docs/conformance.md) -->"
 END = "<!-- generated:end -->"
@@ -66,6 +67,13 @@ def generated_tables() -> str:
         f"| Maximum PDU size received | {MAX_PDU_SIZE} bytes |",
         "| Maximum simultaneous associations (acceptor) | `[node].max_associations` (default 10), counted from "
         "the A-ASSOCIATE-RQ on; beyond it: A-ASSOCIATE-RJ rejected-transient (local limit exceeded) |",
+        "| Maximum simultaneous associations per calling AE title | `[node].max_associations_per_peer` (default 5) "
+        "or the `[[peers]]` entry's `max_associations`; beyond it: A-ASSOCIATE-RJ rejected-transient (local limit "
+        "exceeded) |",
+        f"| TLS handshake timeout (TLS port) | {HANDSHAKE_TIMEOUT_S} s after the connection opens; then the "
+        "connection is closed and the failure logged and audited |",
+        "| TLS versions and TLS 1.2 cipher suites | TLS 1.2 and 1.3 (`[tls].minimum_version`); "
+        + ", ".join(f"`{suite}`" for suite in BCP195_CIPHERS.split(":")) + " |",
         f"| A-ASSOCIATE-RQ timeout (ARTIM) | {REQUEST_TIMEOUT_S} s after the connection opens; a connection "
         "closed before its request ends at once and never counts |",
         "| Asynchronous operations window | 1 / 1 (not supported) |",

@@ -19,6 +19,12 @@ A report of several objects (a TID 1500 SR and a Mammography CAD SR; a SEG
 and its SR) is one delivery per destination: every object, primary first, on
 one association (:func:`send_reports`), sent only when each one was stored.
 
+A destination with ``tls = true`` gets its reports over DICOM TLS
+(:func:`daemon.tls.client_context`): its certificate is verified, host name
+included, and the node shows its own certificate where the destination asks
+for one. Every attempt is audited (Begin Transferring and DICOM Instances
+Transferred, with the outcome).
+
 This module runs in the receiver's process: it must not import torch (nor
 :mod:`inference.report`, which does); :func:`report_in_class` imports it
 only where it is called, in the CLI.
@@ -42,7 +48,9 @@ from pynetdicom.sop_class import Comprehensive3DSRStorage, ComprehensiveSRStorag
 from pynetdicom.status import STATUS_SUCCESS, STATUS_WARNING, code_to_category
 from sqlalchemy.exc import SQLAlchemyError
 
-from triagenode.config.settings import DeliverySettings, Destination, Settings
+from triagenode.config.settings import DeliverySettings, Destination, Settings, TlsSettings
+from triagenode.daemon.audit import AuditedStudy, AuditTrail
+from triagenode.daemon.tls import client_context
 from triagenode.storage.filestore import FileStore
 from triagenode.storage.reports import DueDelivery, ReportBook, class_name
 from triagenode.storage.timeutil import utcnow
@@ -79,12 +87,9 @@ def peer(destination: Destination) -> str:
     return f"{destination.ae_title}@{destination.host}:{destination.port}"
 
 
-def send_report(path: Path, destination: Destination, calling_ae: str) -> None:
-    """C-STORE one report; raises :class:`DeliveryError` unless the destination answers Success (or Warning)."""
-    send_reports([path], destination, calling_ae)
-
-
-def send_reports(paths: Sequence[Path], destination: Destination, calling_ae: str) -> None:
+def send_reports(
+    paths: Sequence[Path], destination: Destination, calling_ae: str, tls: TlsSettings | None = None
+) -> None:
     """C-STORE a report's objects in order on one association; raises :class:`DeliveryError` unless each is stored.
 
     A destination that holds only some of a report's objects (the TID 1500
@@ -95,17 +100,39 @@ def send_reports(paths: Sequence[Path], destination: Destination, calling_ae: st
     costs the destination nothing. Status Success or Warning (coerced,
     elements discarded) counts as stored.
     """
+    send_datasets(read_reports(paths), destination, calling_ae, tls)
+
+
+def read_reports(paths: Sequence[Path]) -> list[Dataset]:
+    """A report's stored objects, each read whole before anything is sent."""
     several = len(paths) > 1
-    datasets = [_read_report(path, several) for path in paths]
+    return [_read_report(path, several) for path in paths]
+
+
+def send_datasets(
+    datasets: Sequence[Dataset], destination: Destination, calling_ae: str, tls: TlsSettings | None = None
+) -> None:
+    """C-STORE read report objects on one association (over TLS for a TLS destination); see :func:`send_reports`."""
+    several = len(datasets) > 1
     ae = AE(ae_title=calling_ae)
     ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = ae.connection_timeout = TIMEOUT_S
     for sop_class in _proposed_classes(datasets):
         ae.add_requested_context(sop_class, list(REPORT_TRANSFER_SYNTAXES))
-    association = ae.associate(destination.host, destination.port, ae_title=destination.ae_title)
+    tls_args = None
+    if destination.tls:
+        try:
+            tls_args = (client_context(destination, tls or TlsSettings()), destination.host)
+        except (OSError, ValueError) as exc:  # ssl.SSLError is an OSError
+            raise DeliveryError(f"TLS files for {destination.name} cannot be loaded: {exc}") from exc
+    association = ae.associate(destination.host, destination.port, ae_title=destination.ae_title, tls_args=tls_args)
     if association.is_rejected:
         raise DeliveryError(f"association rejected by {peer(destination)}")
     if not association.is_established:
-        raise DeliveryError(f"no association with {peer(destination)}")
+        over = (
+            " over TLS (is its certificate signed by ca_certificates and issued for its host name? "
+            "the log line before this one names the TLS error)" if destination.tls else ""
+        )
+        raise DeliveryError(f"no association with {peer(destination)}{over}")
     try:
         for number, ds in enumerate(datasets, 1):
             label = f"{_describe(ds)}, object {number} of {len(datasets)}" if several else ""
@@ -229,9 +256,12 @@ class DestinationSender:
     database, where a restart finds it.
     """
 
-    def __init__(self, destination: Destination, settings: Settings, book: ReportBook, rng: random.Random) -> None:
+    def __init__(
+        self, destination: Destination, settings: Settings, book: ReportBook, rng: random.Random,
+        audit: AuditTrail | None = None,
+    ) -> None:
         self.destination = destination
-        self._settings, self._book, self._rng = settings, book, rng
+        self._settings, self._book, self._rng, self._audit = settings, book, rng, audit
         self._lock = threading.Lock()
         self._work: list[DueDelivery] = []
         self._busy = False
@@ -294,18 +324,53 @@ class DestinationSender:
     def _attempt(self, delivery: DueDelivery) -> None:
         data_dir = self._settings.node.data_dir
         paths = [data_dir / delivery.sr_path] + [data_dir / path for path in delivery.extra_paths]
+        study: AuditedStudy | None = None
         try:
-            send_reports(paths, self.destination, self._settings.node.ae_title)
+            datasets = read_reports(paths)
+            study = self._audit_begin(delivery.study_uid, datasets)
+            send_datasets(datasets, self.destination, self._settings.node.ae_title, self._settings.tls)
         except (DeliveryError, OSError) as exc:
+            self._audit_end(study, success=False)
             record_failure(self._book, self._settings.delivery, self._rng, delivery, str(exc))
             return
         except (InvalidDicomError, ValueError, AttributeError, KeyError) as exc:  # a stored report pydicom cannot read
+            self._audit_end(study, success=False)
             why = f"the stored report cannot be read ({type(exc).__name__}); see `triagenode queue show`"
             record_failure(self._book, self._settings.delivery, self._rng, delivery, why)
             return
+        self._audit_end(study, success=True)
         self._book.succeeded(delivery.id)
         log.info("delivery.sent study_uid=%s model=%s destination=%s attempt=%d objects=%d", delivery.study_uid,
                  delivery.model, delivery.destination, delivery.attempts + 1, len(paths))
+
+
+    def _audit_begin(self, study_uid: str, datasets: Sequence[Dataset]) -> AuditedStudy | None:
+        """Begin Transferring DICOM Instances to this destination; the study as the audit trail names it."""
+        if self._audit is None:
+            return None
+        study = audited_study(study_uid, datasets)
+        self._audit.transfer_began(received=False, peer_ae=self.destination.ae_title,
+                                   peer_address=self.destination.host, study=study)
+        return study
+
+    def _audit_end(self, study: AuditedStudy | None, success: bool) -> None:
+        if self._audit is not None and study is not None:
+            self._audit.instances_transferred(received=False, peer_ae=self.destination.ae_title,
+                                              peer_address=self.destination.host, study=study, success=success)
+
+
+def audited_study(study_uid: str, datasets: Sequence[Dataset]) -> AuditedStudy:
+    """A report's objects as the audit trail names them: the study, its patient, the classes sent."""
+    classes: dict[str, int] = {}
+    for ds in datasets:
+        uid = str(ds.get("SOPClassUID", ""))
+        classes[uid] = classes.get(uid, 0) + 1
+    first = datasets[0] if datasets else Dataset()
+    return AuditedStudy(
+        study_uid=study_uid, patient_id=str(first.get("PatientID", "") or ""),
+        patient_name=str(first.get("PatientName", "") or ""), sop_classes=classes,
+        accession_number=str(first.get("AccessionNumber", "") or ""),
+    )
 
 
 def record_failure(
@@ -335,11 +400,13 @@ class ReportDelivery:
     once; the sends happen in the senders' threads.
     """
 
-    def __init__(self, settings: Settings, book: ReportBook) -> None:
+    def __init__(self, settings: Settings, book: ReportBook, audit: AuditTrail | None = None) -> None:
         self._settings = settings
         self._book = book
         self._rng = random.Random()  # noqa: S311 - jitter spreads retries; nothing secret
-        self.senders = {d.name: DestinationSender(d, settings, book, self._rng) for d in settings.destinations}
+        self.senders = {
+            d.name: DestinationSender(d, settings, book, self._rng, audit) for d in settings.destinations
+        }
         self._started = False
         self._start_lock = threading.Lock()
 

@@ -60,7 +60,12 @@ class RefusedDatasetError(Exception):
 
 @dataclass(frozen=True)
 class IncomingHeader:
-    """The attributes of a received instance that the queue records (no patient identifiers)."""
+    """The attributes of a received instance that the queue records, and what the audit trail names.
+
+    The patient's identifiers (``patient_id``, ``patient_name``) are read for the audit messages
+    alone, which must name the patient (PS3.15 A.5.2.7); they are never logged nor recorded in
+    the queue, and left out of ``repr`` so that no log line can carry them by accident.
+    """
 
     study_uid: str
     series_uid: str
@@ -75,6 +80,9 @@ class IncomingHeader:
     """(0018,0015) Body Part Examined, for routing to models."""
     urgent: bool = False
     """(0040,1003) Requested Procedure Priority is STAT (top level, or in the Request Attributes Sequence)."""
+    patient_id: str = dataclasses.field(default="", repr=False)
+    patient_name: str = dataclasses.field(default="", repr=False)
+    accession_number: str = dataclasses.field(default="", repr=False)
 
 
 def read_incoming(
@@ -107,6 +115,9 @@ def read_incoming(
             series_description=_text(ds, "SeriesDescription", 64),
             body_part=_text(ds, "BodyPartExamined", 16),
             urgent=_is_stat(ds),
+            patient_id=_text(ds, "PatientID", 64) or "",
+            patient_name=_text(ds, "PatientName", 324) or "",
+            accession_number=_text(ds, "AccessionNumber", 16) or "",
         )
         if not header.urgent and _REQUEST_ATTRIBUTES in ds and ds.get("RequestAttributesSequence") is None:
             # A sequence longer than _DEFER_BYTES is left unread above; STAT may sit in it.

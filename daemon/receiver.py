@@ -17,7 +17,15 @@ An association only counts against ``max_associations`` once its peer has
 sent an A-ASSOCIATE-RQ: a port check (a TCP connection opened and closed
 without a PDU) ends at once, and a connection that says nothing is closed
 after ``REQUEST_TIMEOUT_S`` (the ARTIM timer), so monitoring never locks
-real senders out.
+real senders out. Each calling AE title also has its own limit
+(:mod:`daemon.peer_rules`), and a ``[[peers]]`` AE title from an address not
+listed for it is refused.
+
+With ``[tls]`` the same AE listens on a second port for DICOM over TLS
+(:mod:`daemon.tls`); the handlers are the same, and the association's log
+line says whether it came over TLS and whose certificate it showed. Every
+refusal and every study transferred goes to the audit trail
+(:mod:`daemon.audit`), which, unlike the log, names the patient.
 """
 
 from __future__ import annotations
@@ -25,6 +33,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import logging
+import ssl
 import struct
 import threading
 import time
@@ -39,15 +48,18 @@ from pynetdicom.association import Association
 from pynetdicom.transport import ThreadedAssociationServer
 from sqlalchemy.exc import SQLAlchemyError
 
-from triagenode.config.settings import NodeSettings
+from triagenode.config.settings import Settings
 from triagenode.daemon import pynetdicom_internals as internals
+from triagenode.daemon import tls as node_tls
+from triagenode.daemon.audit import AuditedStudy, AuditTrail, SecurityAlertKind
 from triagenode.daemon.contexts import (
     ACCEPTED_TRANSFER_SYNTAXES,
     STORAGE_SOP_CLASSES,
     VERIFICATION_SOP_CLASS,
     VERIFICATION_TRANSFER_SYNTAXES,
 )
-from triagenode.daemon.incoming import RefusedDatasetError, read_incoming
+from triagenode.daemon.incoming import IncomingHeader, RefusedDatasetError, read_incoming
+from triagenode.daemon.peer_rules import PeerRules
 from triagenode.daemon.spool import install_spool, refusal_of
 from triagenode.daemon.statuses import StoreStatus, status_dataset
 from triagenode.storage.filestore import FileStore
@@ -74,10 +86,25 @@ peers); pynetdicom's own limit, set to ``max_associations`` plus this, only boun
 
 
 @dataclass
+class _StudyTally:
+    """One study's instances on one association, for its audit message (patient data: never logged)."""
+
+    patient_id: str = ""
+    patient_name: str = ""
+    accession_number: str = ""
+    sop_classes: dict[str, int] = field(default_factory=dict)
+
+
+@dataclass
 class _AssociationTally:
-    """What one association did, for its closing log line."""
+    """What one association did, for its closing log line and its audit messages."""
 
     peer_ip: str
+    tls: bool = False
+    """It came in on the TLS port."""
+    certificate: str | None = None
+    """The common name of the certificate the peer showed (mutual TLS)."""
+    peer_ae: str = "?"
     started: float = field(default_factory=time.monotonic)
     requested: bool = False
     """The peer sent its A-ASSOCIATE-RQ and was not refused: it counts against ``max_associations``."""
@@ -90,6 +117,7 @@ class _AssociationTally:
     refused: int = 0
     bytes: int = 0
     outcome: str = "closed"
+    studies: dict[str, _StudyTally] = field(default_factory=dict)
 
 
 class _Withheld(Exception):
@@ -102,21 +130,33 @@ class _Withheld(Exception):
 class StorageReceiver:
     """Accepts C-ECHO and C-STORE from allowed peers and puts every instance durably in the queue."""
 
-    def __init__(self, node: NodeSettings, queue: StudyQueue, store: FileStore) -> None:
-        self._node = node
+    def __init__(
+        self, settings: Settings, queue: StudyQueue, store: FileStore, audit: AuditTrail | None = None
+    ) -> None:
+        self._settings = settings
+        self._node = node = settings.node
         self._queue = queue
         self._store = store
+        self._audit = audit
+        self._peers = PeerRules(settings)
         self._min_free_bytes = node.min_free_disk_mb * 1024 * 1024
         self._tallies: dict[int, _AssociationTally] = {}
         self._lock = threading.Lock()
         self._server: ThreadedAssociationServer | None = None
+        self._tls_server: ThreadedAssociationServer | None = None
         self.ae = self._build_ae()
 
     @property
     def port(self) -> int:
-        """The port actually bound (the configured one, or the kernel's pick for port 0 in tests)."""
-        assert self._server is not None, "the receiver is not started"
-        return int(self._server.server_address[1])
+        """The plain-TCP port bound, or the TLS port on a node that accepts TLS only."""
+        server = self._server or self._tls_server
+        assert server is not None, "the receiver is not started"
+        return int(server.server_address[1])
+
+    @property
+    def tls_port(self) -> int | None:
+        """The DICOM TLS port bound, or None without ``[tls]``."""
+        return int(self._tls_server.server_address[1]) if self._tls_server is not None else None
 
     def _build_ae(self) -> AE:
         ae = AE(ae_title=self._node.ae_title)
@@ -127,7 +167,7 @@ class StorageReceiver:
         ae.network_timeout = self._node.network_timeout_s
         ae.acse_timeout = ACSE_TIMEOUT_S
         ae.require_called_aet = True
-        ae.require_calling_aet = list(self._node.allowed_calling_aets)
+        ae.require_calling_aet = self._peers.allowed_calling_aets()
         ae.add_supported_context(VERIFICATION_SOP_CLASS, list(VERIFICATION_TRANSFER_SYNTAXES))
         for sop_class in STORAGE_SOP_CLASSES:
             ae.add_supported_context(sop_class, list(ACCEPTED_TRANSFER_SYNTAXES))
@@ -147,14 +187,27 @@ class StorageReceiver:
             (evt.EVT_C_ECHO, self._on_echo),
             (evt.EVT_C_STORE, self._on_store),
         ]
-        self._server = self.ae.start_server((self._node.host, self._node.port), block=False, evt_handlers=handlers)
+        tls = self._settings.tls
+        if self._node.port:
+            address = (self._node.host, self._node.port)
+            self._server = self.ae.start_server(address, block=False, evt_handlers=handlers)
+        if tls.enabled:
+            context = node_tls.server_context(tls)
+            self._tls_server = node_tls.start_tls_server(
+                self.ae, (self._node.host, tls.port), handlers, context, self._on_handshake_failure
+            )
         log.info(
-            "receiver.listening ae_title=%s host=%s port=%d max_associations=%d allowed_calling_aets=%s",
+            "receiver.listening ae_title=%s host=%s port=%s tls_port=%s mutual_tls=%s max_associations=%d "
+            "max_associations_per_peer=%d allowed_calling_aets=%s peers=%s",
             self._node.ae_title,
             self._node.host,
-            self.port,
+            self._server.server_address[1] if self._server else "none",
+            self.tls_port or "none",
+            ("yes" if tls.require_client_certificate else "no") if tls.enabled else "-",
             self._node.max_associations,
+            self._node.max_associations_per_peer,
             ",".join(self._node.allowed_calling_aets) or "any",
+            ",".join(peer.ae_title for peer in self._settings.peers) or "none",
         )
 
     def stop(self, grace_s: float) -> int:
@@ -168,15 +221,17 @@ class StorageReceiver:
         grace period; what is left after it is aborted. Returns how many
         associations had to be aborted mid-transfer.
         """
-        if self._server is None:
+        servers = [server for server in (self._server, self._tls_server) if server is not None]
+        if not servers:
             return 0
-        server, self._server = self._server, None
-        server.shutdown()
+        self._server = self._tls_server = None
+        for server in servers:
+            server.shutdown()
         deadline = time.monotonic() + grace_s
         ended: set[int] = set()
         while True:
             busy = []
-            for association in server.active_associations:
+            for association in [one for server in servers for one in server.active_associations]:
                 if self._in_transfer(association):
                     busy.append(association)
                 elif id(association) not in ended:
@@ -205,53 +260,97 @@ class StorageReceiver:
     # Handlers: each runs in the association's own thread.
 
     def _on_connection_open(self, event: evt.Event) -> None:
+        transport = internals.transport_of(event.assoc)
+        sock = transport.socket if transport is not None else None
+        tally = _AssociationTally(
+            peer_ip=str(event.address[0]), tls=isinstance(sock, ssl.SSLSocket), certificate=node_tls.peer_subject(sock)
+        )
         with self._lock:
-            self._tallies[id(event.assoc)] = _AssociationTally(peer_ip=str(event.address[0]))
+            self._tallies[id(event.assoc)] = tally
         # Until its A-ASSOCIATE-RQ arrives, a connection gets the short ARTIM timeout.
         event.assoc.acse_timeout = REQUEST_TIMEOUT_S
         _guard_incoming_pdus(event.assoc, str(event.address[0]))
 
     def _on_requested(self, event: evt.Event) -> None:
-        """Count the association against ``max_associations`` now that its peer has asked for one."""
+        """Check the peer against ``[[peers]]``, then count it against its own limit and ``max_associations``."""
         association = event.assoc
         association.acse_timeout = ACSE_TIMEOUT_S
-        with self._lock:
-            tally = self._tallies.get(id(association))
-            requested = sum(1 for other in self._tallies.values() if other.requested)
-            over = requested >= self._node.max_associations
-            if tally is not None and not over:
-                tally.requested = True
-        if not over:
+        peer_ae = _peer_ae(association)
+        tally = self._tally(association)
+        verdict = self._peers.check(peer_ae, tally.peer_ip if tally else "", tally.tls if tally else False)
+        if not verdict.allowed:
+            self._refuse(association, tally, verdict.reason, SecurityAlertKind.ADDRESS_MISMATCH)
+            # Rejected permanent, service user, calling AE title not recognised (PS3.8 9.3.4).
+            internals.reject(association, 0x01, 0x01, 0x03)
             return
-        if tally is not None:
-            tally.outcome = "rejected"
-        # Logged before the A-ASSOCIATE-RJ leaves, so the reason is on record by the time the peer sees it.
-        log.warning(
-            "association.refused peer_ae=%s peer_ip=%s called_ae=%s reason=%r",
-            _peer_ae(association),
-            tally.peer_ip if tally else "?",
-            _called_ae(association),
-            f"{requested} associations open, max_associations={self._node.max_associations}; the peer may retry",
-        )
+        limit = self._peers.limit(peer_ae)
+        with self._lock:
+            open_now = [other for other in self._tallies.values() if other.requested]
+            own = sum(1 for other in open_now if other.peer_ae == peer_ae)
+            over_peer, over = own >= limit, len(open_now) >= self._node.max_associations
+            if tally is not None and not over and not over_peer:
+                tally.requested, tally.peer_ae = True, peer_ae
+        if over_peer:
+            reason = f"{own} associations of {peer_ae} open, its limit is {limit}; the peer may retry"
+        elif over:
+            reason = f"{len(open_now)} associations open, max_associations={self._node.max_associations}; " \
+                     "the peer may retry"
+        else:
+            return
+        self._refuse(association, tally, reason, SecurityAlertKind.ASSOCIATION_REFUSED)
         # Transient, presentation related, local limit exceeded (PS3.8 9.3.4): the peer retries later.
         internals.reject(association, 0x02, 0x03, 0x02)
+
+    def _refuse(
+        self, association: Association, tally: _AssociationTally | None, reason: str, kind: SecurityAlertKind
+    ) -> None:
+        """Log and audit a refusal, before the A-ASSOCIATE-RJ leaves: the reason is on record when the peer sees it."""
+        if tally is not None:
+            tally.outcome = "rejected"
+        peer_ip = tally.peer_ip if tally else str(association.requestor.address or "?")
+        log.warning(
+            "association.refused peer_ae=%s peer_ip=%s called_ae=%s tls=%s reason=%r",
+            _peer_ae(association),
+            peer_ip,
+            _called_ae(association),
+            "yes" if tally is not None and tally.tls else "no",
+            reason,
+        )
+        if self._audit is not None:
+            self._audit.security_alert(kind=kind, peer_address=peer_ip, peer_ae=_peer_ae(association), detail=reason)
+
+    def _on_handshake_failure(self, peer_ip: str, reason: str) -> None:
+        """A TLS handshake failed: no certificate, one from another CA, an expired one, an old TLS version."""
+        log.warning("tls.refused peer_ip=%s reason=%r", peer_ip, reason)
+        if self._audit is not None:
+            self._audit.security_alert(
+                kind=SecurityAlertKind.NODE_AUTHENTICATION, peer_address=peer_ip, peer_ae=None,
+                detail=f"TLS handshake failed: {reason}",
+            )
 
     def _on_connection_close(self, event: evt.Event) -> None:
         with self._lock:
             tally = self._tallies.pop(id(event.assoc), None)
         partial = _discard_partial_dataset(event.assoc)
         if not internals.has_request(event.assoc):
-            # Closed before any A-ASSOCIATE-RQ (a port check): wake the association's
-            # thread, which otherwise waits out its request timeout, and log nothing.
+            # Closed before any A-ASSOCIATE-RQ: wake the association's thread, which otherwise
+            # waits out its request timeout. A port check (closed at once) is not logged; a
+            # connection that stayed silent until the ARTIM timer ended it is.
             internals.wake_for_no_request(event.assoc)
+            if tally is not None and time.monotonic() - tally.started >= REQUEST_TIMEOUT_S - 0.5:
+                log.info("connection.dropped peer_ip=%s tls=%s reason=%r", tally.peer_ip,
+                         "yes" if tally.tls else "no", f"no A-ASSOCIATE-RQ within {REQUEST_TIMEOUT_S} s (ARTIM)")
             return
         if tally is None or tally.outcome == "rejected":
             return
-        if partial is not None or event.assoc.is_aborted:
+        if tally.outcome != "timed_out" and (partial is not None or event.assoc.is_aborted):
             tally.outcome = "aborted"
         log.log(
-            logging.WARNING if partial is not None else logging.INFO,
+            logging.WARNING if partial is not None or tally.outcome == "timed_out" else logging.INFO,
             "association.%s peer_ae=%s peer_ip=%s instances=%d duplicates=%d refused=%d bytes=%d duration_s=%.2f"
+            + (" tls=yes" + (f" peer_certificate={tally.certificate!r}" if tally.certificate else "")
+               if tally.tls else "")
+            + (f" idle_s={self._node.network_timeout_s} (network_timeout_s)" if tally.outcome == "timed_out" else "")
             + (f" partial_dataset_discarded_bytes={partial}" if partial is not None else ""),
             tally.outcome,
             _peer_ae(event.assoc),
@@ -262,23 +361,31 @@ class StorageReceiver:
             tally.bytes,
             time.monotonic() - tally.started,
         )
+        self._audit_transfers(tally, _peer_ae(event.assoc), complete=partial is None and tally.outcome == "closed")
+
+    def _audit_transfers(self, tally: _AssociationTally, peer_ae: str, complete: bool) -> None:
+        """One DICOM Instances Transferred message per study the association brought (PS3.15 A.5.3.x)."""
+        if self._audit is None:
+            return
+        for study_uid, study in tally.studies.items():
+            self._audit.instances_transferred(
+                received=True, peer_ae=peer_ae, peer_address=tally.peer_ip, study=_audited(study_uid, study),
+                success=complete,
+            )
 
     def _on_rejected(self, event: evt.Event) -> None:
-        tally = self._tally(event.assoc)
-        if tally is not None:
-            tally.outcome = "rejected"
-        log.warning(
-            "association.refused peer_ae=%s peer_ip=%s called_ae=%s reason=%r",
-            _peer_ae(event.assoc),
-            event.assoc.requestor.address,
-            _called_ae(event.assoc),
-            self._rejection_reason(event.assoc),
-        )
+        """pynetdicom's own refusals: a called AE title not the node's, a calling one not allowed, no context."""
+        reason = self._rejection_reason(event.assoc)
+        unknown = reason.startswith("calling AE title")
+        kind = SecurityAlertKind.UNKNOWN_PEER if unknown else SecurityAlertKind.ASSOCIATION_REFUSED
+        self._refuse(event.assoc, self._tally(event.assoc), reason, kind)
 
     def _on_aborted(self, event: evt.Event) -> None:
         tally = self._tally(event.assoc)
         if tally is not None:
-            tally.outcome = "aborted"
+            # The idle timer is still expired while pynetdicom aborts for network_timeout_s; by the
+            # time the connection closes, the peer's last bytes may have restarted it.
+            tally.outcome = "timed_out" if event.assoc.dul.idle_timer_expired() else "aborted"
 
     def _on_echo(self, event: evt.Event) -> int:
         return int(StoreStatus.SUCCESS)
@@ -290,7 +397,7 @@ class StorageReceiver:
         if tally is not None:
             tally.storing = True
         try:
-            status, detail, size = self._store_instance(event)
+            status, detail, size, header = self._store_instance(event)
         except Exception as exc:  # whatever it is, the peer gets a deliberate status, never 0xC211
             # The message of a foreign exception may quote attribute values, so
             # log its type and the traceback's frames (code only), not its text.
@@ -304,7 +411,7 @@ class StorageReceiver:
                 where.lineno,
                 exc_info=(type(exc), _Withheld(type(exc).__name__), exc.__traceback__),
             )
-            status, detail, size = StoreStatus.PROCESSING_FAILURE, "internal error; see the node's log", 0
+            status, detail, size, header = StoreStatus.PROCESSING_FAILURE, "internal error; see the node's log", 0, None
         finally:
             # The time this handler waited (on the disk, on the database) is the
             # node's, not the peer's: it must not count as the peer's silence
@@ -315,6 +422,8 @@ class StorageReceiver:
             tally.last_store_at = time.monotonic()
             if status == StoreStatus.SUCCESS:
                 tally.bytes += size
+                if header is not None:
+                    self._note_study(tally, header)
                 if detail == "duplicate":
                     tally.duplicates += 1
                 else:
@@ -332,10 +441,24 @@ class StorageReceiver:
             )
         return status_dataset(status, detail)
 
+    def _note_study(self, tally: _AssociationTally, header: IncomingHeader) -> None:
+        """Count an instance stored for its study; the first of a study on an association begins its transfer."""
+        study = tally.studies.get(header.study_uid)
+        if study is None:
+            study = tally.studies[header.study_uid] = _StudyTally(
+                header.patient_id, header.patient_name, header.accession_number
+            )
+        study.sop_classes[header.sop_class_uid] = study.sop_classes.get(header.sop_class_uid, 0) + 1
+        if self._audit is not None and sum(study.sop_classes.values()) == 1:
+            self._audit.transfer_began(
+                received=True, peer_ae=tally.peer_ae, peer_address=tally.peer_ip,
+                study=_audited(header.study_uid, study),
+            )
+
     # The work behind the C-STORE handler.
 
-    def _store_instance(self, event: evt.Event) -> tuple[StoreStatus, str, int]:
-        """Store one instance; returns (status, detail for the log and Error Comment, bytes).
+    def _store_instance(self, event: evt.Event) -> tuple[StoreStatus, str, int, IncomingHeader | None]:
+        """Store one instance; returns (status, detail for the log and Error Comment, bytes, its header).
 
         The spool file is this handler's alone until its row commits: it is
         made durable under its unique spool name, recorded, and only then
@@ -344,12 +467,13 @@ class StorageReceiver:
         """
         refused = refusal_of(event.request)
         if refused is not None:
-            return StoreStatus.OUT_OF_RESOURCES_DISK, refused, 0
+            return StoreStatus.OUT_OF_RESOURCES_DISK, refused, 0, None
         if self._store.free_bytes() < self._min_free_bytes:
             return (
                 StoreStatus.OUT_OF_RESOURCES_DISK,
                 f"free disk below min_free_disk_mb={self._node.min_free_disk_mb}; free space on the node",
                 0,
+                None,
             )
         spool = Path(event.dataset_path)
         request = event.request
@@ -361,11 +485,11 @@ class StorageReceiver:
                 str(request.AffectedSOPInstanceUID or ""),
             )
         except RefusedDatasetError as refused_dataset:
-            return refused_dataset.status, refused_dataset.detail, 0
+            return refused_dataset.status, refused_dataset.detail, 0, None
         size = spool.stat().st_size
         stored = self._queue.stored_path(header.sop_instance_uid)
         if stored is not None and self._store.holds(stored):
-            return StoreStatus.SUCCESS, "duplicate", size
+            return StoreStatus.SUCCESS, "duplicate", size, header
         relative = self._store.relative_path(header.study_uid, header.series_uid, header.sop_instance_uid)
         try:
             self._store.make_durable(spool)
@@ -394,14 +518,14 @@ class StorageReceiver:
             registration = self._queue.record_instance(received)
         except SQLAlchemyError as exc:
             log.error("store.queue_failed study_uid=%s error=%s", header.study_uid, type(exc).__name__)
-            return StoreStatus.OUT_OF_RESOURCES_QUEUE, "the queue database is unavailable; see the node's log", 0
+            return StoreStatus.OUT_OF_RESOURCES_QUEUE, "the queue database is unavailable; see the node's log", 0, None
         if registration is Registration.DUPLICATE:
             # Another association recorded the same instance meanwhile. Its file is
             # the stored one; ours only fills in when that file is not there (yet,
             # or no more: a crash between a row and its rename).
             stored = self._queue.stored_path(header.sop_instance_uid)
             if stored is not None and self._store.holds(stored):
-                return StoreStatus.SUCCESS, "duplicate", size
+                return StoreStatus.SUCCESS, "duplicate", size, header
             if stored is not None and Path(stored) != relative:
                 relative = Path(stored)
                 try:
@@ -414,13 +538,13 @@ class StorageReceiver:
             # The row stays, pointing at no file: a re-send is not taken for a
             # duplicate (see above) and fills it in.
             return self._write_failure(exc, relative)
-        return StoreStatus.SUCCESS, registration.value, size
+        return StoreStatus.SUCCESS, registration.value, size, header
 
-    def _write_failure(self, exc: OSError, relative: Path) -> tuple[StoreStatus, str, int]:
+    def _write_failure(self, exc: OSError, relative: Path) -> tuple[StoreStatus, str, int, None]:
         if exc.errno in (errno.ENOSPC, errno.EDQUOT):
-            return StoreStatus.OUT_OF_RESOURCES_DISK, "disk full while writing; free space on the node", 0
+            return StoreStatus.OUT_OF_RESOURCES_DISK, "disk full while writing; free space on the node", 0, None
         log.error("store.write_failed path=%s errno=%s", relative, errno.errorcode.get(exc.errno or 0, exc.errno))
-        return StoreStatus.OUT_OF_RESOURCES_WRITE, "cannot write the instance; see the node's log", 0
+        return StoreStatus.OUT_OF_RESOURCES_WRITE, "cannot write the instance; see the node's log", 0, None
 
     def _is_own_report(self, study_uid: str, sop_instance_uid: str) -> bool:
         """Whether an instance is a report this node made (a PACS routed it back to the node).
@@ -444,6 +568,13 @@ class StorageReceiver:
         if allowed and requestor.ae_title.strip() not in {aet.strip() for aet in allowed}:
             return "calling AE title not in allowed_calling_aets"
         return f"more than max_associations={self._node.max_associations} at once, or no acceptable context"
+
+
+def _audited(study_uid: str, study: _StudyTally) -> AuditedStudy:
+    return AuditedStudy(
+        study_uid=study_uid, patient_id=study.patient_id, patient_name=study.patient_name,
+        sop_classes=dict(study.sop_classes), accession_number=study.accession_number,
+    )
 
 
 def _discard_partial_dataset(association: Association) -> int | None:
@@ -570,4 +701,10 @@ def _called_ae(association: Association) -> str:
 
 
 def _peer_ae(association: Association) -> str:
-    return (association.requestor.ae_title or "").strip() or "?"
+    """The calling AE title; from the A-ASSOCIATE-RQ itself while it is being decided (EVT_REQUESTED),
+    when pynetdicom has not yet copied it to the requestor."""
+    title = association.requestor.ae_title
+    primitive = association.requestor.primitive
+    if not title and primitive is not None:
+        title = primitive.calling_ae_title
+    return (title or "").strip() or "?"

@@ -1,6 +1,9 @@
 """``triagenode serve``: the node's long-running process.
 
-Start-up order matters for "a restart loses nothing": the spool is emptied
+Start-up refuses, with one line each, what would fail a security review later:
+a ``data_dir`` others can write, a TLS key others can read, a certificate that
+does not match its key or has expired. Then the order matters for "a restart
+loses nothing": the spool is emptied
 (only unanswered transfers can be there), the database is migrated, leases
 of the previous run are released and the stability clocks of studies still
 ``receiving`` restart, and only then does the port open. Shutdown runs the
@@ -9,6 +12,7 @@ are no longer restarted), the port closes, idle associations end at once
 while a C-STORE in progress gets ``shutdown_grace_s``, the scheduler stops,
 the workers are waited for, the database closes. A stop never fails on a
 full disk or a locked database: what cannot be recorded then is logged.
+The audit trail records the start and the stop (Application Activity).
 """
 
 from __future__ import annotations
@@ -26,14 +30,16 @@ from sqlalchemy import Engine
 from sqlalchemy.exc import SQLAlchemyError
 
 from triagenode.config.settings import Settings
+from triagenode.daemon.audit import AuditTrail, os_user
 from triagenode.daemon.delivery import ReportDelivery
 from triagenode.daemon.receiver import StorageReceiver
 from triagenode.daemon.signals import stop_on_signals
 from triagenode.daemon.supervisor import WorkerPool
 from triagenode.daemon.systemd import notify
+from triagenode.daemon.tls import CertificateInfo, load_node_certificate
 from triagenode.inference.routing import ModelRouter, check_configured_models
 from triagenode.storage.database import open_for_daemon
-from triagenode.storage.filestore import FileStore
+from triagenode.storage.filestore import SERVICE_UMASK, FileStore
 from triagenode.storage.heartbeat import Heartbeat
 from triagenode.storage.queue import MAX_PROCESSING_ATTEMPTS, StudyQueue
 from triagenode.storage.reports import ReportBook
@@ -42,6 +48,8 @@ from triagenode.storage.snapshot import HEARTBEAT_INTERVAL_S
 log = logging.getLogger("triagenode.service")
 
 LEASE_CHECK_INTERVAL_S = 5
+CERTIFICATE_CHECK_INTERVAL_S = 24 * 3600
+"""How often the certificate's expiry is looked at: the warning comes once a day, from expiry_warning_days on."""
 
 
 class Node:
@@ -58,9 +66,14 @@ class Node:
         self.workers: WorkerPool | None = None
         self.delivery: ReportDelivery | None = None
         self.queue: StudyQueue | None = None
+        self.audit: AuditTrail | None = None
+        self.certificate: CertificateInfo | None = None
 
     def start(self) -> None:
         node = self.settings.node
+        self.store.secure()
+        if self.settings.tls.enabled:
+            self.certificate = load_node_certificate(self.settings.tls)
         # Refuse a missing or broken model now, with one line, rather than in a restart loop of workers;
         # the router sends each complete study to the models whose route it fits.
         router = check_configured_models(self.settings)
@@ -73,6 +86,8 @@ class Node:
                          manifest.name, manifest.version, manifest.threshold, route.priority,
                          route.workers or "shared")
         self._lock_fd = self.store.lock()
+        self.audit = AuditTrail.for_settings(self.settings, process="serve")
+        self.audit.application_activity(started=True, user=os_user())
         leftovers = self.store.prepare()
         if leftovers:
             log.info("spool.cleaned leftovers=%d reason='transfers interrupted before Success'", leftovers)
@@ -96,7 +111,7 @@ class Node:
                      destination.host, destination.port)
         if not self.settings.destinations:
             log.info("destination none: reports stay on the node (add [[destinations]] to send them)")
-        self.receiver = StorageReceiver(node, queue, self.store)
+        self.receiver = StorageReceiver(self.settings, queue, self.store, self.audit)
         self.receiver.start()
         self._heartbeat = Heartbeat(self.engine)
         self._heartbeat.announce(node.ae_title, self.receiver.port)
@@ -107,15 +122,31 @@ class Node:
         routed = partial(queue.complete_stable_studies, router=router if self.settings.models else None)
         self._every(max(0.2, min(1.0, stable / 5)), "complete-stable-studies", routed, stable)
         self._every(HEARTBEAT_INTERVAL_S, "heartbeat", self._heartbeat.beat)
+        if self.certificate is not None:
+            self._check_certificate()
+            self._every(CERTIFICATE_CHECK_INTERVAL_S, "certificate-expiry", self._check_certificate)
         if self.settings.inference.workers:
             self.workers = WorkerPool(self.settings, queue)
             self.workers.start()
             self._every(1, "watch-workers", self.workers.check)
         self._every(LEASE_CHECK_INTERVAL_S, "recover-expired-leases", self._recover_expired_leases)
         if self.settings.destinations:
-            self.delivery = ReportDelivery(self.settings, ReportBook(self.engine))
+            self.delivery = ReportDelivery(self.settings, ReportBook(self.engine), self.audit)
             self._every(1, "deliver-reports", self.delivery.run_due)
         self._scheduler.start()
+
+    def _check_certificate(self) -> None:
+        """Log the certificate once at start, and a warning each day from ``expiry_warning_days`` before it ends."""
+        assert self.certificate is not None
+        info, tls = self.certificate, self.settings.tls
+        days = info.days_left()
+        if days <= tls.expiry_warning_days:
+            log.warning("tls.certificate_expiring subject=%r not_after=%s days_left=%.0f: install a renewed "
+                        "certificate at %s and restart the node", info.subject, f"{info.not_after:%Y-%m-%d}", days,
+                        tls.certificate)
+        else:
+            log.info("tls.certificate subject=%r issuer=%r not_after=%s days_left=%.0f", info.subject, info.issuer,
+                     f"{info.not_after:%Y-%m-%d}", days)
 
     def _recover_expired_leases(self) -> None:
         """Expired leases of workers that are not alive go back to the queue (counted as interrupted runs)."""
@@ -165,6 +196,9 @@ class Node:
         if self.engine is not None:
             self.engine.dispose()
             log.info("node.stopped")
+        if self.audit is not None:
+            self.audit.application_activity(started=False, user=os_user())
+            self.audit.close()
 
 
 class _ScheduledJob:
@@ -197,6 +231,7 @@ class _ScheduledJob:
 
 def serve(settings: Settings) -> None:
     """Run the node in the foreground until SIGTERM or SIGINT."""
+    os.umask(SERVICE_UMASK)  # what SQLite and the libraries create follows the node's file modes too
     stop_requested = threading.Event()
     received: list[signal.Signals] = []  # appended by the handler: no lock taken there
     stop_on_signals(stop_requested, on_signal=received.append)

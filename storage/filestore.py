@@ -12,18 +12,34 @@ returns after :meth:`FileStore.make_durable`: the file's data is fsync'd, it
 is renamed into place, and the directories that changed are fsync'd. Nothing
 here deletes a file at its final path: a file another handler answered
 Success for is never removed by a failure path.
+
+Only the service user (and its group, for backups) may read what the node
+keeps: directories are made 0750 and every file is made 0640 explicitly,
+whatever the umask (``serve`` also sets the umask to 027, for what SQLite
+creates). A ``data_dir`` that others can write is refused at start: anyone
+could replace an instance or the queue under the node.
 """
 
 from __future__ import annotations
 
 import fcntl
+import logging
 import os
 import re
 import shutil
+import stat
 import time
 from pathlib import Path
 
 _UID = re.compile(r"^[0-9]+(\.[0-9]+)*$")
+
+FILE_MODE = 0o640
+"""Every file the node keeps: the service user reads and writes, its group reads, others nothing."""
+DIRECTORY_MODE = 0o750
+SERVICE_UMASK = 0o027
+"""The umask ``serve`` runs with, so that what libraries create (SQLite's files) follows the same rule."""
+
+log = logging.getLogger("triagenode.storage")
 
 
 def is_valid_uid(uid: str | None) -> bool:
@@ -76,6 +92,10 @@ class DataDirInUseError(RuntimeError):
     """Another node process already serves this data directory."""
 
 
+class UnsafeDataDirError(RuntimeError):
+    """``data_dir`` can be written by users other than the service user and its group."""
+
+
 class FileStore:
     """The instance files of one node, below ``data_dir``."""
 
@@ -84,6 +104,25 @@ class FileStore:
         self.spool_dir = data_dir / "spool"
         self.studies_dir = data_dir / "studies"
 
+    def secure(self) -> None:
+        """Create ``data_dir`` (0750), refuse one that others can write, tighten one the service user owns.
+
+        Called before anything is written there. A directory the service user
+        does not own (root's, with the service's group) is left as it is when
+        others cannot write it.
+        """
+        self.data_dir.mkdir(mode=DIRECTORY_MODE, parents=True, exist_ok=True)
+        info = self.data_dir.stat()
+        mode = stat.S_IMODE(info.st_mode)
+        if mode & 0o002:
+            raise UnsafeDataDirError(
+                f"data_dir {self.data_dir} is writable by every user (mode {mode:04o}): anyone could replace "
+                f"instances or the queue; `chmod 750 {self.data_dir}` and `chown` it to the service user"
+            )
+        if info.st_uid == os.getuid() and mode != DIRECTORY_MODE:
+            os.chmod(self.data_dir, DIRECTORY_MODE)
+            log.info("data_dir.secured path=%s mode_was=%04o mode=%04o", self.data_dir, mode, DIRECTORY_MODE)
+
     def lock(self) -> int:
         """Hold ``data_dir`` for this process (an flock the kernel drops when it exits, however it exits).
 
@@ -91,8 +130,9 @@ class FileStore:
         first one's transfers; this refuses it instead. Returns the descriptor
         to keep open.
         """
-        self.data_dir.mkdir(parents=True, exist_ok=True)
-        fd = os.open(self.data_dir / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o640)
+        self.data_dir.mkdir(mode=DIRECTORY_MODE, parents=True, exist_ok=True)
+        fd = os.open(self.data_dir / LOCK_FILE, os.O_RDWR | os.O_CREAT, FILE_MODE)
+        os.fchmod(fd, FILE_MODE)
         try:
             # `triagenode status` takes a shared lock for an instant to see whether a
             # node runs: a few tries over half a second tell that from a real holder.
@@ -122,7 +162,7 @@ class FileStore:
         answered with Success (the node stopped mid-dataset), so it can go.
         """
         for directory in (self.data_dir, self.spool_dir, self.studies_dir):
-            directory.mkdir(parents=True, exist_ok=True)
+            directory.mkdir(mode=DIRECTORY_MODE, parents=True, exist_ok=True)
         removed = 0
         for leftover in self.spool_dir.iterdir():
             if leftover.is_dir():
@@ -161,6 +201,7 @@ class FileStore:
         lose it.
         """
         with open(source, "rb+") as handle:
+            os.fchmod(handle.fileno(), FILE_MODE)  # the spool's files are 0600, a library's follow the umask
             os.fsync(handle.fileno())
 
     def make_room(self, relative: Path) -> None:
@@ -193,6 +234,6 @@ class FileStore:
             created.append(current)
             current = current.parent
         for path in reversed(created):
-            path.mkdir(exist_ok=True)
+            path.mkdir(mode=DIRECTORY_MODE, exist_ok=True)
         return created
 
