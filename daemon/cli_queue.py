@@ -1,4 +1,4 @@
-"""``triagenode queue``: list, inspect, prioritize, retry, re-send and cancel studies (and their models' tasks).
+"""``triagenode queue``: list, inspect, prioritize, retry, re-send, cancel and purge studies (and their models' tasks).
 
 Each command opens the queue database through :func:`open_queue` (closed
 however the command ends) and imports the storage layer, with SQLAlchemy,
@@ -7,6 +7,7 @@ only when it runs: ``--help`` and the other groups never pay for it.
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -14,6 +15,7 @@ from typing import TYPE_CHECKING, Any
 import click
 
 from triagenode.daemon.cli_shared import (
+    EXIT_NO,
     EXIT_USAGE,
     LazyChoice,
     config_option,
@@ -21,6 +23,7 @@ from triagenode.daemon.cli_shared import (
     human_bytes,
     json_option,
     open_queue,
+    plural,
     print_json,
     print_table,
     settings_from,
@@ -41,7 +44,7 @@ def _study_states() -> list[str]:
 
 @click.group()
 def queue() -> None:
-    """List, inspect, retry and cancel studies."""
+    """List, inspect, retry, cancel and purge studies."""
 
 
 OUTCOME_WORDS = {"present": "present", "absent": "absent", "not applicable": "n/a"}
@@ -380,3 +383,49 @@ def queue_cancel(config_path: Path | None, study_uid: str, model: str | None) ->
     done = f"{study_uid}: cancelled" + (f" for {model}" if model else "")
     _change_study(config_path, lambda q: q.cancel(study_uid, model=model), done)
 
+
+@queue.command("purge")
+@config_option
+@click.argument("study_uids", nargs=-1, required=True, metavar="STUDY_UID...")
+def queue_purge(config_path: Path | None, study_uids: tuple[str, ...]) -> None:
+    """Remove finished studies now: their files (instances, reports) and rows, as [storage] keep_days does in time.
+
+    For a sent, failed or cancelled study, or a reported one with nothing left
+    to send. A study still in work (receiving, queued, processing, a report on
+    its way) is refused: cancel it first. Each study is purged or refused on
+    its own; the exit status is 1 when any was refused. A purge cut short
+    (the study stays "purging") is finished by running it again.
+    """
+    from triagenode.storage.queue import TransitionError, UnknownStudyError
+    from triagenode.storage.retention import PurgeBusyError, Retention
+
+    settings = settings_from(config_path)
+    data_dir = settings.node.data_dir
+    refused = False
+    with open_queue(settings) as engine:
+        retention = Retention(engine, data_dir, settings.storage.keep_days)
+        for study_uid in dict.fromkeys(study_uids):  # each once, in the order given
+            try:
+                purged = retention.purge(study_uid)
+            except (UnknownStudyError, TransitionError, PurgeBusyError) as exc:
+                click.echo(f"triagenode: {exc}", err=True)
+                refused = True
+                continue
+            except OSError as exc:
+                click.echo(
+                    f"triagenode: cannot remove the files of {study_uid} in {data_dir}: {exc.strerror or exc}; run "
+                    "the command as the service user (sudo -u triagenode ...); until a purge finishes it, the study "
+                    "stays purging",
+                    err=True,
+                )
+                refused = True
+                continue
+            # The audit trail's Study Deleted message (AuditTrail.study_deleted) goes here: `purged` carries its
+            # patient, read before the files went (patient_of would find nothing now).
+            resumed = ", finishing a purge that was cut short" if purged.resumed else ""
+            click.echo(
+                f"{study_uid}: purged ({plural(purged.instances, 'instance')}, "
+                f"{plural(purged.reports_removed, 'report object')}, {human_bytes(purged.bytes_freed)} freed{resumed})"
+            )
+    if refused:
+        sys.exit(EXIT_NO)

@@ -72,7 +72,10 @@ any waits, reported until every report is sent, sent, cancelled when all are."""
 
 
 # The statements of record_instance, on the tables of storage.models.
-_SQL_INSTANCE_EXISTS = "SELECT 1 FROM instances WHERE sop_instance_uid = ?"
+_SQL_INSTANCE_EXISTS = (
+    "SELECT studies.state, studies.study_uid FROM instances JOIN series ON series.id = instances.series_id"
+    " JOIN studies ON studies.id = series.study_id WHERE instances.sop_instance_uid = ?"
+)
 _SQL_INSTANCE_PATH = "SELECT path FROM instances WHERE sop_instance_uid = ?"
 _SQL_FIND_STUDY = "SELECT id, state, modality FROM studies WHERE study_uid = ?"
 _SQL_NEW_STUDY = (
@@ -116,6 +119,26 @@ class TransitionError(RuntimeError):
 
 class UnknownStudyError(LookupError):
     """No study with that Study Instance UID on this node."""
+
+
+class StudyBeingPurgedError(TransitionError):
+    """The study is ``purging``: its files and rows are going (``[storage] keep_days`` or ``queue purge``).
+
+    :meth:`StudyQueue.record_instance` raises it for a new instance of such a
+    study and for a re-sent one of its instances: recording either would let a
+    C-STORE be answered Success for a file the purge is about to remove. The
+    receiver answers it with a transient refusal (Out of Resources), so the
+    sender tries again; once the purge has finished, the instance makes a new
+    study. Every other change to the study (retry, cancel, resend, prioritize)
+    is refused with it too; the text says so, for the log or the CLI.
+    """
+
+    def __init__(self, study_uid: str) -> None:
+        self.study_uid = study_uid
+        super().__init__(
+            f"study {study_uid} is being purged (its files and rows are going); `triagenode queue purge "
+            f"{study_uid}` finishes a purge that was cut short"
+        )
 
 
 _STATE_CHANGES = "triagenode_state_changes"
@@ -188,7 +211,7 @@ def record_task_event(
 
 def summarise_study(session: Session, study: Study, now: datetime, reason: str) -> None:
     """Bring a study's state in line with its tasks (see :data:`_SUMMARY_ORDER`); a receiving study waits."""
-    if study.state == S.RECEIVING or not study.tasks:
+    if study.state in (S.RECEIVING, S.PURGING) or not study.tasks:
         return
     states = {TaskState(task.state) for task in study.tasks}
     target = next(StudyState(state.value) for state in _SUMMARY_ORDER if state in states)
@@ -304,17 +327,26 @@ class StudyQueue:
         plain SQL on the driver's cursor inside SQLAlchemy's transaction:
         building the equivalent Core statements costs four times as much CPU
         as SQLite takes to run them. Only the rare re-open goes through the ORM.
+
+        Raises :class:`StudyBeingPurgedError`, recording nothing, for an
+        instance of a study being purged (a new one, or a re-sent one of its
+        own): the receiver must not answer Success for it.
         """
         now = now or utcnow()
         stamp = _db_time(now)
         changes: list[tuple[str, str | None, str, str, str]] = []
         with self._engine.begin() as connection:
             cursor = connection.connection.dbapi_connection.cursor()  # type: ignore[union-attr]
-            if cursor.execute(_SQL_INSTANCE_EXISTS, (received.sop_instance_uid,)).fetchone():
+            existing = cursor.execute(_SQL_INSTANCE_EXISTS, (received.sop_instance_uid,)).fetchone()
+            if existing is not None:
+                if existing[0] == S.PURGING:  # its file is going: a Success now would promise a file soon gone
+                    raise StudyBeingPurgedError(existing[1])
                 return Registration.DUPLICATE
             outcome = Registration.ADDED
             quietly = False
             row = cursor.execute(_SQL_FIND_STUDY, (received.study_uid,)).fetchone()
+            if row is not None and row[1] == S.PURGING:
+                raise StudyBeingPurgedError(received.study_uid)
             if row is None:
                 reason = f"first instance received from {received.calling_ae}"
                 new_study = (
@@ -513,7 +545,7 @@ class StudyQueue:
             .join(Study, Study.id == Task.study_id)
             .where(
                 Task.state == T.QUEUED,
-                Study.state.not_in([S.RECEIVING.value, S.CANCELLED.value]),
+                Study.state.not_in([S.RECEIVING.value, S.CANCELLED.value, S.PURGING.value]),
                 Task.model.not_in(select(ModelPause.model)),
             )
         )
@@ -793,10 +825,16 @@ class StudyQueue:
 
 
 def find_study(session: Session, study_uid: str) -> Study:
-    """The study with this Study Instance UID, or :class:`UnknownStudyError` with what to do."""
+    """The study with this Study Instance UID, to change; :class:`UnknownStudyError` with what to do.
+
+    A study being purged is :class:`StudyBeingPurgedError`: nothing may change
+    it (a retry would queue a task whose files are going).
+    """
     study = session.scalar(select(Study).where(Study.study_uid == study_uid))
     if study is None:
         raise UnknownStudyError(f"no study {study_uid} on this node; `triagenode queue ls` lists them")
+    if study.state == S.PURGING:
+        raise StudyBeingPurgedError(study_uid)
     return study
 
 

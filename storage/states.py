@@ -28,6 +28,15 @@ class StudyState(enum.StrEnum):
     """Gave up, with the reason in the event history; ``queue retry`` re-queues it."""
     CANCELLED = "cancelled"
     """An administrator stopped it; ``queue retry`` re-queues it."""
+    PURGING = "purging"
+    """Its files and rows are being removed (``[storage] keep_days``, ``queue purge``); while it is, nothing is
+    recorded for it (a C-STORE is refused as transient), so a PACS re-sending it waits for the purge to end and
+    then makes a new study. A purge cut short leaves it here, and the next one finishes it."""
+
+
+FINAL_STUDY_STATES = frozenset({StudyState.REPORTED, StudyState.SENT, StudyState.FAILED, StudyState.CANCELLED})
+"""The study states a purge may start from; a study in one of them is still in work while a task of it is queued or
+processing, or a report of it is on its way (see :mod:`triagenode.storage.retention`)."""
 
 
 class TaskState(enum.StrEnum):

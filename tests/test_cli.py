@@ -70,7 +70,8 @@ def test_status_reports_the_running_receiver_counts_and_disk(node: NodeProcess, 
     assert receiver["pid"] == node.process.pid
     assert (receiver["ae_title"], receiver["port"]) == ("TRIAGENODE", node.port)
     assert receiver["uptime_s"] >= 0
-    assert set(status["counts"]) == {"receiving", "queued", "processing", "reported", "sent", "failed", "cancelled"}
+    assert set(status["counts"]) == {"receiving", "queued", "processing", "reported", "sent", "failed", "cancelled",
+                                     "purging"}
     assert status["counts"]["receiving"] + status["counts"]["queued"] == 1
     assert status["disk"]["free_bytes"] > 0
     human = node.cli("status").stdout
@@ -99,8 +100,8 @@ def test_cli_without_a_database_says_what_to_do(make_node) -> None:
 
 COMMANDS = (
     [], ["serve"], ["status"], ["echo"], ["infer"], ["phantom"], ["queue"], ["queue", "ls"], ["queue", "show"],
-    ["queue", "retry"], ["queue", "resend"], ["queue", "cancel"], ["config"], ["config", "show"], ["model"],
-    ["model", "info"], ["model", "train"], ["model", "evaluate"],
+    ["queue", "retry"], ["queue", "resend"], ["queue", "cancel"], ["queue", "purge"], ["config"], ["config", "show"],
+    ["model"], ["model", "info"], ["model", "train"], ["model", "evaluate"],
 )
 """Every command and group of the CLI, for the checks that must hold for each."""
 
