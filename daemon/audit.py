@@ -61,6 +61,7 @@ from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
     from triagenode.config.settings import AuditSettings, Settings, TlsSettings
+    from triagenode.storage.retention import PurgedStudy
 
 log = logging.getLogger("triagenode.audit")
 
@@ -743,6 +744,16 @@ class AuditTrail:
                             objects=_study_objects(study), source_id=self.source_id, site=self.site)
 
         self._emit("study-deleted", build)
+
+    def studies_purged(self, purged: Iterable[PurgedStudy], *, user: str = "") -> None:
+        """One Study Deleted message per study retention or ``queue purge`` removed (their patients were read
+        before the files went); ``user`` empty for the node's own retention sweep."""
+        for study in purged:
+            audited = AuditedStudy(study_uid=study.study_uid, patient_id=study.patient_id,
+                                   patient_name=study.patient_name, sop_classes=dict(study.sop_classes),
+                                   accession_number=study.accession_number)
+            reason = study.reason + (" (finishing a purge that was cut short)" if study.resumed else "")
+            self.study_deleted(user=user, study=audited, reason=reason)
 
     def administrative_action(self, *, user: str, action: str, study: AuditedStudy | None, detail: str) -> None:
         """An administrator's command (``queue retry/cancel/resend``, a model change), by ``user``.

@@ -15,6 +15,7 @@ import click
 
 from triagenode.daemon.cli_shared import (
     EXIT_USAGE,
+    audit_action,
     config_option,
     fail,
     json_option,
@@ -131,7 +132,10 @@ def _set_pause(config_path: Path | None, name: str, paused: bool) -> bool:
              EXIT_USAGE)
     with open_queue(settings) as engine:
         queue = StudyQueue(engine)
-        return queue.pause(name) if paused else queue.resume(name)
+        changed = queue.pause(name) if paused else queue.resume(name)
+    if changed:
+        audit_action(settings, f"model {'pause' if paused else 'resume'}", f"model {name}")
+    return changed
 
 
 @click.command("pause")

@@ -18,6 +18,8 @@ from triagenode.daemon.cli_shared import (
     EXIT_NO,
     EXIT_USAGE,
     LazyChoice,
+    audit_action,
+    cli_audit_trail,
     config_option,
     fail,
     human_bytes,
@@ -232,8 +234,13 @@ def print_deliveries(deliveries: list[dict[str, Any]], result: dict[str, Any] | 
 MODEL_OPTION = click.option("--model", metavar="NAME", help="Only this model's task [default: every task].")
 
 
-def _change_study(config_path: Path | None, action: Callable[[StudyQueue], str | None], done: str) -> None:
-    """Apply one state change through the queue's own rules; an unknown study or a refused change is exit 1."""
+def _change_study(
+    config_path: Path | None, action: Callable[[StudyQueue], str | None], done: str, audited: tuple[str, str]
+) -> None:
+    """Apply one state change through the queue's own rules; an unknown study or a refused change is exit 1.
+
+    ``audited`` is (the command, the study's UID): a change made is recorded in the audit trail.
+    """
     from triagenode.storage.queue import StudyQueue, TransitionError, UnknownStudyError
 
     settings = settings_from(config_path)
@@ -242,6 +249,8 @@ def _change_study(config_path: Path | None, action: Callable[[StudyQueue], str |
             outcome = action(StudyQueue(engine))
         except (UnknownStudyError, TransitionError) as exc:
             fail(str(exc))
+    command, study_uid = audited
+    audit_action(settings, command, f"{done}: {outcome}" if outcome else done, study_uid)
     click.echo(f"{done}: {outcome}" if outcome else done)
 
 
@@ -273,6 +282,7 @@ def queue_retry(config_path: Path | None, study_uid: str, model: str | None) -> 
             outcome = StudyQueue(engine).retry(study_uid, model=model)
         except (UnknownStudyError, TransitionError) as exc:
             fail(str(exc))
+    audit_action(settings, "queue retry", f"{outcome}" + (f" (model {model})" if model else ""), study_uid)
     for sentence in rebuilt:
         click.echo(f"{study_uid}: {sentence}")
     click.echo(f"{study_uid}: {outcome}")
@@ -287,7 +297,7 @@ def queue_prioritize(config_path: Path | None, study_uid: str) -> None:
     def mark(queue: StudyQueue) -> str:
         return "marked urgent" if queue.prioritize(study_uid) else "already urgent"
 
-    _change_study(config_path, mark, study_uid)
+    _change_study(config_path, mark, study_uid, ("queue prioritize", study_uid))
 
 
 def _rebuild(settings: Settings, book: ReportBook, study_uid: str, model: str | None = None) -> str | None:
@@ -366,6 +376,7 @@ def queue_resend(config_path: Path | None, study_uid: str, destination_name: str
                 scheduled.append(", ".join(sent_to) + (f" ({name})" if len(models) > 1 else ""))
         except (UnknownStudyError, NoReportError, TransitionError) as exc:
             fail(str(exc))
+    audit_action(settings, "queue resend", f"report scheduled for {'; '.join(scheduled)}", study_uid)
     running = read_receiver_state(settings.node.database_path, utcnow()).running
     for sentence in rebuilt:
         click.echo(f"{study_uid}: {sentence}")
@@ -381,7 +392,7 @@ def queue_resend(config_path: Path | None, study_uid: str, destination_name: str
 def queue_cancel(config_path: Path | None, study_uid: str, model: str | None) -> None:
     """Stop a study (or one model's task): it will not be processed or sent (its files stay)."""
     done = f"{study_uid}: cancelled" + (f" for {model}" if model else "")
-    _change_study(config_path, lambda q: q.cancel(study_uid, model=model), done)
+    _change_study(config_path, lambda q: q.cancel(study_uid, model=model), done, ("queue cancel", study_uid))
 
 
 @queue.command("purge")
@@ -396,13 +407,14 @@ def queue_purge(config_path: Path | None, study_uids: tuple[str, ...]) -> None:
     its own; the exit status is 1 when any was refused. A purge cut short
     (the study stays "purging") is finished by running it again.
     """
+    from triagenode.daemon.audit import os_user
     from triagenode.storage.queue import TransitionError, UnknownStudyError
     from triagenode.storage.retention import PurgeBusyError, Retention
 
     settings = settings_from(config_path)
     data_dir = settings.node.data_dir
     refused = False
-    with open_queue(settings) as engine:
+    with open_queue(settings) as engine, cli_audit_trail(settings) as trail:
         retention = Retention(engine, data_dir, settings.storage.keep_days)
         for study_uid in dict.fromkeys(study_uids):  # each once, in the order given
             try:
@@ -420,8 +432,7 @@ def queue_purge(config_path: Path | None, study_uids: tuple[str, ...]) -> None:
                 )
                 refused = True
                 continue
-            # The audit trail's Study Deleted message (AuditTrail.study_deleted) goes here: `purged` carries its
-            # patient, read before the files went (patient_of would find nothing now).
+            trail.studies_purged([purged], user=os_user())
             resumed = ", finishing a purge that was cut short" if purged.resumed else ""
             click.echo(
                 f"{study_uid}: purged ({plural(purged.instances, 'instance')}, "

@@ -22,6 +22,7 @@ if TYPE_CHECKING:
     from sqlalchemy import Engine
 
     from triagenode.config import Settings
+    from triagenode.daemon.audit import AuditTrail
 
 EXIT_NO = 1
 """The command ran and the answer is no: unknown study, receiver down, echo failed, no database."""
@@ -99,6 +100,49 @@ def open_queue(settings: Settings) -> Iterator[Engine]:
         yield engine
     finally:
         engine.dispose()
+
+
+def audit_action(settings: Settings, action: str, detail: str, study_uid: str | None = None) -> None:
+    """Record an administrator's change (``queue retry``, ``model pause``...) in the audit trail, with the OS user.
+
+    The study is named by its UID and, where an instance of it is still stored, its patient
+    (as the audit trail requires; never printed). A CLI user who cannot write the audit
+    files gets the audit trail's own warning, and the command still does its work: the
+    change is made either way, so refusing it for the record's sake would help no one.
+    """
+    from triagenode.daemon.audit import AuditedStudy, os_user
+
+    with cli_audit_trail(settings) as trail:
+        study = AuditedStudy(study_uid=study_uid, **patient_of(settings, study_uid)) if study_uid else None
+        trail.administrative_action(user=os_user(), action=action, study=study, detail=detail)
+
+
+@contextmanager
+def cli_audit_trail(settings: Settings) -> Iterator[AuditTrail]:
+    """The audit trail for one command, closed (its repository messages sent) however the command ends."""
+    from triagenode.daemon.audit import AuditTrail
+
+    trail = AuditTrail.for_settings(settings, process="triagenode-cli")
+    try:
+        yield trail
+    finally:
+        trail.close()
+
+
+def patient_of(settings: Settings, study_uid: str) -> dict[str, str]:
+    """The patient of a study as one of its stored instances names it (for the audit trail); empty if none is read."""
+    from pydicom import dcmread
+    from pydicom.errors import InvalidDicomError
+
+    try:
+        first = next((settings.node.data_dir / "studies" / study_uid).glob("*/*.dcm"), None)
+        if first is None:
+            return {}
+        ds = dcmread(first, stop_before_pixels=True, specific_tags=["PatientID", "PatientName", "AccessionNumber"])
+    except (OSError, InvalidDicomError, ValueError):  # a CLI user who may not read the store, a damaged file
+        return {}
+    return {"patient_id": str(ds.get("PatientID", "") or ""), "patient_name": str(ds.get("PatientName", "") or ""),
+            "accession_number": str(ds.get("AccessionNumber", "") or "")}
 
 
 class LazyChoice(click.Choice):

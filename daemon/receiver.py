@@ -63,7 +63,7 @@ from triagenode.daemon.peer_rules import PeerRules
 from triagenode.daemon.spool import install_spool, refusal_of
 from triagenode.daemon.statuses import StoreStatus, status_dataset
 from triagenode.storage.filestore import FileStore
-from triagenode.storage.queue import ReceivedInstance, Registration, StudyQueue
+from triagenode.storage.queue import ReceivedInstance, Registration, StudyBeingPurgedError, StudyQueue
 
 log = logging.getLogger("triagenode.receiver")
 
@@ -516,6 +516,15 @@ class StorageReceiver:
         )
         try:
             registration = self._queue.record_instance(received)
+        except StudyBeingPurgedError:
+            # Its files are being removed ([storage] keep_days, `queue purge`): recording this instance
+            # would answer Success for a file about to go. Once the purge is done it makes a new study.
+            return (
+                StoreStatus.OUT_OF_RESOURCES_QUEUE,
+                "the study is being purged from the node; send it again in a minute",
+                0,
+                None,
+            )
         except SQLAlchemyError as exc:
             log.error("store.queue_failed study_uid=%s error=%s", header.study_uid, type(exc).__name__)
             return StoreStatus.OUT_OF_RESOURCES_QUEUE, "the queue database is unavailable; see the node's log", 0, None
@@ -533,12 +542,23 @@ class StorageReceiver:
                 except OSError as exc:
                     return self._write_failure(exc, relative)
         try:
-            self._store.place(spool, relative)
+            self._place(spool, relative)
         except OSError as exc:
             # The row stays, pointing at no file: a re-send is not taken for a
             # duplicate (see above) and fills it in.
             return self._write_failure(exc, relative)
         return StoreStatus.SUCCESS, registration.value, size, header
+
+    def _place(self, spool: Path, relative: Path) -> None:
+        """Rename the recorded instance into place; once more if a purge of the study's last files removed
+        the (then empty) folder between :meth:`FileStore.make_room` and now."""
+        try:
+            self._store.place(spool, relative)
+        except FileNotFoundError:
+            if not spool.exists():
+                raise
+            self._store.make_room(relative)
+            self._store.place(spool, relative)
 
     def _write_failure(self, exc: OSError, relative: Path) -> tuple[StoreStatus, str, int, None]:
         if exc.errno in (errno.ENOSPC, errno.EDQUOT):

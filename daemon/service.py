@@ -43,6 +43,7 @@ from triagenode.storage.filestore import SERVICE_UMASK, FileStore
 from triagenode.storage.heartbeat import Heartbeat
 from triagenode.storage.queue import MAX_PROCESSING_ATTEMPTS, StudyQueue
 from triagenode.storage.reports import ReportBook
+from triagenode.storage.retention import SWEEP_INTERVAL_S, Retention
 from triagenode.storage.snapshot import HEARTBEAT_INTERVAL_S
 
 log = logging.getLogger("triagenode.service")
@@ -67,6 +68,7 @@ class Node:
         self.delivery: ReportDelivery | None = None
         self.queue: StudyQueue | None = None
         self.audit: AuditTrail | None = None
+        self._retention: Retention | None = None
         self.certificate: CertificateInfo | None = None
 
     def start(self) -> None:
@@ -130,10 +132,21 @@ class Node:
             self.workers.start()
             self._every(1, "watch-workers", self.workers.check)
         self._every(LEASE_CHECK_INTERVAL_S, "recover-expired-leases", self._recover_expired_leases)
+        # Every run, whatever keep_days says: it also finishes a purge that was cut short. A keep_days
+        # shorter than an hour (a test site) is swept within a tenth of it.
+        self._retention = Retention(self.engine, node.data_dir, self.settings.storage.keep_days)
+        keep_s = self.settings.storage.keep_days * 86400
+        self._every(min(SWEEP_INTERVAL_S, max(1.0, keep_s / 10)) if keep_s else SWEEP_INTERVAL_S, "retention",
+                    self._sweep)
         if self.settings.destinations:
             self.delivery = ReportDelivery(self.settings, ReportBook(self.engine), self.audit)
             self._every(1, "deliver-reports", self.delivery.run_due)
         self._scheduler.start()
+
+    def _sweep(self) -> None:
+        """Remove the studies final for longer than ``[storage] keep_days``, each with its Study Deleted message."""
+        assert self._retention is not None and self.audit is not None
+        self.audit.studies_purged(self._retention.purge_due())
 
     def _check_certificate(self) -> None:
         """Log the certificate once at start, and a warning each day from ``expiry_warning_days`` before it ends."""

@@ -36,7 +36,8 @@ WHEN_SENT: dict[StoreStatus, str] = {
     StoreStatus.OUT_OF_RESOURCES_WRITE: "The instance could not be written (I/O error). Transient once the "
     "administrator has fixed the disk.",
     StoreStatus.OUT_OF_RESOURCES_QUEUE: "The queue database could not record the instance (e.g. locked by "
-    "another process for longer than its 30 s busy timeout). Nothing of the instance is kept. Transient.",
+    "another process for longer than its 30 s busy timeout), or its study is being purged from the node "
+    "([storage] keep_days, `queue purge`). Nothing of the instance is kept. Transient.",
     StoreStatus.DATASET_MISMATCH: "SOP Class or SOP Instance UID in the dataset differ from the C-STORE request. "
     "Permanent.",
     StoreStatus.CANNOT_UNDERSTAND: "The dataset cannot be parsed or is truncated. Permanent.",

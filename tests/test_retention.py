@@ -17,6 +17,7 @@ from datetime import datetime, timedelta
 from pathlib import Path
 
 import pytest
+from lxml import etree
 from pydicom import dcmread
 from pydicom.uid import generate_uid
 from pynetdicom.sop_class import Comprehensive3DSRStorage, MammographyCADSRStorage
@@ -42,7 +43,8 @@ from triagenode.storage.snapshot import read_snapshot
 from triagenode.storage.timeutil import utcnow
 
 from dicom_factory import ACCESSION_NUMBER, PATIENT_ID, PATIENT_IDENTIFIERS, PATIENT_NAME, write_study
-from nodes import NodeProcess
+from nodes import NodeProcess, send, wait_until
+from test_audit import SCHEMA
 
 KEEP_DAYS = 1.0
 NOW = utcnow()
@@ -479,3 +481,24 @@ def test_queue_purge_on_the_command_line(bench: Bench) -> None:
     assert finished.stdout.startswith(f"{cut_short}: purged (2 instances, 0 report objects, ")
     assert finished.stdout.rstrip().endswith(", finishing a purge that was cut short)")
     assert bench.rows(cut_short) == 0 and bench.files(cut_short) == []
+
+
+def test_a_running_node_purges_a_finished_study_after_keep_days_and_audits_it(make_node, tmp_path: Path) -> None:
+    """The daemon's own sweep: a cancelled study goes after keep_days with a Study Deleted audit message naming
+    its patient; a study still in work stays."""
+    node = make_node(storage={"keep_days": 3 / 86400})  # three seconds
+    finished, working = write_study(tmp_path / "finished", slices=2), write_study(tmp_path / "working", slices=2)
+    assert send(node.port, finished.files) == [0, 0]
+    node.wait_for_state(finished.study_uid, "queued")
+    node.cli("queue", "cancel", finished.study_uid)
+    assert send(node.port, working.files) == [0, 0]
+    wait_until(lambda: node.study(finished.study_uid) is None, 30, "the sweep to purge the cancelled study")
+    assert not (node.data_dir / "studies" / finished.study_uid).exists()
+    assert node.study(working.study_uid)["state"] in ("receiving", "queued"), "nothing in work is removed"
+    assert f"retention.purged study_uid={finished.study_uid}" in node.log()
+    lines = [line for path in (node.data_dir / "audit").glob("*.log") for line in path.read_text().splitlines()]
+    [deleted] = [etree.fromstring(line.encode()) for line in lines if 'csd-code="110105"' in line]
+    assert SCHEMA.validate(deleted), SCHEMA.error_log
+    objects = [o.get("ParticipantObjectID") for o in deleted.findall("ParticipantObjectIdentification")]
+    assert objects == [finished.study_uid, PATIENT_ID]
+    assert PATIENT_ID not in node.log()
