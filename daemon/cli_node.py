@@ -194,7 +194,12 @@ def destination_rows(settings: Settings, known: Mapping[str, DestinationCounts])
 @config_option
 @click.argument("target", metavar="AE@HOST:PORT")
 @click.option("--timeout", default=10.0, show_default=True, help="Seconds to wait for the peer.")
-def echo(config_path: Path | None, target: str, timeout: float) -> None:
+@click.option(
+    "--tls", "use_tls", is_flag=True,
+    help="Over DICOM TLS: the peer's certificate and host name checked against [tls] ca_certificates (else the "
+    "system's trust store); the node's [tls] certificate shown to a peer that asks for one.",
+)
+def echo(config_path: Path | None, target: str, timeout: float, use_tls: bool) -> None:
     """C-ECHO a DICOM peer (a destination, or the node itself) and print the round-trip time."""
     from triagenode.daemon.verification import EchoError, parse_peer, verify
 
@@ -203,8 +208,19 @@ def echo(config_path: Path | None, target: str, timeout: float) -> None:
         peer = parse_peer(target)
     except ValueError as exc:
         fail(str(exc), EXIT_USAGE)
+    context = None
+    if use_tls:
+        from triagenode.config.settings import Destination
+        from triagenode.daemon.tls import client_context
+
+        try:
+            context = client_context(Destination(name="echo", ae_title=peer.ae_title, host=peer.host,
+                                                 port=peer.port, tls=True), settings.tls)
+        except (OSError, ValueError) as exc:
+            fail(f"the [tls] files in {settings.source} cannot be loaded: {exc}")
     try:
-        elapsed = verify(peer, settings.node.ae_title, timeout)
+        elapsed = verify(peer, settings.node.ae_title, timeout, context)
     except EchoError as exc:
         fail(f"C-ECHO to {target} failed: {exc}")
-    click.echo(f"C-ECHO {settings.node.ae_title} -> {target}: Success in {elapsed * 1000:.1f} ms")
+    over = " over TLS" if use_tls else ""
+    click.echo(f"C-ECHO {settings.node.ae_title} -> {target}{over}: Success in {elapsed * 1000:.1f} ms")

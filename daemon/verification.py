@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ssl
 import time
 from dataclasses import dataclass
 
@@ -39,16 +40,20 @@ def parse_peer(text: str) -> Peer:
     return Peer(ae_title, host.strip("[]"), int(port_text))
 
 
-def verify(peer: Peer, calling_ae: str, timeout_s: float) -> float:
-    """Associate, C-ECHO, release; returns the seconds from connect to the echo's answer."""
+def verify(peer: Peer, calling_ae: str, timeout_s: float, tls: ssl.SSLContext | None = None) -> float:
+    """Associate (over TLS with ``tls``), C-ECHO, release; returns the seconds from connect to the echo's answer."""
     ae = AE(ae_title=calling_ae)
     ae.add_requested_context(Verification)
     ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = ae.connection_timeout = timeout_s
     started = time.perf_counter()
-    association = ae.associate(peer.host, peer.port, ae_title=peer.ae_title)
+    tls_args = (tls, peer.host) if tls is not None else None
+    association = ae.associate(peer.host, peer.port, ae_title=peer.ae_title, tls_args=tls_args)
     if association.is_rejected:
         raise EchoError("association rejected (check the called and calling AE titles on both sides)")
     if not association.is_established:
+        if tls is not None:
+            raise EchoError("no association over TLS (is it the peer's TLS port? is its certificate signed by "
+                            "[tls] ca_certificates and issued for that host name? does it accept the node's?)")
         raise EchoError("no association (is the peer listening on that host and port? a firewall?)")
     try:
         status = association.send_c_echo()

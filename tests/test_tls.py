@@ -295,3 +295,11 @@ def test_orthanc_sends_and_receives_over_dicom_tls(make_node, stop_after_test, p
     orthanc_study = orthanc.rest(f"/studies/{orthanc.study_id(study.study_uid)}")
     modalities = {orthanc.rest(f"/series/{s}")["MainDicomTags"]["Modality"] for s in orthanc_study["Series"]}
     assert "SR" in modalities, "the report came back to Orthanc over TLS"
+
+
+def test_triagenode_echo_checks_a_tls_peer(make_node, pki) -> None:
+    node = tls_node(make_node, pki)
+    result = node.cli("echo", "--tls", f"{NODE_AE}@localhost:{node.tls_port}")
+    assert "over TLS: Success" in result.stdout
+    plain = node.cli("echo", "--tls", f"{NODE_AE}@localhost:{node.port}", "--timeout", "5", check=False)
+    assert plain.returncode == 1 and "no association over TLS" in plain.stderr
