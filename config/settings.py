@@ -132,18 +132,31 @@ def _listening_port(value: int) -> int:
 
 
 def _host_pattern(value: str) -> str:
-    """An address, a network (CIDR) or a host name, checked now so that a typo stops the start."""
+    """An address, a network (CIDR) or a host name, checked now so that a typo stops the start.
+
+    Written the way the peer's connections are compared: an IPv4-mapped IPv6 entry
+    (``::ffff:10.1.2.3``) becomes the IPv4 address the node sees; ``10.1.2`` or ``010.1.2.3``,
+    which the resolver would read as other addresses, are refused.
+    """
     import ipaddress
 
     text = value.strip()
     if not text:
         raise SettingError("", "a host must not be empty; give an address, a network such as 10.1.2.0/24, or a name")
     try:
-        ipaddress.ip_network(text, strict=False)
+        network = ipaddress.ip_network(text, strict=False)
     except ValueError:
-        if "/" in text or not re.fullmatch(r"[A-Za-z0-9]([A-Za-z0-9.-]{0,252})", text):
-            message = f"{value!r} is neither an address, a network (10.1.2.0/24) nor a host name"
-            raise SettingError("", message) from None
+        pass
+    else:
+        mapped = network.network_address.ipv4_mapped if network.version == 6 else None  # type: ignore[union-attr]
+        if mapped is not None and network.prefixlen >= 96:
+            return str(ipaddress.ip_network(f"{mapped}/{network.prefixlen - 96}", strict=False))
+        return text
+    labels = text.removesuffix(".").split(".")
+    label_ok = all(re.fullmatch(r"[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?", label) for label in labels)
+    if "/" in text or re.fullmatch(r"[0-9.]+", text) or not label_ok or len(text) > 253:
+        message = f"{value!r} is neither an address (four numbers 0-255), a network (10.1.2.0/24) nor a host name"
+        raise SettingError("", message)
     return text
 
 
@@ -254,7 +267,7 @@ class AuditSettings(_Section):
 class StorageSettings(_Section):
     """``[storage]``: how long a study's files stay on the node."""
 
-    keep_days: float = Field(0.0, ge=0, strict=False)
+    keep_days: float = Field(0.0, ge=0, le=36500, allow_inf_nan=False, strict=False)
     """Days after a study reached a final state (reported and sent, failed, cancelled) before its files and
     rows are removed; 0 keeps everything (the disk then fills: watch it)."""
 
@@ -344,6 +357,15 @@ class Destination(_Section):
     """Client certificate for mutual TLS; ``[tls] certificate`` when not set."""
     private_key: OptionalPath = None
     """Its private key; ``[tls] private_key`` when not set."""
+
+    @model_validator(mode="after")
+    def _client_pair(self) -> Destination:
+        """A key without its certificate (or the reverse) would be paired with the node's: not what anyone meant."""
+        if (self.certificate is None) != (self.private_key is None):
+            given, missing = ("certificate", "private_key") if self.private_key is None else ("private_key",
+                                                                                             "certificate")
+            raise SettingError(missing, f"is required with {given}: a client certificate and its key go together")
+        return self
 
 
 class ModelRoute(_Section):

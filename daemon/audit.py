@@ -41,10 +41,10 @@ import base64
 import contextlib
 import enum
 import errno
-import getpass
 import ipaddress
 import logging
 import os
+import pwd
 import queue
 import re
 import select
@@ -197,11 +197,34 @@ class SecurityAlertKind(enum.Enum):
 
 
 def os_user() -> str:
-    """The login name of this process's user, for ``user=`` (the Application Launcher, the CLI's admin)."""
+    """Who runs this process, for ``user=`` (the Application Launcher, the CLI's administrator).
+
+    Not ``$USER``/``$LOGNAME``, which anyone can set: the effective user from the password
+    database, and the person who logged in (the kernel's audit login uid, which ``sudo`` and
+    ``su`` keep) when that is someone else: ``alice (as triagenode)`` for the documented
+    ``sudo -u triagenode triagenode queue retry ...``.
+    """
+    effective = _user_name(os.geteuid())
+    login = _login_uid()
+    if login is not None and login != os.geteuid():
+        return f"{_user_name(login)} (as {effective})"
+    return effective
+
+
+def _user_name(uid: int) -> str:
     try:
-        return getpass.getuser()
-    except (KeyError, OSError):  # a uid without a passwd entry (containers)
-        return f"uid:{os.getuid()}"
+        return pwd.getpwuid(uid).pw_name
+    except KeyError:  # a uid without a passwd entry (containers)
+        return f"uid:{uid}"
+
+
+def _login_uid() -> int | None:
+    """The kernel's audit login uid (set at login, kept across sudo and su); None where it is not set."""
+    try:
+        value = int(Path("/proc/self/loginuid").read_text().strip())
+    except (OSError, ValueError):
+        return None
+    return None if value == 0xFFFFFFFF else value
 
 
 @dataclass(frozen=True)
@@ -401,6 +424,12 @@ class _DailyFile:
             return os.open(path, flags)
         try:
             os.fchmod(fd, 0o640)  # the umask may have taken bits off the mode given to open
+            if os.geteuid() == 0:
+                # The CLI run as root (not as the service user) must not leave the day's file, or the
+                # directory, root's: the node could not append to them until the next day.
+                owner = self.directory.parent.stat()
+                os.fchown(fd, owner.st_uid, owner.st_gid)
+                os.chown(self.directory, owner.st_uid, owner.st_gid)
         except OSError:
             os.close(fd)
             raise

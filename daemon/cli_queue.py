@@ -407,7 +407,7 @@ def queue_purge(config_path: Path | None, study_uids: tuple[str, ...]) -> None:
     its own; the exit status is 1 when any was refused. A purge cut short
     (the study stays "purging") is finished by running it again.
     """
-    from triagenode.daemon.audit import os_user
+    from triagenode.daemon.audit import AuditedStudy, os_user
     from triagenode.storage.queue import TransitionError, UnknownStudyError
     from triagenode.storage.retention import PurgeBusyError, Retention
 
@@ -424,6 +424,10 @@ def queue_purge(config_path: Path | None, study_uids: tuple[str, ...]) -> None:
                 refused = True
                 continue
             except OSError as exc:
+                # Some files may be gone already: the attempt is on record, failed; the purge that finishes
+                # it records the deletion.
+                trail.study_deleted(user=os_user(), study=AuditedStudy(study_uid=study_uid), success=False,
+                                    reason=f"queue purge cut short: {exc.strerror or exc}")
                 click.echo(
                     f"triagenode: cannot remove the files of {study_uid} in {data_dir}: {exc.strerror or exc}; run "
                     "the command as the service user (sudo -u triagenode ...); until a purge finishes it, the study "

@@ -106,7 +106,7 @@ class PeerRules:
             return cached[1]
         try:
             addresses = {str(info[4][0]) for info in socket.getaddrinfo(name, None)}
-        except OSError as exc:
+        except (OSError, UnicodeError, ValueError) as exc:
             log.warning("peer.unresolved host=%s error=%r: the peer's associations from it are refused until it "
                         "resolves; check DNS or list its address in [[peers]] hosts", name, str(exc))
             addresses = set()

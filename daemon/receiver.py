@@ -38,6 +38,7 @@ import struct
 import threading
 import time
 import traceback
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import NoReturn
@@ -118,6 +119,15 @@ class _AssociationTally:
     bytes: int = 0
     outcome: str = "closed"
     studies: dict[str, _StudyTally] = field(default_factory=dict)
+
+
+_BEING_PURGED = (
+    StoreStatus.OUT_OF_RESOURCES_QUEUE,
+    "the study is being purged from the node; send it again in a minute",
+    0,
+    None,
+)
+"""The answer for an instance of a study whose files are being removed ([storage] keep_days, `queue purge`)."""
 
 
 class _Withheld(Exception):
@@ -269,11 +279,27 @@ class StorageReceiver:
             self._tallies[id(event.assoc)] = tally
         # Until its A-ASSOCIATE-RQ arrives, a connection gets the short ARTIM timeout.
         event.assoc.acse_timeout = REQUEST_TIMEOUT_S
-        _guard_incoming_pdus(event.assoc, str(event.address[0]))
+        _guard_incoming_pdus(event.assoc, str(event.address[0]), self._alert)
 
     def _on_requested(self, event: evt.Event) -> None:
-        """Check the peer against ``[[peers]]``, then count it against its own limit and ``max_associations``."""
-        association = event.assoc
+        """Check the peer against ``[[peers]]``, then count it against its own limit and ``max_associations``.
+
+        Fails closed: pynetdicom logs an exception from this handler and accepts the association
+        anyway, which would let a peer past its address binding and every limit.
+        """
+        try:
+            self._admit(event.assoc)
+        except Exception as exc:  # noqa: BLE001 - whatever it is, the peer must not get in unchecked
+            log.error("association.check_failed peer_ae=%s error=%s: refused; a bug in the node, please report it",
+                      _peer_ae(event.assoc), type(exc).__name__, exc_info=True)
+            tally = self._tally(event.assoc)
+            if tally is not None:
+                tally.outcome = "rejected"
+            # Rejected transient, service user, no reason given: the peer may retry.
+            internals.reject(event.assoc, 0x02, 0x01, 0x01)
+
+    def _admit(self, association: Association) -> None:
+        """Refuse (A-ASSOCIATE-RJ) a peer from the wrong address or over its share; return to let it in."""
         association.acse_timeout = ACSE_TIMEOUT_S
         peer_ae = _peer_ae(association)
         tally = self._tally(association)
@@ -318,6 +344,11 @@ class StorageReceiver:
         )
         if self._audit is not None:
             self._audit.security_alert(kind=kind, peer_address=peer_ip, peer_ae=_peer_ae(association), detail=reason)
+
+    def _alert(self, kind: SecurityAlertKind, peer_ip: str, peer_ae: str | None, detail: str) -> None:
+        """A Security Alert in the audit trail (when there is one)."""
+        if self._audit is not None:
+            self._audit.security_alert(kind=kind, peer_address=peer_ip, peer_ae=peer_ae, detail=detail)
 
     def _on_handshake_failure(self, peer_ip: str, reason: str) -> None:
         """A TLS handshake failed: no certificate, one from another CA, an expired one, an old TLS version."""
@@ -489,6 +520,8 @@ class StorageReceiver:
         size = spool.stat().st_size
         stored = self._queue.stored_path(header.sop_instance_uid)
         if stored is not None and self._store.holds(stored):
+            if self._queue.is_purging(header.study_uid):  # its file is about to go: it is not stored
+                return _BEING_PURGED
             return StoreStatus.SUCCESS, "duplicate", size, header
         relative = self._store.relative_path(header.study_uid, header.series_uid, header.sop_instance_uid)
         try:
@@ -519,12 +552,7 @@ class StorageReceiver:
         except StudyBeingPurgedError:
             # Its files are being removed ([storage] keep_days, `queue purge`): recording this instance
             # would answer Success for a file about to go. Once the purge is done it makes a new study.
-            return (
-                StoreStatus.OUT_OF_RESOURCES_QUEUE,
-                "the study is being purged from the node; send it again in a minute",
-                0,
-                None,
-            )
+            return _BEING_PURGED
         except SQLAlchemyError as exc:
             log.error("store.queue_failed study_uid=%s error=%s", header.study_uid, type(exc).__name__)
             return StoreStatus.OUT_OF_RESOURCES_QUEUE, "the queue database is unavailable; see the node's log", 0, None
@@ -534,6 +562,8 @@ class StorageReceiver:
             # or no more: a crash between a row and its rename).
             stored = self._queue.stored_path(header.sop_instance_uid)
             if stored is not None and self._store.holds(stored):
+                if self._queue.is_purging(header.study_uid):
+                    return _BEING_PURGED
                 return StoreStatus.SUCCESS, "duplicate", size, header
             if stored is not None and Path(stored) != relative:
                 relative = Path(stored)
@@ -547,6 +577,14 @@ class StorageReceiver:
             # The row stays, pointing at no file: a re-send is not taken for a
             # duplicate (see above) and fills it in.
             return self._write_failure(exc, relative)
+        if self._queue.stored_path(header.sop_instance_uid) is None:
+            # A purge of the study (a cancelled one takes instances without re-opening) removed
+            # its rows between the record and the rename: the file has no row, nothing would
+            # ever process it. Not stored, then: the sender's retry makes a new study (and its rename
+            # replaces this file; removing it here could remove that retry's file instead).
+            log.warning("store.purged_meanwhile study_uid=%s sop_instance_uid=%s: refused, the sender retries",
+                        header.study_uid, header.sop_instance_uid)
+            return _BEING_PURGED
         return StoreStatus.SUCCESS, registration.value, size, header
 
     def _place(self, spool: Path, relative: Path) -> None:
@@ -584,9 +622,9 @@ class StorageReceiver:
         called = _called_ae(association)
         if called != self._node.ae_title.strip():
             return f"called AE title {called!r} is not this node's ({self._node.ae_title})"
-        allowed = self._node.allowed_calling_aets
+        allowed = self._peers.allowed_calling_aets()
         if allowed and requestor.ae_title.strip() not in {aet.strip() for aet in allowed}:
-            return "calling AE title not in allowed_calling_aets"
+            return "calling AE title not in allowed_calling_aets nor [[peers]]"
         return f"more than max_associations={self._node.max_associations} at once, or no acceptable context"
 
 
@@ -646,7 +684,11 @@ def _refuse_connection(association: Association, pdu: bytes, why: str) -> NoRetu
     raise _RefusedConnection(why)
 
 
-def _guard_incoming_pdus(association: Association, peer_ip: str) -> None:
+SecurityAlert = Callable[[SecurityAlertKind, str, "str | None", str], None]
+"""Audits a refusal: the kind, the peer's IP address and AE title, what happened."""
+
+
+def _guard_incoming_pdus(association: Association, peer_ip: str, alert: SecurityAlert) -> None:
     """Check each PDU's header, and an A-ASSOCIATE-RQ's AE titles, before pynetdicom reads the PDU.
 
     * A P-DATA-TF longer than the maximum the node announced gets an
@@ -660,6 +702,8 @@ def _guard_incoming_pdus(association: Association, peer_ip: str) -> None:
     * Any other AE title that is not one (control characters, a backslash,
       non-ASCII, all spaces) gets an A-ASSOCIATE-RJ with a refusal log line,
       instead of a library exception that drops the connection.
+
+    Each refusal is audited (``alert``) as well as logged.
     """
 
     def check_header(pdu_type: int, length: int) -> None:
@@ -668,14 +712,18 @@ def _guard_incoming_pdus(association: Association, peer_ip: str) -> None:
                 "association.pdu_too_long peer_ae=%s peer_ip=%s pdu_length=%d max_pdu_length=%d: aborting",
                 _peer_ae(association), peer_ip, length, MAX_PDU_SIZE,
             )
+            alert(SecurityAlertKind.ASSOCIATION_REFUSED, peer_ip, _peer_ae(association),
+                  f"aborted: a P-DATA-TF of {length} bytes, above the {MAX_PDU_SIZE} the node announced")
             _refuse_connection(
                 association, _A_ABORT_INVALID_PDU_PARAMETER, f"P-DATA-TF of {length} bytes exceeds {MAX_PDU_SIZE}"
             )
 
-    internals.watch_pdus(association, check_header, lambda body: _normalised_request(body, association, peer_ip))
+    internals.watch_pdus(
+        association, check_header, lambda body: _normalised_request(body, association, peer_ip, alert)
+    )
 
 
-def _normalised_request(body: bytearray, association: Association, peer_ip: str) -> bytearray:
+def _normalised_request(body: bytearray, association: Association, peer_ip: str, alert: SecurityAlert) -> bytearray:
     """The A-ASSOCIATE-RQ body with NUL-padded AE titles space-padded; refuses one with an invalid AE title."""
     for offset, role in _AE_FIELDS:
         raw = bytes(body[offset : offset + 16])
@@ -685,13 +733,16 @@ def _normalised_request(body: bytearray, association: Association, peer_ip: str)
         body[offset : offset + 16] = title
         text = title.decode("latin-1").strip()
         if not text or not title.isascii() or "\\" in text or any(ord(c) < 0x20 or ord(c) == 0x7F for c in text):
+            calling = bytes(body[20:36]).decode("latin-1").strip() or "?"
+            reason = f"the {role} AE title is not a valid AE title (PS3.5 6.2)"
             log.warning(
                 "association.refused peer_ae=%s peer_ip=%s called_ae=%s reason=%r",
-                bytes(body[20:36]).decode("latin-1").strip() or "?",
+                calling,
                 peer_ip,
                 bytes(body[4:20]).decode("latin-1").strip() or "?",
-                f"the {role} AE title is not a valid AE title (PS3.5 6.2)",
+                reason,
             )
+            alert(SecurityAlertKind.UNKNOWN_PEER, peer_ip, calling.encode("ascii", "backslashreplace").decode(), reason)
             # Rejected permanent, source: service user, reason: calling (3) or called (7) AE title not recognised.
             _refuse_connection(
                 association,

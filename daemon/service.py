@@ -36,7 +36,7 @@ from triagenode.daemon.receiver import StorageReceiver
 from triagenode.daemon.signals import stop_on_signals
 from triagenode.daemon.supervisor import WorkerPool
 from triagenode.daemon.systemd import notify
-from triagenode.daemon.tls import CertificateInfo, load_node_certificate
+from triagenode.daemon.tls import CertificateInfo, check_destination_tls, load_node_certificate
 from triagenode.inference.routing import ModelRouter, check_configured_models
 from triagenode.storage.database import open_for_daemon
 from triagenode.storage.filestore import SERVICE_UMASK, FileStore
@@ -76,6 +76,7 @@ class Node:
         self.store.secure()
         if self.settings.tls.enabled:
             self.certificate = load_node_certificate(self.settings.tls)
+        check_destination_tls(self.settings)
         # Refuse a missing or broken model now, with one line, rather than in a restart loop of workers;
         # the router sends each complete study to the models whose route it fits.
         router = check_configured_models(self.settings)
@@ -236,6 +237,12 @@ class _ScheduledJob:
                 detail = str(getattr(exc, "orig", exc))
                 log.error("job.failing job=%s error=%s detail=%r: retried every run; check the disk and "
                           "`triagenode status`", self._name, type(exc).__name__, detail)
+            return
+        except Exception as exc:  # a bug: once per spell with its traceback, not a traceback every run
+            if self._failing_since is None:
+                self._failing_since = time.monotonic()
+                log.error("job.failing job=%s error=%s: a bug in the node, retried every run; please report it",
+                          self._name, type(exc).__name__, exc_info=True)
             return
         if self._failing_since is not None:
             log.info("job.recovered job=%s after_s=%.0f", self._name, time.monotonic() - self._failing_since)

@@ -35,7 +35,7 @@ from typing import Any
 from pynetdicom import AE
 from pynetdicom.transport import ThreadedAssociationServer
 
-from triagenode.config.settings import Destination, TlsSettings
+from triagenode.config.settings import Destination, Settings, TlsSettings
 
 log = logging.getLogger("triagenode.tls")
 
@@ -77,22 +77,37 @@ class CertificateInfo:
         return (self.not_after - now).total_seconds() / 86400
 
 
-def check_private_key_file(path: Path) -> None:
-    """Refuse a key file that anyone but the service user (and its own group) can read or change.
+KEY_LAYOUT = "`chown root:triagenode KEY && chmod 0640 KEY` (or 0600 owned by the service user)"
+"""What the README's layout asks of the key file, quoted in each refusal."""
 
-    Group access is allowed only for the process's own group (``root:triagenode 0640`` is the
-    usual layout); ``other`` may have no access at all.
+
+def check_private_key_file(path: Path) -> None:
+    """Refuse a key file that users other than the service user (and its groups) can read, or others can change.
+
+    Owned by root or the service user; no access at all for ``other``; group access only
+    for one of the process's groups (``root:triagenode 0640`` is the usual layout), and
+    never write access for a group.
     """
     try:
         info = path.stat()
     except OSError as exc:
         raise TlsSetupError(f"[tls] private_key {path} cannot be read ({exc.strerror}); check the path") from None
     mode = stat.S_IMODE(info.st_mode)
-    foreign_group = mode & 0o070 and info.st_gid != os.getgid()
-    if mode & 0o007 or foreign_group:
+    foreign_group = mode & 0o070 and info.st_gid not in {os.getgid(), *os.getgroups()}
+    if mode & 0o007 or mode & 0o020 or foreign_group:
         raise TlsSetupError(
-            f"[tls] private_key {path} is readable by others than the service user (mode {mode:04o}); "
-            f"`chmod 600 {path}` and `chown` it to the service user"
+            f"[tls] private_key {path} can be read or changed by others than the service user (mode {mode:04o}, "
+            f"group {info.st_gid}); {KEY_LAYOUT.replace('KEY', str(path))}"
+        )
+    if info.st_uid not in (0, os.getuid()):
+        raise TlsSetupError(
+            f"[tls] private_key {path} belongs to uid {info.st_uid}, neither root nor the service user; "
+            f"{KEY_LAYOUT.replace('KEY', str(path))}"
+        )
+    if not os.access(path, os.R_OK):
+        raise TlsSetupError(
+            f"[tls] private_key {path} cannot be read by the service user (uid {os.getuid()}); "
+            f"{KEY_LAYOUT.replace('KEY', str(path))}"
         )
 
 
@@ -212,6 +227,20 @@ def client_context(destination: Destination, tls: TlsSettings) -> ssl.SSLContext
     return context
 
 
+def check_destination_tls(settings: Settings) -> None:
+    """Load every TLS destination's files now, so that a wrong path stops the start instead of every report."""
+    for destination in settings.destinations:
+        if not destination.tls:
+            continue
+        try:
+            client_context(destination, settings.tls)
+        except (OSError, ValueError) as exc:  # ssl.SSLError is an OSError
+            raise TlsSetupError(
+                f"destination {destination.name!r}: its TLS files cannot be loaded ({exc}); check ca_certificates, "
+                "certificate and private_key there or in [tls]"
+            ) from None
+
+
 def peer_subject(sock: object) -> str | None:
     """The common name (or the whole subject) of the certificate a TLS peer presented, or None."""
     if not isinstance(sock, ssl.SSLSocket):
@@ -240,6 +269,9 @@ class TlsAssociationServer(ThreadedAssociationServer):
         peer_ip = client_address[0] if isinstance(client_address, tuple) else str(client_address)
         timeout = request.gettimeout()
         request.settimeout(HANDSHAKE_TIMEOUT_S)
+        if not self._says_something(request, peer_ip):
+            self.shutdown_request(request)
+            return
         try:
             wrapped = self.tls_context.wrap_socket(request, server_side=True)
         except (ssl.SSLError, OSError) as exc:
@@ -248,6 +280,20 @@ class TlsAssociationServer(ThreadedAssociationServer):
             return
         wrapped.settimeout(timeout)
         super().process_request_thread(wrapped, client_address)
+
+    @staticmethod
+    def _says_something(request: socket.socket, peer_ip: str) -> bool:
+        """Whether the peer sent a first byte: a port check (connect, close) or a silent connection is no
+        failed authentication, and is treated as on the plain port (not logged; dropped after the ARTIM
+        timeout, logged), not as a security alert that monitoring would repeat every minute."""
+        try:
+            return bool(request.recv(1, socket.MSG_PEEK))
+        except TimeoutError:
+            log.info("connection.dropped peer_ip=%s tls=yes reason=%r", peer_ip,
+                     f"no TLS ClientHello within {HANDSHAKE_TIMEOUT_S} s (ARTIM)")
+            return False
+        except OSError:  # reset by the peer
+            return False
 
 
 _HINTS = (
@@ -258,6 +304,7 @@ _HINTS = (
     ("UNSUPPORTED_PROTOCOL", "the peer offers only TLS versions below [tls] minimum_version"),
     ("NO_PROTOCOLS_AVAILABLE", "the peer offers only TLS versions below [tls] minimum_version"),
     ("WRONG_VERSION_NUMBER", "not TLS: a plain-TCP peer on the TLS port, or an SSL/TLS version below 1.2"),
+    ("UNEXPECTED_EOF", "the peer closed the connection during the handshake"),
     ("HTTP_REQUEST", "not TLS: an HTTP request on the DICOM TLS port"),
     ("NO_SHARED_CIPHER", "the peer offers none of the BCP 195 cipher suites"),
 )
@@ -267,7 +314,7 @@ _HINTS = (
 def _handshake_reason(exc: BaseException) -> str:
     """What went wrong in a handshake, in OpenSSL's words where there are some."""
     if isinstance(exc, TimeoutError | socket.timeout):
-        return f"no TLS handshake within {HANDSHAKE_TIMEOUT_S} s (a plain-TCP peer on the TLS port?)"
+        return f"the TLS handshake did not complete within {HANDSHAKE_TIMEOUT_S} s"
     if isinstance(exc, ssl.SSLError):
         verify = getattr(exc, "verify_message", None)
         reason = str(exc.reason or exc)

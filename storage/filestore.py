@@ -105,7 +105,8 @@ class FileStore:
         self.studies_dir = data_dir / "studies"
 
     def secure(self) -> None:
-        """Create ``data_dir`` (0750), refuse one that others can write, tighten one the service user owns.
+        """Create ``data_dir`` (0750), refuse one that others can write, tighten one the service user owns
+        (group write and any access for others taken away).
 
         Called before anything is written there. A directory the service user
         does not own (root's, with the service's group) is left as it is when
@@ -119,9 +120,10 @@ class FileStore:
                 f"data_dir {self.data_dir} is writable by every user (mode {mode:04o}): anyone could replace "
                 f"instances or the queue; `chmod 750 {self.data_dir}` and `chown` it to the service user"
             )
-        if info.st_uid == os.getuid() and mode != DIRECTORY_MODE:
-            os.chmod(self.data_dir, DIRECTORY_MODE)
-            log.info("data_dir.secured path=%s mode_was=%04o mode=%04o", self.data_dir, mode, DIRECTORY_MODE)
+        tightened = mode & ~0o027  # only ever take bits away: 0700 stays, a setgid bit stays
+        if info.st_uid == os.getuid() and tightened != mode:
+            os.chmod(self.data_dir, tightened)
+            log.info("data_dir.secured path=%s mode_was=%04o mode=%04o", self.data_dir, mode, tightened)
 
     def lock(self) -> int:
         """Hold ``data_dir`` for this process (an flock the kernel drops when it exits, however it exits).

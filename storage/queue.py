@@ -320,6 +320,12 @@ class StudyQueue:
             connection.close()
         return None if row is None else str(row[0])
 
+    def is_purging(self, study_uid: str) -> bool:
+        """Whether the study is being purged (its instances are refused meanwhile, duplicates too)."""
+        with self._engine.connect() as connection:
+            state = connection.execute(select(Study.state).where(Study.study_uid == study_uid)).scalar()
+        return state == StudyState.PURGING
+
     def record_instance(self, received: ReceivedInstance, now: datetime | None = None) -> Registration:
         """Register a stored instance; commits (fsync'd) before it returns.
 

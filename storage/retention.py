@@ -84,6 +84,8 @@ SWEEP_BUDGET_S = 20.0
 set on a full node) goes over several runs instead of one that lasts hours."""
 
 LOCK_TIMEOUT_S = 60.0
+SWEEP_LOCK_TIMEOUT_S = 1.0
+"""How long the daemon's sweep waits for a purge of the CLI before it leaves the rest to its next run."""
 """How long a purge waits for another one (the CLI's or the daemon's) to finish its study."""
 
 ADMINISTRATOR_REASON = "purged by an administrator (`triagenode queue purge`)"
@@ -282,9 +284,14 @@ class Retention:
                          len(purged), len(work) - index, budget_s)
                 break
             try:
-                done = self._purge(study_uid, now, older_than, reason)
+                # A CLI purge holding the lock: this run stops, the next goes on (a stop must not wait a minute).
+                done = self._purge(study_uid, now, older_than, reason, lock_timeout_s=SWEEP_LOCK_TIMEOUT_S)
             except UnknownStudyError:
                 continue  # another purge (the CLI's) finished it meanwhile
+            except PurgeBusyError:
+                log.info("retention.paused purged=%d left=%d reason='a purge of the CLI holds data_dir'",
+                         len(purged), len(work) - index)
+                break
             except Exception as exc:  # noqa: BLE001 - one study's trouble must not keep the others on the disk
                 log.error("retention.failed study_uid=%s error=%s detail=%r: left for the next run", study_uid,
                           type(exc).__name__, str(getattr(exc, "orig", exc))[:300])
@@ -293,8 +300,11 @@ class Retention:
                 purged.append(done)
         return purged
 
-    def _purge(self, study_uid: str, now: datetime, older_than: datetime | None, reason: str) -> PurgedStudy | None:
-        with self.exclusive():
+    def _purge(
+        self, study_uid: str, now: datetime, older_than: datetime | None, reason: str,
+        lock_timeout_s: float = LOCK_TIMEOUT_S,
+    ) -> PurgedStudy | None:
+        with self.exclusive(lock_timeout_s):
             plan = self.mark(study_uid, now=now, older_than=older_than, reason=reason)
             if plan is None:
                 return None

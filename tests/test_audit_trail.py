@@ -10,7 +10,8 @@ log still names no patient.
 
 from __future__ import annotations
 
-import getpass
+import os
+import pwd
 import socket
 from pathlib import Path
 from typing import Any
@@ -125,7 +126,7 @@ def test_cli_actions_are_audited_with_the_os_user(make_node, tmp_path: Path) -> 
     [deleted] = [root for root in roots if event_id(root) == "110105"]
     for root in [*actions, deleted]:
         users = [p.get("UserID") for p in root.findall("ActiveParticipant")]
-        assert getpass.getuser() in users
+        assert pwd.getpwuid(os.geteuid()).pw_name in users
         objects = [o.get("ParticipantObjectID") for o in root.findall("ParticipantObjectIdentification")]
         assert objects == [study.study_uid, PATIENT_ID], "the study and its patient, read from its files"
 

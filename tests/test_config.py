@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import pickle
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -322,3 +323,43 @@ def test_the_environment_overrides_and_adds_models_by_index(tmp_path: Path) -> N
     gap = {"TRIAGENODE_MODELS__3__NAME": "x", "TRIAGENODE_MODELS__3__PACKAGE": "demo"}
     with pytest.raises(ConfigError, match=r"MODELS__3__NAME: model 3 would leave a gap; the next model is 2$"):
         load_settings(path, environ=gap)
+
+
+@pytest.mark.parametrize(
+    ("host", "expected"),
+    [
+        ("10.1.2.0/24", "10.1.2.0/24"),
+        ("ct1.example.org", "ct1.example.org"),
+        ("::ffff:10.1.2.3", "10.1.2.3/32"),  # written as the node sees a dual-stack peer
+        ("ct1..example.org", None),  # the resolver raises on it: it must stop the start, not open the door
+        ("10.1.2", None),  # the resolver reads it as 10.1.0.2
+        ("010.1.2.3", None),  # and this as octal
+        ("a" * 64 + ".example.org", None),
+        ("10.1.2.0/33", None),
+    ],
+)
+def test_peer_hosts_are_addresses_networks_or_host_names(tmp_path: Path, host: str, expected: str | None) -> None:
+    path = write(tmp_path, f'[[peers]]\nae_title = "CT1"\nhosts = ["{host}"]\n')
+    if expected is None:
+        with pytest.raises(ConfigError, match=r"peers\[0\]\.hosts\[0\]: .* is neither an address"):
+            load_settings(path, environ={})
+    else:
+        assert load_settings(path, environ={}).peers[0].hosts == (expected,)
+
+
+def test_tls_settings_name_what_is_missing(tmp_path: Path) -> None:
+    cases = {
+        "[tls]\nport = 2762\n": "tls.certificate: is required when [tls] port is set",
+        '[tls]\nport = 2762\ncertificate = "c"\nprivate_key = "k"\n': "tls.ca_certificates: is required with "
+        "require_client_certificate",
+        '[node]\nport = 0\n': "node.port: 0 (TLS only) needs [tls] port",
+        '[tls]\nport = 11112\ncertificate = "c"\nprivate_key = "k"\nrequire_client_certificate = false\n':
+            "tls.port: 11112 is also [node] port",
+        '[[destinations]]\nname = "p"\nae_title = "P"\nhost = "h"\nport = 1\ntls = true\nprivate_key = "k"\n':
+            "destinations[0].certificate: is required with private_key",
+        "[storage]\nkeep_days = inf\n": "storage.keep_days",
+        '[[peers]]\nae_title = "CT1"\nhosts = ["h"]\nrequire_tls = true\n': "peers[0].require_tls: needs [tls] port",
+    }
+    for text, message in cases.items():
+        with pytest.raises(ConfigError, match=re.escape(message)):
+            load_settings(write(tmp_path, text), environ={})

@@ -502,3 +502,27 @@ def test_a_running_node_purges_a_finished_study_after_keep_days_and_audits_it(ma
     objects = [o.get("ParticipantObjectID") for o in deleted.findall("ParticipantObjectIdentification")]
     assert objects == [finished.study_uid, PATIENT_ID]
     assert PATIENT_ID not in node.log()
+
+
+def test_a_running_node_refuses_even_a_duplicate_of_a_study_being_purged(make_node, tmp_path: Path) -> None:
+    """A re-sent instance of a study whose purge has begun is not "already stored": its file is about to go."""
+    from triagenode.storage.database import open_for_cli
+
+    node = make_node()
+    study = write_study(tmp_path / "study", slices=2)
+    assert send(node.port, study.files) == [0, 0]
+    node.wait_for_state(study.study_uid, "queued")
+    node.cli("queue", "cancel", study.study_uid)
+    engine = open_for_cli(node.data_dir / "triagenode.db")
+    try:
+        retention = Retention(engine, node.data_dir)
+        with retention.exclusive():
+            plan = retention.mark(study.study_uid, now=utcnow())
+            assert plan is not None
+            assert send(node.port, study.files[:1]) == [0xA702], "a duplicate of a purging study"
+            retention.remove_files(plan)
+            retention.forget(plan)
+    finally:
+        engine.dispose()
+    assert send(node.port, study.files[:1]) == [0], "after the purge it is a new instance of a new study"
+    assert node.wait_for_state(study.study_uid, "queued")["instances"] == 1
