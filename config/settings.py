@@ -239,6 +239,9 @@ class Peer(_Section):
     """This peer's associations at once; ``[node] max_associations_per_peer`` when not set."""
     require_tls: bool = False
     """Refuse this AE title on the plain-TCP port."""
+    certificate_names: tuple[str, ...] = Field((), strict=False)
+    """Common names of the client certificates this AE title may present (mutual TLS): the CA signs many
+    certificates, this binds the AE title to its own. Implies ``require_tls``; empty: any the CA signed."""
 
 
 class AuditSettings(_Section):
@@ -447,6 +450,11 @@ class Settings(_Section):
             seen.add(peer.ae_title.strip())
             if peer.require_tls and not self.tls.enabled:
                 raise SettingError(f"peers[{index}].require_tls", "needs [tls] port: the node has no TLS port")
+            if peer.certificate_names and not (self.tls.enabled and self.tls.require_client_certificate):
+                raise SettingError(
+                    f"peers[{index}].certificate_names",
+                    "needs [tls] port with require_client_certificate = true: only then do peers show certificates",
+                )
 
     def peer(self, ae_title: str) -> Peer | None:
         """The ``[[peers]]`` entry of a calling AE title, or None."""

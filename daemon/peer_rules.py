@@ -74,14 +74,19 @@ class PeerRules:
             return peer.max_associations
         return self._default_limit
 
-    def check(self, ae_title: str, address: str, over_tls: bool) -> PeerVerdict:
-        """Whether ``ae_title`` may associate from ``address`` (on the TLS port or not)."""
+    def check(self, ae_title: str, address: str, over_tls: bool, certificate: str | None = None) -> PeerVerdict:
+        """Whether ``ae_title`` may associate from ``address`` (on the TLS port or not, showing the
+        certificate with common name ``certificate``)."""
         title = ae_title.strip()
         peer = self._settings.peer(title)
         if peer is None:
             return ALLOWED  # allowed_calling_aets decides, in pynetdicom's own check
-        if peer.require_tls and not over_tls:
+        if (peer.require_tls or peer.certificate_names) and not over_tls:
             return PeerVerdict(False, f"{title} must use the TLS port ([[peers]] require_tls)", security=True)
+        if peer.certificate_names and certificate not in peer.certificate_names:
+            names = ", ".join(peer.certificate_names)
+            return PeerVerdict(False, f"{title} must show a certificate for {names}; it showed "
+                                      f"{certificate or 'none'}", security=True)
         if not self._matches(title, address):
             hosts = ", ".join(peer.hosts)
             return PeerVerdict(False, f"{title} is bound to {hosts}; it came from {address}", security=True)

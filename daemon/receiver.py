@@ -303,7 +303,9 @@ class StorageReceiver:
         association.acse_timeout = ACSE_TIMEOUT_S
         peer_ae = _peer_ae(association)
         tally = self._tally(association)
-        verdict = self._peers.check(peer_ae, tally.peer_ip if tally else "", tally.tls if tally else False)
+        verdict = self._peers.check(
+            peer_ae, tally.peer_ip if tally else "", tally.tls if tally else False, tally.certificate if tally else None
+        )
         if not verdict.allowed:
             self._refuse(association, tally, verdict.reason, SecurityAlertKind.ADDRESS_MISMATCH)
             # Rejected permanent, service user, calling AE title not recognised (PS3.8 9.3.4).

@@ -310,3 +310,26 @@ def test_triagenode_echo_checks_a_tls_peer(make_node, pki) -> None:
     assert "over TLS: Success" in result.stdout
     plain = node.cli("echo", "--tls", f"{NODE_AE}@localhost:{node.port}", "--timeout", "5", check=False)
     assert plain.returncode == 1 and "no association over TLS" in plain.stderr
+
+
+def test_a_peer_bound_to_tls_and_its_certificate_is_refused_otherwise(make_node, pki, tmp_path: Path) -> None:
+    """The CA signs many certificates: CT1 must come over TLS, from its address, with its own."""
+    node = tls_node(make_node, pki, peers=[{"ae_title": "CT1", "hosts": ["127.0.0.1"], "require_tls": True,
+                                            "certificate_names": ["CT1"]}])
+    study = write_study(tmp_path / "study", slices=1)
+    plain = subprocess.run(["storescu", "-aet", "CT1", "-aec", NODE_AE, "127.0.0.1", str(node.port),
+                            str(study.files[0])], capture_output=True, text=True, timeout=60, env=DCMTK_ENV)
+    assert plain.returncode != 0
+    other = pki["ca"].issue("CT_OTHER")
+    borrowed = dcmtk_tls("storescu", other, pki["ca"].certificate, "-aet", "CT1", "127.0.0.1", str(node.tls_port),
+                         str(study.files[0]))
+    assert borrowed.returncode != 0
+    lines = [line for line in node.log().splitlines() if "association.refused peer_ae=CT1" in line]
+    assert "must use the TLS port" in lines[0] and "tls=no" in lines[0]
+    assert "must show a certificate for CT1; it showed CT_OTHER" in lines[1] and "tls=yes" in lines[1]
+    own = dcmtk_tls("storescu", pki["client"], pki["ca"].certificate, "-aet", "CT1", "127.0.0.1",
+                    str(node.tls_port), str(study.files[0]))
+    assert own.returncode == 0, own.stderr
+    alerts = [line for path in (node.data_dir / "audit").glob("*.log") for line in path.read_text().splitlines()
+              if 'csd-code="110113"' in line and "CT1" in line]
+    assert len(alerts) == 2
