@@ -133,17 +133,6 @@ MAX_BACKOFF_S = 60.0
 UDP_MAX_PAYLOAD = 65507
 """The largest UDP datagram over IPv4; a longer message is not sent over UDP (RFC 5426 3.2), only filed.
 ATNA asks repositories to take 32768 octets; the node's messages are a few kilobytes."""
-BCP195_CIPHERS = ":".join(
-    (
-        "ECDHE-ECDSA-AES128-GCM-SHA256",
-        "ECDHE-RSA-AES128-GCM-SHA256",
-        "ECDHE-ECDSA-AES256-GCM-SHA384",
-        "ECDHE-RSA-AES256-GCM-SHA384",
-        "DHE-RSA-AES128-GCM-SHA256",
-        "DHE-RSA-AES256-GCM-SHA384",
-    )
-)
-"""TLS 1.2 suites toward the repository, the same BCP 195 set as DICOM TLS (TLS 1.3's are all AEAD)."""
 
 
 @dataclass(frozen=True)
@@ -883,7 +872,9 @@ def _client_context(settings: AuditSettings, tls: TlsSettings | None) -> ssl.SSL
     context.minimum_version = ssl.TLSVersion.TLSv1_2
     if tls is not None and tls.minimum_version == "1.3":
         context.minimum_version = ssl.TLSVersion.TLSv1_3
-    context.set_ciphers(BCP195_CIPHERS)
+    from triagenode.daemon.tls import BCP195_CIPHERS  # here: only a TLS repository needs it (and pynetdicom)
+
+    context.set_ciphers(BCP195_CIPHERS)  # the same BCP 195 set as DICOM TLS (TLS 1.3's are all AEAD)
     anchors = settings.syslog_ca_certificates or (tls.ca_certificates if tls is not None else None)
     if anchors is not None:
         context.load_verify_locations(cafile=str(anchors))

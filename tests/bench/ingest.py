@@ -149,14 +149,19 @@ def run_once(receiver: Receiver, files: list[Path], associations: int, scratch: 
         elapsed = time.perf_counter() - started
         rss = peak_rss_mb(process.pid)
     finally:
-        process.send_signal(signal.SIGTERM)
-        try:
-            process.wait(60)
-        except subprocess.TimeoutExpired:
-            process.kill()
-        shutil.rmtree(root, ignore_errors=True)
+        stop_receiver(process, root)
     size = sum(path.stat().st_size for path in files)
     return {"files_s": len(files) / elapsed, "mb_s": size / elapsed / 1e6, "rss_mb": rss, "seconds": elapsed}
+
+
+def stop_receiver(process: subprocess.Popen[bytes], root: Path) -> None:
+    """SIGTERM (SIGKILL after a minute) and remove its storage."""
+    process.send_signal(signal.SIGTERM)
+    try:
+        process.wait(60)
+    except subprocess.TimeoutExpired:
+        process.kill()
+    shutil.rmtree(root, ignore_errors=True)
 
 
 def main() -> None:

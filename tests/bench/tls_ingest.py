@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import shutil
-import signal
 import subprocess
 import sys
 import tempfile
@@ -24,7 +23,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from dicom_factory import write_study
-from ingest import ENV, TRIAGENODE, free_port, peak_rss_mb, wait_for_port
+from ingest import ENV, TRIAGENODE, free_port, peak_rss_mb, stop_receiver, wait_for_port
 from pki import Issued, TestCA
 
 
@@ -88,12 +87,7 @@ def run_once(receiver: str, tls: bool, files: list[Path], associations: int, scr
         elapsed = send(files, ae_title, target, associations, client if tls else None, ca)
         rss = peak_rss_mb(process.pid)
     finally:
-        process.send_signal(signal.SIGTERM)
-        try:
-            process.wait(60)
-        except subprocess.TimeoutExpired:
-            process.kill()
-        shutil.rmtree(root, ignore_errors=True)
+        stop_receiver(process, root)
     size = sum(path.stat().st_size for path in files)
     return {"files_s": len(files) / elapsed, "mb_s": size / elapsed / 1e6, "rss_mb": rss}
 
