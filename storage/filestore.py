@@ -229,13 +229,26 @@ class FileStore:
         return (self.data_dir / relative).is_file()
 
     def _make_parents(self, directory: Path) -> list[Path]:
-        """mkdir -p, returning the directories it created (their parents need an fsync)."""
-        created: list[Path] = []
-        current = directory
-        while not current.exists():
-            created.append(current)
-            current = current.parent
-        for path in reversed(created):
-            path.mkdir(mode=DIRECTORY_MODE, exist_ok=True)
-        return created
+        """mkdir -p, returning the directories it created (their parents need an fsync).
 
+        A purge removes a study's folders once they are empty ([storage] keep_days,
+        ``queue purge``); one that does so between the walk up and a mkdir here makes
+        that mkdir fail, and the walk starts again.
+        """
+        created: list[Path] = []
+        for attempt in range(3):
+            missing: list[Path] = []
+            current = directory
+            while not current.exists():
+                missing.append(current)
+                current = current.parent
+            try:
+                for path in reversed(missing):
+                    path.mkdir(mode=DIRECTORY_MODE, exist_ok=True)
+                    created.append(path)
+            except FileNotFoundError:
+                if attempt == 2:
+                    raise
+                continue
+            return created
+        return created
