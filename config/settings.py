@@ -256,6 +256,8 @@ class AuditSettings(_Section):
     syslog_ca_certificates: OptionalPath = None
     """Trust anchors for the repository's certificate; ``[tls] ca_certificates`` when not set. The node's
     ``[tls]`` certificate, when there is one, authenticates the node to it."""
+    enterprise_site_id: str = Field("", max_length=64)
+    """AuditEnterpriseSiteID of every message (the hospital, as the repository groups its sources); empty: none."""
 
     @field_validator("syslog")
     @classmethod

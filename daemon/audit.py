@@ -655,7 +655,7 @@ class AuditTrail:
     def for_settings(cls, settings: Settings, process: str = "triagenode") -> AuditTrail:
         """The trail as ``serve`` and the CLI keep it: ``[audit]``, the node's AE title, data_dir and ``[tls]``."""
         return cls(settings.node.data_dir, settings.audit, node_ae=settings.node.ae_title, tls=settings.tls,
-                   process=process)
+                   process=process, site=settings.audit.enterprise_site_id)
 
     @property
     def source_id(self) -> str:

@@ -56,7 +56,7 @@ def test_a_node_audits_transfers_refusals_and_its_life_to_a_tls_repository(
         destinations=[{"name": "pacs", "ae_title": "PACS", "host": "127.0.0.1", "port": pacs.port}],
         tls={"port": tls_port, "certificate": str(node_identity.certificate),
              "private_key": str(node_identity.private_key), "ca_certificates": str(ca.certificate)},
-        audit={"syslog": repository.address, "syslog_protocol": "tls"},
+        audit={"syslog": repository.address, "syslog_protocol": "tls", "enterprise_site_id": "General Hospital"},
         peers=[{"ae_title": "CT1", "hosts": ["10.9.9.0/24"]}],
     )
     study = write_phantom_study(tmp_path / "ph", seed=3, index=0, positive=True, slices=24, matrix=128)
@@ -79,6 +79,9 @@ def test_a_node_audits_transfers_refusals_and_its_life_to_a_tls_repository(
     roots = [parsed(message.xml) for message in messages]
     events = [event_id(root) for root in roots]
     assert events[0] == "110100" and events[-1] == "110100", "start and stop come first and last"
+    assert {root.find("AuditSourceIdentification").get("AuditEnterpriseSiteID") for root in roots} == {
+        "General Hospital"
+    }
 
     received = [r for r in roots if event_id(r) == "110104" and r.find("EventIdentification").get("EventActionCode")
                 == "C"]
