@@ -130,6 +130,10 @@ _BEING_PURGED = (
 """The answer for an instance of a study whose files are being removed ([storage] keep_days, `queue purge`)."""
 
 
+_FINISHED_STUDY = (Registration.ADDED_TO_CANCELLED, Registration.KEPT_AS_OWN_REPORT)
+"""Registrations that leave the study in a final state, where a purge may take it at any moment."""
+
+
 class _Withheld(Exception):
     """Stands in for an exception's message in the log: it may quote attribute values (patient data)."""
 
@@ -522,8 +526,6 @@ class StorageReceiver:
         size = spool.stat().st_size
         stored = self._queue.stored_path(header.sop_instance_uid)
         if stored is not None and self._store.holds(stored):
-            if self._queue.is_purging(header.study_uid):  # its file is about to go: it is not stored
-                return _BEING_PURGED
             return StoreStatus.SUCCESS, "duplicate", size, header
         relative = self._store.relative_path(header.study_uid, header.series_uid, header.sop_instance_uid)
         try:
@@ -564,8 +566,6 @@ class StorageReceiver:
             # or no more: a crash between a row and its rename).
             stored = self._queue.stored_path(header.sop_instance_uid)
             if stored is not None and self._store.holds(stored):
-                if self._queue.is_purging(header.study_uid):
-                    return _BEING_PURGED
                 return StoreStatus.SUCCESS, "duplicate", size, header
             if stored is not None and Path(stored) != relative:
                 relative = Path(stored)
@@ -579,11 +579,12 @@ class StorageReceiver:
             # The row stays, pointing at no file: a re-send is not taken for a
             # duplicate (see above) and fills it in.
             return self._write_failure(exc, relative)
-        if self._queue.stored_path(header.sop_instance_uid) is None:
-            # A purge of the study (a cancelled one takes instances without re-opening) removed
-            # its rows between the record and the rename: the file has no row, nothing would
-            # ever process it. Not stored, then: the sender's retry makes a new study (and its rename
-            # replaces this file; removing it here could remove that retry's file instead).
+        if registration in _FINISHED_STUDY and self._queue.stored_path(header.sop_instance_uid) is None:
+            # Its study stayed finished (cancelled; or this is the node's own report), so a purge
+            # may have begun, or removed its rows, between the record and the rename: its file
+            # goes, or has no row and nothing would ever process it. Not stored, then: the
+            # sender's retry makes a new study (and its rename replaces this file; removing it
+            # here could remove that retry's file instead). A study receiving cannot be purged.
             log.warning("store.purged_meanwhile study_uid=%s sop_instance_uid=%s: refused, the sender retries",
                         header.study_uid, header.sop_instance_uid)
             return _BEING_PURGED

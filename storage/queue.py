@@ -76,7 +76,10 @@ _SQL_INSTANCE_EXISTS = (
     "SELECT studies.state, studies.study_uid FROM instances JOIN series ON series.id = instances.series_id"
     " JOIN studies ON studies.id = series.study_id WHERE instances.sop_instance_uid = ?"
 )
-_SQL_INSTANCE_PATH = "SELECT path FROM instances WHERE sop_instance_uid = ?"
+_SQL_INSTANCE_PATH = (
+    "SELECT instances.path FROM instances JOIN series ON series.id = instances.series_id"
+    " JOIN studies ON studies.id = series.study_id WHERE instances.sop_instance_uid = ? AND studies.state != ?"
+)
 _SQL_FIND_STUDY = "SELECT id, state, modality FROM studies WHERE study_uid = ?"
 _SQL_NEW_STUDY = (
     "INSERT INTO studies (study_uid, state, study_date, description, received_at, last_instance_at, updated_at,"
@@ -268,6 +271,7 @@ class Registration(Enum):
 
     NEW_STUDY = "new study"
     ADDED = "added"
+    ADDED_TO_CANCELLED = "added to a cancelled study, which stays cancelled"
     REOPENED = "re-opened study"
     KEPT_AS_OWN_REPORT = "the node's own report, stored without re-opening its study"
     DUPLICATE = "duplicate"
@@ -310,21 +314,20 @@ class StudyQueue:
     def stored_path(self, sop_instance_uid: str) -> str | None:
         """The stored path of an instance already on the node, or None.
 
-        One indexed read on the driver's connection, outside any transaction
-        (the driver is in autocommit mode): it runs for every C-STORE.
+        An instance of a study being purged is not stored: its file is about to go, so a
+        re-send of it must not be answered "already stored" (:meth:`record_instance` then
+        refuses it with :class:`StudyBeingPurgedError`). One indexed read on the driver's
+        connection, outside any transaction (the driver is in autocommit mode): it runs
+        for every C-STORE.
         """
         connection = self._engine.raw_connection()
         try:
-            row = connection.execute(_SQL_INSTANCE_PATH, (sop_instance_uid,)).fetchone()  # type: ignore[attr-defined]
+            row = connection.execute(  # type: ignore[attr-defined]
+                _SQL_INSTANCE_PATH, (sop_instance_uid, S.PURGING.value)
+            ).fetchone()
         finally:
             connection.close()
         return None if row is None else str(row[0])
-
-    def is_purging(self, study_uid: str) -> bool:
-        """Whether the study is being purged (its instances are refused meanwhile, duplicates too)."""
-        with self._engine.connect() as connection:
-            state = connection.execute(select(Study.state).where(Study.study_uid == study_uid)).scalar()
-        return state == StudyState.PURGING
 
     def record_instance(self, received: ReceivedInstance, now: datetime | None = None) -> Registration:
         """Register a stored instance; commits (fsync'd) before it returns.
@@ -375,7 +378,9 @@ class StudyQueue:
                 if not received.reopens and state != S.RECEIVING:
                     quietly = True
                     outcome = Registration.KEPT_AS_OWN_REPORT
-                elif state not in (S.RECEIVING, S.CANCELLED):
+                elif state == S.CANCELLED:
+                    outcome = Registration.ADDED_TO_CANCELLED
+                elif state != S.RECEIVING:
                     changes += self._reopen(connection, study_id, state, received.calling_ae, now)
                     # The report not yet delivered lacks this instance: it must not go out
                     # later (say, after the new run fails). The new run schedules its own.
