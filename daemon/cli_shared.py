@@ -130,19 +130,15 @@ def cli_audit_trail(settings: Settings) -> Iterator[AuditTrail]:
 
 
 def patient_of(settings: Settings, study_uid: str) -> dict[str, str]:
-    """The patient of a study as one of its stored instances names it (for the audit trail); empty if none is read."""
-    from pydicom import dcmread
-    from pydicom.errors import InvalidDicomError
+    """The patient of a study as its first readable stored instance names it (for the audit trail)."""
+    from triagenode.storage.retention import patient_in
 
     try:
-        first = next((settings.node.data_dir / "studies" / study_uid).glob("*/*.dcm"), None)
-        if first is None:
-            return {}
-        ds = dcmread(first, stop_before_pixels=True, specific_tags=["PatientID", "PatientName", "AccessionNumber"])
-    except (OSError, InvalidDicomError, ValueError):  # a CLI user who may not read the store, a damaged file
-        return {}
-    return {"patient_id": str(ds.get("PatientID", "") or ""), "patient_name": str(ds.get("PatientName", "") or ""),
-            "accession_number": str(ds.get("AccessionNumber", "") or "")}
+        files = sorted((settings.node.data_dir / "studies" / study_uid).glob("*/*.dcm"))
+    except OSError:  # a CLI user who may not read the store
+        files = []
+    patient_id, patient_name, accession = patient_in(files)
+    return {"patient_id": patient_id, "patient_name": patient_name, "accession_number": accession}
 
 
 class LazyChoice(click.Choice):

@@ -55,7 +55,7 @@ import logging
 import os
 import time
 from collections import Counter
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import datetime, timedelta
@@ -96,6 +96,21 @@ _STANDING_TASKS = [state.value for state in DELIVERABLE]
 """Task states whose pending deliveries go out (``storage.reports``): such a delivery is work still to do.
 A cancelled or re-queued task's leftover pending delivery never goes, so it holds nothing back."""
 _PATIENT_TAGS = ["PatientID", "PatientName", "AccessionNumber"]
+
+
+def patient_in(paths: Iterable[Path]) -> tuple[str, str, str]:
+    """(Patient ID, Patient's Name, Accession Number) from the first of ``paths`` that reads as DICOM; empty
+    strings when none does. For the audit trail only: never log them."""
+    from pydicom import dcmread  # only a purge or an audited command pays for pydicom
+
+    for path in paths:
+        try:
+            header = dcmread(path, stop_before_pixels=True, specific_tags=_PATIENT_TAGS)
+        except Exception:  # noqa: BLE001, S112 - gone, unreadable, not DICOM enough: the next may read; audit only
+            continue
+        patient_id, patient_name, accession = (str(header.get(tag) or "") for tag in _PATIENT_TAGS)
+        return patient_id, patient_name, accession
+    return "", "", ""
 
 
 class StudyInWorkError(TransitionError):
@@ -394,19 +409,8 @@ class Retention:
     def read_patient(self, plan: PurgePlan) -> tuple[str, str, str]:
         """(Patient ID, Patient's Name, Accession Number) from the first stored file that reads; empty strings
         when none does. For the audit trail only: never log them."""
-        from pydicom import dcmread  # only a purge pays for pydicom
-
-        for relative in (*plan.instance_paths, *plan.report_paths):
-            path = self._path(relative)
-            if path is None:
-                continue
-            try:
-                header = dcmread(path, stop_before_pixels=True, specific_tags=_PATIENT_TAGS)
-            except Exception:  # noqa: BLE001, S112 - gone, or not DICOM enough: the next may read; audit only
-                continue
-            patient_id, patient_name, accession = (str(header.get(tag) or "") for tag in _PATIENT_TAGS)
-            return patient_id, patient_name, accession
-        return "", "", ""
+        paths = (self._path(relative) for relative in (*plan.instance_paths, *plan.report_paths))
+        return patient_in(path for path in paths if path is not None)
 
     def remove_files(self, plan: PurgePlan) -> int:
         """Step 2: unlink the files the plan names, rmdir the directories left empty, fsync; the bytes freed.
