@@ -111,6 +111,15 @@ class NodeProcess:
             wait_until(self._echoes, 30, f"node on port {self.port} never answered C-ECHO; log:\n{self.log()}", 0.2)
         return self
 
+    def refused_start(self) -> str:
+        """Run ``serve`` expecting it to refuse to start; the one ``triagenode: ...`` line it printed."""
+        result = subprocess.run([TRIAGENODE, "serve", "--config", str(self.config_path)], capture_output=True,
+                                text=True, timeout=60)
+        assert result.returncode != 0, "the node started"
+        lines = [line for line in result.stderr.splitlines() if line.startswith("triagenode:")]
+        assert len(lines) == 1, result.stderr
+        return lines[0]
+
     def _echoes(self) -> bool:
         assert self.process is not None
         if self.process.poll() is not None:

@@ -9,12 +9,11 @@ from __future__ import annotations
 
 import os
 import stat
-import subprocess
 from pathlib import Path
 
 from triagenode.inference.phantom import write_phantom_study
 
-from nodes import TRIAGENODE, send
+from nodes import send
 
 
 def test_every_file_is_0640_and_every_directory_0750_under_umask_000(make_node, tmp_path: Path) -> None:
@@ -46,10 +45,7 @@ def test_the_node_refuses_a_data_dir_others_can_write(make_node) -> None:
     node = make_node(start=False)
     node.data_dir.mkdir(parents=True)
     os.chmod(node.data_dir, 0o777)  # noqa: S103 - the unsafe directory under test
-    result = subprocess.run([TRIAGENODE, "serve", "--config", str(node.config_path)], capture_output=True,
-                            text=True, timeout=60)
-    assert result.returncode != 0
-    [line] = [x for x in result.stderr.splitlines() if x.startswith("triagenode:")]
+    line = node.refused_start()
     assert f"data_dir {node.data_dir} is writable by every user (mode 0777)" in line and "chmod 750" in line
     assert not (node.data_dir / "triagenode.db").exists(), "nothing is written into it"
     os.chmod(node.data_dir, 0o755)  # noqa: S103 - what a site may have made it

@@ -23,7 +23,7 @@ import pytest
 from pydicom import dcmread
 
 from dicom_factory import write_study
-from nodes import NODE_AE, TRIAGENODE, NodeProcess, free_port, wait_until
+from nodes import NODE_AE, NodeProcess, free_port, wait_until
 from orthanc import Orthanc
 from pki import Issued, TestCA
 
@@ -160,32 +160,23 @@ def test_a_silent_connection_on_the_tls_port_does_not_hold_up_other_peers(make_n
     assert "110113" not in "".join(path.read_text() for path in (node.data_dir / "audit").glob("*.log"))
 
 
-def start_refused(node: NodeProcess) -> str:
-    result = subprocess.run([TRIAGENODE, "serve", "--config", str(node.config_path)], capture_output=True,
-                            text=True, timeout=60)
-    assert result.returncode != 0
-    lines = [line for line in result.stderr.splitlines() if line.startswith("triagenode:")]
-    assert len(lines) == 1, result.stderr
-    return lines[0]
-
-
 def test_the_node_refuses_to_start_on_unsafe_or_broken_tls_files(make_node, pki) -> None:
     ca: TestCA = pki["ca"]
     loose = ca.issue("loose")
     os.chmod(loose.private_key, 0o644)
     node = make_node("loose", start=False, tls=tls_settings(pki, private_key=str(loose.private_key),
                                                             certificate=str(loose.certificate)))
-    assert "can be read or changed by others than the service user (mode 0644" in start_refused(node)
-    assert "chmod 0640" in start_refused(node)
+    assert "can be read or changed by others than the service user (mode 0644" in node.refused_start()
+    assert "chmod 0640" in node.refused_start()
 
     other = ca.issue("other")
     node = make_node("mismatch", start=False, tls=tls_settings(pki, private_key=str(other.private_key)))
-    assert "does not match private_key" in start_refused(node)
+    assert "does not match private_key" in node.refused_start()
 
     expired = pki["expired"]
     node = make_node("expired", start=False, tls=tls_settings(pki, private_key=str(expired.private_key),
                                                               certificate=str(expired.certificate)))
-    assert "expired on" in start_refused(node)
+    assert "expired on" in node.refused_start()
 
 
 def test_status_shows_the_certificate_and_the_node_warns_before_it_expires(make_node, pki) -> None:
